@@ -1,0 +1,34 @@
+"""A request as the server submits it to the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from winnow.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class RequestRejected(Exception):
+    """The request can never be served as asked (400); `code`/`param` go into the error body."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class EngineOverloaded(Exception):
+    """The admission queue is full (429 with Retry-After)."""
+
+
+class EngineDeadError(Exception):
+    """The engine loop died; in-flight requests end with an error event."""

@@ -1,0 +1,123 @@
+"""Per-request sampling parameters, validated exactly as spec/sampling.md states."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+GREEDY_TEMPERATURE = 1e-5
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter is out of range; `param` names the offending request field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that shapes how one choice of a request is sampled and when it stops.
+
+    `seed` is the request's seed (None until the engine assigns a random one at admission).
+    `max_tokens` None means "up to the context"; the engine resolves it at admission.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logprobs_mode: Literal["raw", "processed"] = "raw"
+    time_limit_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0)
+        if self.top_k < -1:
+            raise SamplingParamError("top_k", "top_k must be -1, 0 (off) or a positive integer")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("xtc_probability", self.xtc_probability, 0.0, 1.0)
+        _check_range("xtc_threshold", self.xtc_threshold, 0.0, 1.0)
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise SamplingParamError(
+                "repetition_penalty", "repetition_penalty must be a finite number > 0"
+            )
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        for token_id, bias in self.logit_bias.items():
+            if not math.isfinite(bias):
+                raise SamplingParamError("logit_bias", f"logit_bias[{token_id}] must be finite")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            raise SamplingParamError("seed", "seed must fit in a signed 64-bit integer")
+        if self.n < 1:
+            raise SamplingParamError("n", "n must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SamplingParamError("max_tokens", "max_tokens must be at least 1")
+        if self.min_tokens < 0:
+            raise SamplingParamError("min_tokens", "min_tokens must be at least 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamError("min_tokens", "min_tokens must not exceed max_tokens")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in self.stop):
+            raise SamplingParamError("stop", "stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise SamplingParamError("stop_token_ids", "token ids must be non-negative")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingParamError(
+                "top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"
+            )
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise SamplingParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise SamplingParamError("logprobs_mode", "logprobs_mode must be 'raw' or 'processed'")
+        if self.time_limit_ms is not None and not (
+            math.isfinite(self.time_limit_ms) and self.time_limit_ms > 0
+        ):
+            raise SamplingParamError("time_limit", "time_limit must be a number of ms > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Reject token ids outside the logits width (needs the model, so not in __post_init__)."""
+        for token_id in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise SamplingParamError(
+                    "logit_bias", f"logit_bias token id {token_id} is outside [0, {vocab_size})"
+                )
+        for token_id in self.stop_token_ids:
+            if token_id >= vocab_size:
+                raise SamplingParamError(
+                    "stop_token_ids", f"stop token id {token_id} is outside [0, {vocab_size})"
+                )
+
+
+def _check_range(param: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SamplingParamError(param, f"{param} must be between {low:g} and {high:g}")
