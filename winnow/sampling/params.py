@@ -27,7 +27,8 @@ class SamplingParamError(ValueError):
 class SamplingParams:
     """Everything that shapes how one choice of a request is sampled and when it stops.
 
-    `seed` is the request's seed (None until the engine assigns a random one at admission).
+    `seed` is the request's seed (None: the engine draws a random one at admission);
+    `choice_seeds`, when given (a list of n seeds in the request), seeds each choice directly.
     `max_tokens` None means "up to the context"; the engine resolves it at admission.
     """
 
@@ -42,6 +43,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
+    choice_seeds: tuple[int, ...] = ()
     n: int = 1
     max_tokens: int | None = None
     min_tokens: int = 0
@@ -75,6 +77,10 @@ class SamplingParams:
             raise SamplingParamError("seed", "seed must fit in a signed 64-bit integer")
         if self.n < 1:
             raise SamplingParamError("n", "n must be at least 1")
+        if self.choice_seeds and len(self.choice_seeds) != self.n:
+            raise SamplingParamError("seed", "a list of seeds must have exactly n entries")
+        if any(not INT64_MIN <= s <= INT64_MAX for s in self.choice_seeds):
+            raise SamplingParamError("seed", "seeds must fit in a signed 64-bit integer")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamError("max_tokens", "max_tokens must be at least 1")
         if self.min_tokens < 0:

@@ -1,0 +1,42 @@
+"""Typed configuration for the server and the engine (filled from CLI flags and WINNOW_* vars)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """How the engine loads the model and spends time and memory.
+
+    `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
+    `max_model_len` None means the model's own context length.
+    """
+
+    model: str = "demo"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    gpu_memory_utilization: float = 0.9
+    max_n: int = 16
+    seed: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
+    accept_any_model: bool = False
+    max_request_bytes: int = 4 * 1024 * 1024
+    allowed_origins: list[str] = field(default_factory=list)
+    public_metrics: bool = False
+    chat_template: str | None = None
+    shutdown_timeout: float = 30.0

@@ -1,0 +1,202 @@
+"""The engine's public door: an engine thread stepping the LLMEngine, and per-request async
+streams of RequestOutput deltas for the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Self
+
+from winnow.config import EngineConfig
+from winnow.engine.engine import EngineStats, LLMEngine
+from winnow.engine.outputs import RequestOutput
+from winnow.engine.request import EngineDeadError, EngineOverloaded, GenerationRequest
+from winnow.models import Tokenizer, load_model
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+class RequestStream:
+    """Async iterator over one request's deltas; ends after the delta with finished=True."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._done = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+
+class AsyncEngine:
+    """Runs `LLMEngine.step()` in one background thread and routes outputs to request streams.
+
+    The engine thread owns the LLMEngine; other threads only enqueue commands. Outputs are
+    handed to the event loop with one `call_soon_threadsafe` per step.
+    """
+
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._dead_error: BaseException | None = None
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        loaded = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            trust_remote_code=config.trust_remote_code,
+        )
+        return cls(LLMEngine(loaded, config), config.model)
+
+    def start(self) -> None:
+        """Start the engine thread (once); call from inside the running event loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="winnow-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.is_dead
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_error is not None
+
+    def stats(self) -> EngineStats:
+        """Counts as of the end of the last engine step."""
+        return self._stats
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError."""
+        if self._dead_error is not None or not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        self.engine.validate(request)
+        config = self.engine.config
+        if len(self._streams) >= config.max_num_seqs + config.max_queue:
+            raise EngineOverloaded("the admission queue is full")
+        stream = RequestStream(request.request_id)
+        self._streams[request.request_id] = stream
+        self._commands.put(("add", request))
+        return stream
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Submit and iterate; aborts the request if the consumer stops early."""
+        stream = self.submit(request)
+        finished = False
+        try:
+            async for output in stream:
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._commands.put(("abort", request_id))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_work)
+                if not self.engine.has_work:
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as exc:
+            logger.exception("engine loop died")
+            self._dead_error = exc
+            self._deliver_error(EngineDeadError(f"the engine failed: {exc!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command, payload = (
+                self._commands.get(timeout=_IDLE_WAIT_S) if block else (self._commands.get_nowait())
+            )
+        except queue.Empty:
+            return
+        while True:
+            if command == "add":
+                assert isinstance(payload, GenerationRequest)
+                try:
+                    self.engine.add_request(payload)
+                except Exception as exc:
+                    self._deliver_request_error(payload.request_id, exc)
+            elif command == "abort":
+                assert isinstance(payload, str)
+                self.engine.abort(payload)
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)
+
+    def _deliver_request_error(self, request_id: str, error: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail_stream, request_id, error)
+
+    def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error)
+
+    def _deliver_error(self, error: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail_all, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)

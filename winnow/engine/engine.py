@@ -1,0 +1,328 @@
+"""The synchronous engine: admit requests, run steps, turn sampled tokens into deltas."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from winnow.config import EngineConfig
+from winnow.engine.block_manager import BlockManager
+from winnow.engine.model_runner import ModelRunner
+from winnow.engine.outputs import (
+    ChoiceDelta,
+    FinishReason,
+    PositionLogprobs,
+    RequestOutput,
+    TokenLogprob,
+)
+from winnow.engine.request import GenerationRequest, RequestRejected
+from winnow.engine.scheduler import Scheduler
+from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
+from winnow.models import LoadedModel, kv_cache_bytes_per_block
+from winnow.sampling.noise import child_seed, random_seed
+from winnow.sampling.sampler import Sampler, SamplerOutput
+from winnow.sampling.text_stream import TextStream
+from winnow.sampling.token_bytes import build_token_bytes, token_text
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    num_requests: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+
+
+class LLMEngine:
+    """Owns the scheduler, the KV cache and the sampler. Not thread-safe: one thread drives it."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.vocab_size = loaded.config.vocab_size
+        self.max_model_len = min(
+            config.max_model_len or loaded.config.max_position_embeddings,
+            loaded.config.max_position_embeddings,
+        )
+        self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids)
+        device = next(loaded.model.parameters()).device
+        dtype = next(loaded.model.parameters()).dtype
+        num_blocks = self._num_kv_blocks(loaded, device, dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.sampler = Sampler(
+            self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
+        )
+        self.token_bytes = build_token_bytes(loaded.tokenizer.hf)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            self.max_model_len,
+        )
+
+    def _num_kv_blocks(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
+        """Blocks that fit the memory budget, capped at what max_num_seqs full contexts need."""
+        config = self.config
+        per_block = kv_cache_bytes_per_block(loaded.config, config.block_size, dtype)
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = free - total * (1.0 - config.gpu_memory_utilization)
+        else:
+            budget = config.kv_cache_memory_gib * GIB
+        blocks_per_seq = -(-self.max_model_len // config.block_size)
+        cap = config.max_num_seqs * blocks_per_seq + 1
+        return max(2, min(int(budget // per_block), cap))
+
+    def validate(self, request: GenerationRequest) -> int:
+        """Check that the request can ever be served; returns its resolved max_tokens.
+
+        Only reads immutable configuration, so any thread may call it.
+        """
+        params = request.params
+        params.check_vocab(self.vocab_size)
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty", param="messages")
+        room = self.max_model_len - prompt_len
+        if params.max_tokens is not None and params.max_tokens > room or room < 1:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {prompt_len + (params.max_tokens or 1)} tokens "
+                f"({prompt_len} in the messages, {params.max_tokens or 1} in the completion).",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = params.max_tokens or room
+        blocks = self.block_manager.blocks_needed(prompt_len + max_tokens)
+        if blocks > self.block_manager.num_usable_blocks:
+            raise RequestRejected(
+                f"prompt + max_tokens ({prompt_len + max_tokens} tokens) can never fit the KV "
+                f"cache ({self.block_manager.num_usable_blocks * self.config.block_size} tokens)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if params.n > self.config.max_n:
+            raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
+        return max_tokens
+
+    def add_request(self, request: GenerationRequest) -> None:
+        if request.request_id in self.requests:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        max_tokens = self.validate(request)
+        params = request.params
+        seed = params.seed if params.seed is not None else random_seed()
+        deadline = (
+            request.arrival_time + params.time_limit_ms / 1000.0
+            if params.time_limit_ms is not None
+            else None
+        )
+        state = RequestState(request, seed, max_tokens, deadline)
+        for index in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request=state,
+                index=index,
+                seed=self._choice_seed(params.choice_seeds, seed, index, params.n),
+                text=TextStream(
+                    self.tokenizer.hf,
+                    request.prompt_token_ids,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                ),
+            )
+            state.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = state
+
+    @staticmethod
+    def _choice_seed(choice_seeds: tuple[int, ...], seed: int, index: int, n: int) -> int:
+        if choice_seeds:
+            return choice_seeds[index]
+        return seed if n == 1 else child_seed(seed, index)
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.sequences:
+            if not seq.is_finished:
+                self._release(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            num_requests=len(self.requests),
+            kv_blocks_total=self.block_manager.num_usable_blocks,
+            kv_blocks_free=self.block_manager.num_free_blocks,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns a delta for every request that advanced."""
+        pending: dict[Sequence, PendingDelta] = {}
+        self._expire_deadlines(pending)
+        plan = self.scheduler.schedule()
+        for seq in plan.preempted:
+            self._drop_sampler_row(seq)
+        if plan.scheduled:
+            sampling = [item.seq for item in plan.scheduled if item.samples]
+            for seq in sampling:
+                if not seq.has_sampler_row:
+                    self._add_sampler_row(seq)
+            logits = self.runner.execute(plan.scheduled)
+            for item in plan.scheduled:
+                item.seq.num_computed_tokens += item.num_new_tokens
+            if sampling:
+                result = self.sampler.sample(logits, [seq.seq_id for seq in sampling])
+                self._append_tokens(sampling, result, pending)
+        return self._collect(pending)
+
+    def _add_sampler_row(self, seq: Sequence) -> None:
+        self.sampler.add_row(
+            seq.seq_id,
+            seq.request.request.params,
+            seq.seed,
+            seq.prompt_token_ids,
+            seq.output_token_ids,
+        )
+        seq.has_sampler_row = True
+
+    def _drop_sampler_row(self, seq: Sequence) -> None:
+        if seq.has_sampler_row:
+            self.sampler.remove_row(seq.seq_id)
+            seq.has_sampler_row = False
+
+    def _append_tokens(
+        self, seqs: list[Sequence], result: SamplerOutput, pending: dict[Sequence, PendingDelta]
+    ) -> None:
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
+            params = seq.request.request.params
+            seq.output_token_ids.append(token_id)
+            delta = pending.setdefault(seq, PendingDelta())
+            delta.token_ids.append(token_id)
+            if params.logprobs and logprobs is not None:
+                top: list[TokenLogprob] = []
+                if params.top_logprobs and top_ids is not None and top_lps is not None:
+                    top = [
+                        self._token_logprob(tid, lp)
+                        for tid, lp in zip(
+                            top_ids[row][: params.top_logprobs],
+                            top_lps[row][: params.top_logprobs],
+                            strict=True,
+                        )
+                    ]
+                sampled = self._token_logprob(token_id, logprobs[row])
+                if delta.logprobs is None:
+                    delta.logprobs = []
+                delta.logprobs.append(PositionLogprobs(sampled, top))
+            self._check_stop(seq, token_id, delta)
+
+    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
+        raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
+        return TokenLogprob(token_id, token_text(raw), logprob, list(raw))
+
+    def _check_stop(self, seq: Sequence, token_id: int, delta: PendingDelta) -> None:
+        params = seq.request.request.params
+        if token_id in params.stop_token_ids:
+            self._finish(seq, delta, "stop", token_id)
+            return
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            self._finish(seq, delta, "stop", None)
+            return
+        text = seq.text.append(token_id)
+        delta.text += text.text
+        if text.stop_string is not None:
+            self._finish(seq, delta, "stop", text.stop_string, flush=False)
+        elif (
+            len(seq.output_token_ids) >= seq.request.max_tokens
+            or seq.num_tokens >= self.max_model_len
+        ):
+            self._finish(seq, delta, "length", None)
+
+    def _expire_deadlines(self, pending: dict[Sequence, PendingDelta]) -> None:
+        now = time.monotonic()
+        for state in self.requests.values():
+            if state.deadline is None or now < state.deadline:
+                continue
+            for seq in state.sequences:
+                if not seq.is_finished:
+                    self._finish(
+                        seq, pending.setdefault(seq, PendingDelta()), "length", "time_limit"
+                    )
+
+    def _finish(
+        self,
+        seq: Sequence,
+        delta: PendingDelta,
+        reason: FinishReason,
+        stop_reason: str | int | None,
+        *,
+        flush: bool = True,
+    ) -> None:
+        if flush:
+            delta.text += seq.text.flush()
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._drop_sampler_row(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _collect(self, pending: dict[Sequence, PendingDelta]) -> list[RequestOutput]:
+        by_request: dict[str, list[ChoiceDelta]] = {}
+        for seq, delta in pending.items():
+            by_request.setdefault(seq.request.request_id, []).append(
+                ChoiceDelta(
+                    index=seq.index,
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    logprobs=delta.logprobs,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        outputs = []
+        for request_id, choices in by_request.items():
+            state = self.requests[request_id]
+            finished = state.is_finished
+            if finished:
+                del self.requests[request_id]
+            outputs.append(
+                RequestOutput(
+                    request_id=request_id,
+                    choices=sorted(choices, key=lambda c: c.index),
+                    prompt_tokens=len(state.prompt_token_ids),
+                    cached_tokens=state.sequences[0].num_cached_prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                    finished=finished,
+                    seed=state.seed,
+                )
+            )
+        return outputs

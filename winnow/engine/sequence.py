@@ -1,0 +1,99 @@
+"""Engine-side state of a request and of each of its choices (sequences)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from winnow.engine.outputs import FinishReason, PositionLogprobs
+from winnow.engine.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from winnow.sampling.text_stream import TextStream
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated: its tokens, its KV blocks and its stop state.
+
+    `num_computed_tokens` counts tokens whose KV is in the cache; a sequence needs
+    `num_tokens - num_computed_tokens` more tokens of forward work before it can sample.
+    """
+
+    seq_id: int
+    request: RequestState
+    index: int
+    seed: int
+    text: TextStream
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    has_sampler_row: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens at absolute positions [start, end) across prompt and output."""
+        prompt = self.request.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.output_token_ids[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + self.output_token_ids[: end - len(prompt)]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A submitted request: its n sequences and the deltas not yet handed to the client."""
+
+    request: GenerationRequest
+    seed: int
+    max_tokens: int
+    deadline: float | None
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(seq.output_token_ids) for seq in self.sequences)
+
+
+@dataclass
+class PendingDelta:
+    """Output of one sequence accumulated during a step, before it becomes a ChoiceDelta."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
