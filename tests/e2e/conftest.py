@@ -1,0 +1,104 @@
+"""A real `winnow serve` process on a free loopback port, serving the demo model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from winnow.models import build_demo_model
+
+STARTUP_TIMEOUT_S = 120
+
+
+@dataclass
+class ServerProcess:
+    base_url: str
+    model: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, **kwargs: object) -> OpenAI:
+        return OpenAI(
+            base_url=self.base_url + "/v1",
+            api_key="unused",
+            _strict_response_validation=True,
+            max_retries=0,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> ServerProcess:
+    port = free_port()
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "winnow",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "demo",
+            *extra_args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    server = ServerProcess(f"http://127.0.0.1:{port}", "demo", process, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"winnow serve exited early:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"winnow serve did not become healthy:\n{server.log()}")
+
+
+def stop_server(server: ServerProcess) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def e2e_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model("demo", root=tmp_path_factory.mktemp("winnow-cache"))
+
+
+@pytest.fixture(scope="session")
+def server(
+    e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc = start_server(e2e_model_dir, log_path, "--max-num-seqs", "16")
+    yield proc
+    stop_server(proc)
