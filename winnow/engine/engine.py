@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from winnow.config import EngineConfig
-from winnow.engine.block_manager import BlockManager
+from winnow.engine.block_manager import BlockManager, block_hash
 from winnow.engine.model_runner import ModelRunner
 from winnow.engine.outputs import (
     ChoiceDelta,
@@ -193,10 +193,20 @@ class LLMEngine:
             logits = self.runner.execute(plan.scheduled)
             for item in plan.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
+                self._register_full_blocks(item.seq)
             if sampling:
                 result = self.sampler.sample(logits, [seq.seq_id for seq in sampling])
                 self._append_tokens(sampling, result, pending)
         return self._collect(pending)
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer each newly completed block of `seq` to the prefix cache."""
+        size = self.block_manager.block_size
+        for index in range(len(seq.block_hashes), seq.num_computed_tokens // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            hash_ = block_hash(parent, seq.token_ids_slice(index * size, (index + 1) * size))
+            self.block_manager.register(seq.block_table[index], hash_)
+            seq.block_hashes.append(hash_)
 
     def _add_sampler_row(self, seq: Sequence) -> None:
         self.sampler.add_row(

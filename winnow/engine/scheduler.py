@@ -35,7 +35,8 @@ class Scheduler:
 
     Running sequences go first (decodes and unfinished prefill chunks), then waiting ones are
     admitted in arrival order while the budget, `max_num_seqs` and free blocks allow; a prompt
-    longer than the remaining budget is prefilled in chunks over several steps. When a running
+    longer than the remaining budget is prefilled in chunks over several steps. A sequence being
+    admitted first takes the cached blocks of its longest cached prefix. When a running
     sequence needs a block and none is free, the newest running sequence is preempted: its
     blocks are dropped and it goes back to the front of the queue to be recomputed.
     """
@@ -62,7 +63,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq.block_table)
+        self._free_blocks(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -80,8 +81,11 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.block_table:
+                self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.grow(seq.block_table, seq.num_computed_tokens + num_new):
+                self._free_blocks(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -89,6 +93,21 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return out
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from its longest cached prefix; its last token is always recomputed,
+        since sampling needs that token's logits."""
+        blocks, hashes = self.block_manager.match_prefix(seq.token_ids_slice(0, seq.num_tokens - 1))
+        seq.block_table.extend(blocks)
+        seq.block_hashes.extend(hashes)
+        seq.num_computed_tokens = len(blocks) * self.block_manager.block_size
+        if not seq.output_token_ids:
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0
 
     def _reserve(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Make room for `num_new` more tokens of `seq`, preempting the newest running sequences
@@ -104,8 +123,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq.block_table)
-        seq.num_computed_tokens = 0
+        self._free_blocks(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)

@@ -34,6 +34,7 @@ class Sequence:
     text: TextStream
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
