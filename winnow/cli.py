@@ -1,4 +1,4 @@
-"""Command line: `winnow serve`, `winnow demo-model` (also `python -m winnow`)."""
+"""Command line: `winnow serve`, `winnow bench serve`, `winnow demo-model`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,45 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=_env("log_level", "info"))
 
 
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    p = kinds.add_parser("serve", help="load-test an OpenAI-compatible server (streaming chat)")
+    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson req/s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from winnow.benchmark.serve import BenchArgs, format_summary, run_benchmark, summary_dict
+
+    bench_args = BenchArgs(
+        base_url=args.base_url.rstrip("/").removesuffix("/v1"),
+        model=args.model,
+        num_prompts=args.num_prompts,
+        concurrency=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        request_rate=args.request_rate,
+        seed=args.seed,
+        api_key=args.api_key,
+    )
+    summary = asyncio.run(run_benchmark(bench_args, progress=not args.json))
+    if args.json:
+        import json
+
+        print(json.dumps(summary_dict(summary)))
+    else:
+        print(format_summary(summary))
+
+
 def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(
         model=args.model,
@@ -174,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="winnow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(commands)
+    _add_bench_parser(commands)
     demo = commands.add_parser("demo-model", help="build the built-in demo model (no network)")
     demo.add_argument("name", nargs="?", default="demo", choices=["demo", "demo-large"])
     args = parser.parse_args(argv)
@@ -185,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from winnow.models import build_demo_model
 
         print(build_demo_model(args.name))
+        return
+    if args.command == "bench":
+        _bench_serve(args)
         return
     engine_config, server_config = _configs(args)
     sys.exit(serve(engine_config, server_config, args.log_level))
