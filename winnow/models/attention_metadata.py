@@ -32,3 +32,32 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata from host lists; sequence i's new tokens get the slots after its cached ones."""
+        slots: list[int] = []
+        for q_len, seq_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            for pos in range(seq_len - q_len, seq_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(-1, width),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.long, device=device),
+            query_lens=list(query_lens),
+            seq_lens=list(seq_lens),
+            block_size=block_size,
+        )
