@@ -142,7 +142,7 @@ class LLMEngine:
                 seed=self._choice_seed(params.choice_seeds, seed, index, params.n),
                 text=TextStream(
                     self.tokenizer.hf,
-                    request.prompt_token_ids,
+                    request.prompt_token_ids if request.text_continues_prompt else (),
                     params.stop,
                     params.include_stop_str_in_output,
                 ),

@@ -10,10 +10,15 @@ from winnow.sampling.params import SamplingParams
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """`text_continues_prompt`: the output text continues the prompt's text (legacy completions),
+    so it is detokenised in the prompt's context (a leading SentencePiece space is kept); a chat
+    reply is a new message and is detokenised on its own."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    text_continues_prompt: bool = False
 
 
 class RequestRejected(Exception):

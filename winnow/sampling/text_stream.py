@@ -1,0 +1,224 @@
+"""Incremental detokenisation of one generated choice, with stop strings and safe streaming.
+
+Two layers, per spec/sampling.md "Stops" and spec/api.md "Streaming":
+
+1. `_Detokenizer` turns token ids into text that is final: it decodes only a small window of
+   recent pieces and never returns a trailing incomplete UTF-8 character.
+2. `TextStream` matches stop strings on that text and holds back the longest suffix that could
+   still become a stop string, so no part of a stop string is ever sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"
+
+# Prompt pieces kept as left context: enough for the decoder to treat the first generated piece
+# as a continuation (SentencePiece strips the leading space of the first piece it decodes) and
+# to cover one UTF-8 character split over byte pieces (at most 4 bytes).
+_PROMPT_CONTEXT_PIECES = 4
+
+# A character is at most 4 bytes, so a window this long that still ends in U+FFFD holds invalid
+# bytes that no later piece can repair; it is released as is rather than re-decoded forever.
+_MAX_HELD_PIECES = 16
+
+
+@dataclass
+class TextDelta:
+    """What one generated token adds to the choice's text.
+
+    `text` is safe to send now. `stop_string` is set when a stop string matched: generation must
+    end, and `text` ends right before the stop string (or includes it when
+    `include_stop_str_in_output`).
+    """
+
+    text: str
+    stop_string: str | None = None
+
+
+class _Detokenizer:
+    """Prefix-offset / read-offset incremental detokeniser.
+
+    The window `pieces` holds already emitted pieces (`pieces[:read]`, the left context) followed
+    by pieces not emitted yet. Each step decodes the window and emits what lies past the text of
+    the context; once the window's text is final, the context becomes the pieces just emitted.
+    Decoding the context alongside keeps spacing rules that depend on a neighbour (SentencePiece
+    `▁`, byte-fallback groups, byte-level BPE) identical to decoding the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self._pieces: list[str] = self._prompt_context(prompt_token_ids)
+        self._read = len(self._pieces)
+        self._read_text = self._decode(self._pieces)
+
+    def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[str]:
+        pieces: list[str] = []
+        for token_id in reversed(prompt_token_ids):
+            if len(pieces) == _PROMPT_CONTEXT_PIECES:
+                break
+            piece = self._piece(token_id)
+            if piece is not None:
+                pieces.append(piece)
+        pieces.reverse()
+        return pieces
+
+    def _piece(self, token_id: int) -> str | None:
+        """The token's piece, or None for special tokens and ids past the vocabulary (padding
+        rows of the embedding): both contribute no text, as in `decode(skip_special_tokens=True)`.
+        """
+        if token_id in self._special_ids:
+            return None
+        return self._tokenizer.convert_ids_to_tokens(token_id)
+
+    def _decode(self, pieces: list[str]) -> str:
+        return self._tokenizer.convert_tokens_to_string(pieces) if pieces else ""
+
+    def append(self, token_id: int) -> str:
+        """Add one token; return the text that became final (possibly empty)."""
+        piece = self._piece(token_id)
+        if piece is None:
+            return ""
+        self._pieces.append(piece)
+        text = self._decode(self._pieces)
+        if text.endswith(REPLACEMENT_CHAR) and len(self._pieces) - self._read < _MAX_HELD_PIECES:
+            return ""
+        delta = text[_common_prefix_len(self._read_text, text) :]
+        del self._pieces[: self._read]
+        self._read = len(self._pieces)
+        self._read_text = self._decode(self._pieces)
+        return delta
+
+    def flush(self) -> str:
+        """Release the held text (an incomplete character shows as U+FFFD, as `decode` does)."""
+        if self._read == len(self._pieces):
+            return ""
+        text = self._decode(self._pieces)
+        return text[_common_prefix_len(self._read_text, text) :]
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the common prefix; `len(a)` in the usual case where `b` extends `a`.
+
+    They differ only around invalid UTF-8: a prompt ending inside a character that the output
+    completes (the context shows U+FFFD, the window the whole character, which is emitted), or
+    bytes already released as U+FFFD that a later byte-fallback piece regroups.
+    """
+    if b.startswith(a):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """(start, stop) of the match that ends first; on a tie the longer stop (earlier start)."""
+    best: tuple[int, int, str] | None = None
+    for stop in stops:
+        start = text.find(stop)
+        if start < 0:
+            continue
+        key = (start + len(stop), start, stop)
+        if best is None or key < best:
+            best = key
+    return None if best is None else (best[1], best[2])
+
+
+def _held_suffix_start(text: str, stops: Sequence[str]) -> int:
+    """Start of the longest suffix of `text` that is a proper prefix of some stop string."""
+    held = len(text)
+    for stop in stops:
+        lowest = max(0, len(text) - len(stop) + 1)
+        start = text.find(stop[0], lowest, held)
+        while start >= 0:
+            if stop.startswith(text[start:]):
+                held = start
+                break
+            start = text.find(stop[0], start + 1, held)
+    return held
+
+
+class TextStream:
+    """Text of one generated choice, fed one token at a time.
+
+    `append` returns the text that is safe to send now; `flush` (at EOS, max tokens, time limit)
+    returns the held-back text that is now final. Concatenating every delta and the flush gives
+    the choice's final text, also available as `text`.
+
+    Stop strings are matched on the detokenised text across token boundaries. Only the text not
+    yet sent is scanned; it is the held-back suffix (shorter than the longest stop string) plus
+    the new text, so each step costs O(new text + longest stop) per stop string.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        self._detokenizer = _Detokenizer(tokenizer, prompt_token_ids)
+        self._stops = tuple(dict.fromkeys(stop))
+        self._include_stop = include_stop_str_in_output
+        self._pending = ""
+        self._parts: list[str] = []
+        self._stop_string: str | None = None
+        self._finished = False
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stop_string
+
+    def append(self, token_id: int) -> TextDelta:
+        """Add one generated token. Raises RuntimeError after a stop string or `flush`."""
+        if self._finished:
+            raise RuntimeError("TextStream already finished (stop string matched or flushed)")
+        return self._advance(self._detokenizer.append(token_id))
+
+    def flush(self) -> str:
+        """End of generation: return the held-back text, which is now final."""
+        if self._finished:
+            return ""
+        delta = self._advance(self._detokenizer.flush())
+        self._finished = True
+        rest = self._emit(self._pending).text
+        self._pending = ""
+        return delta.text + rest
+
+    def _advance(self, new_text: str) -> TextDelta:
+        if not self._stops:
+            return self._emit(new_text)
+        unsent = self._pending + new_text
+        match = _earliest_stop(unsent, self._stops)
+        if match is not None:
+            start, stop = match
+            self._pending = ""
+            self._stop_string = stop
+            self._finished = True
+            end = start + len(stop) if self._include_stop else start
+            return self._emit(unsent[:end], stop)
+        held = _held_suffix_start(unsent, self._stops)
+        self._pending = unsent[held:]
+        return self._emit(unsent[:held])
+
+    def _emit(self, text: str, stop_string: str | None = None) -> TextDelta:
+        if text:
+            self._parts.append(text)
+        return TextDelta(text, stop_string)
