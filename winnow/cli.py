@@ -78,6 +78,18 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=_env("gpu_memory_utilization", engine.gpu_memory_utilization, float),
     )
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=_env("num_kv_blocks", None, int),
+        help="KV pool size in blocks, overriding the memory budget",
+    )
+    p.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=not _env_flag("no_enable_prefix_caching"),
+    )
     p.add_argument("--max-n", type=int, default=_env("max_n", engine.max_n, int))
     p.add_argument(
         "--max-request-bytes",
@@ -153,6 +165,8 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_n=args.max_n,
         trust_remote_code=args.trust_remote_code,
     )

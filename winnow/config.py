@@ -10,7 +10,8 @@ class EngineConfig:
     """How the engine loads the model and spends time and memory.
 
     `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
-    `max_model_len` None means the model's own context length.
+    `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
+    KV pool size derived from the memory budget (tests and capacity planning).
     """
 
     model: str = "demo"
@@ -23,6 +24,8 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
     max_n: int = 16
     seed: int | None = None
     trust_remote_code: bool = False

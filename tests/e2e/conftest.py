@@ -15,8 +15,6 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from winnow.models import build_demo_model
-
 STARTUP_TIMEOUT_S = 120
 
 
@@ -90,15 +88,10 @@ def stop_server(server: ServerProcess) -> None:
 
 
 @pytest.fixture(scope="session")
-def e2e_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model("demo", root=tmp_path_factory.mktemp("winnow-cache"))
-
-
-@pytest.fixture(scope="session")
 def server(
-    e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(e2e_model_dir, log_path, "--max-num-seqs", "16")
+    proc = start_server(demo_model_dir, log_path, "--max-num-seqs", "16")
     yield proc
     stop_server(proc)

@@ -125,15 +125,15 @@ def test_eight_concurrent_streams_complete(server: ServerProcess) -> None:
     assert all(isinstance(text, str) for text, _ in results)
 
 
-def test_greedy_matches_hugging_face_generate(server: ServerProcess, e2e_model_dir: Path) -> None:
+def test_greedy_matches_hugging_face_generate(server: ServerProcess, demo_model_dir: Path) -> None:
     max_tokens = 24
     response = server.client().chat.completions.create(
         model="demo", messages=MESSAGES, max_tokens=max_tokens, temperature=0
     )
-    tokenizer = Tokenizer.from_pretrained(e2e_model_dir)
+    tokenizer = Tokenizer.from_pretrained(demo_model_dir)
     prompt_ids = tokenizer.render_chat(MESSAGES)
     assert response.usage is not None and response.usage.prompt_tokens == len(prompt_ids)
-    model = AutoModelForCausalLM.from_pretrained(e2e_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
     with torch.no_grad():
         generated = model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False

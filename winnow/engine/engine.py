@@ -40,6 +40,8 @@ class EngineStats:
     num_requests: int
     kv_blocks_total: int
     kv_blocks_free: int
+    kv_blocks_cached: int
+    preemptions: int
 
 
 class LLMEngine:
@@ -58,7 +60,17 @@ class LLMEngine:
         device = next(loaded.model.parameters()).device
         dtype = next(loaded.model.parameters()).dtype
         num_blocks = self._num_kv_blocks(loaded, device, dtype)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        pool_tokens = (num_blocks - 1) * config.block_size
+        if pool_tokens < self.max_model_len:
+            logger.warning(
+                "max_model_len %d capped to %d: the KV cache holds no more for one sequence",
+                self.max_model_len,
+                pool_tokens,
+            )
+            self.max_model_len = pool_tokens
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
@@ -69,6 +81,7 @@ class LLMEngine:
         self.token_bytes = build_token_bytes(loaded.tokenizer.hf)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
+        self._preemptions = 0
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d",
             num_blocks,
@@ -80,6 +93,8 @@ class LLMEngine:
     def _num_kv_blocks(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
         """Blocks that fit the memory budget, capped at what max_num_seqs full contexts need."""
         config = self.config
+        if config.num_kv_blocks is not None:
+            return max(2, config.num_kv_blocks)
         per_block = kv_cache_bytes_per_block(loaded.config, config.block_size, dtype)
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
@@ -91,7 +106,8 @@ class LLMEngine:
         return max(2, min(int(budget // per_block), cap))
 
     def validate(self, request: GenerationRequest) -> int:
-        """Check that the request can ever be served; returns its resolved max_tokens.
+        """Check that the request can ever be served (max_model_len never exceeds the KV pool, so
+        fitting the context means fitting the pool); returns its resolved max_tokens.
 
         Only reads immutable configuration, so any thread may call it.
         """
@@ -110,14 +126,6 @@ class LLMEngine:
                 code="context_length_exceeded",
             )
         max_tokens = params.max_tokens or room
-        blocks = self.block_manager.blocks_needed(prompt_len + max_tokens)
-        if blocks > self.block_manager.num_usable_blocks:
-            raise RequestRejected(
-                f"prompt + max_tokens ({prompt_len + max_tokens} tokens) can never fit the KV "
-                f"cache ({self.block_manager.num_usable_blocks * self.config.block_size} tokens)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
         if params.n > self.config.max_n:
             raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
         return max_tokens
@@ -176,6 +184,8 @@ class LLMEngine:
             num_requests=len(self.requests),
             kv_blocks_total=self.block_manager.num_usable_blocks,
             kv_blocks_free=self.block_manager.num_free_blocks,
+            kv_blocks_cached=self.block_manager.num_cached_blocks,
+            preemptions=self._preemptions,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -183,6 +193,7 @@ class LLMEngine:
         pending: dict[Sequence, PendingDelta] = {}
         self._expire_deadlines(pending)
         plan = self.scheduler.schedule()
+        self._preemptions += len(plan.preempted)
         for seq in plan.preempted:
             self._drop_sampler_row(seq)
         if plan.scheduled:
