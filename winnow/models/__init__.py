@@ -1,6 +1,10 @@
 """models: token ids + positions + a paged KV-cache view -> logits. Knows nothing about requests."""
 
-from winnow.models.attention import AttentionBackend, TorchAttentionBackend, select_attention_backend
+from winnow.models.attention import (
+    AttentionBackend,
+    TorchAttentionBackend,
+    select_attention_backend,
+)
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class AttentionMetadata:
     query_lens: list[int]
     seq_lens: list[int]
     block_size: int
+    # What an attention backend derives once per step and reuses in every layer (masks, gather
+    # indices). An AttentionMetadata describes exactly one step: build a new one per step.
+    memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

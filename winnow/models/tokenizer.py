@@ -1,0 +1,94 @@
+"""Tokenizer: a thin wrapper over a Hugging Face tokenizer plus the model's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import jinja2
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from winnow.models.config import read_generation_eos, read_model_eos
+
+
+class ChatTemplateError(ValueError):
+    """The chat template is missing or failed to render these messages."""
+
+
+class Tokenizer:
+    def __init__(
+        self, hf: PreTrainedTokenizerBase, extra_eos_token_ids: list[int] | None = None
+    ) -> None:
+        self.hf = hf
+        eos = [] if hf.eos_token_id is None else [int(hf.eos_token_id)]
+        for token_id in extra_eos_token_ids or []:
+            if token_id not in eos:
+                eos.append(token_id)
+        self.eos_token_ids: list[int] = eos
+        self.vocab_size: int = len(hf)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False
+    ) -> Tokenizer:
+        """Load from a model directory; `chat_template` (Jinja source or a file path) overrides."""
+        path = Path(path)
+        hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if chat_template is not None:
+            hf.chat_template = _template_source(chat_template)
+        return cls(hf, read_model_eos(path) + read_generation_eos(path))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ids; control tokens (BOS/EOS, [INST], ...) are dropped unless asked for."""
+        return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def render_chat_text(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat prompt as text, ending with the assistant generation prompt."""
+        if not self.hf.chat_template:
+            raise ChatTemplateError(
+                "this model has no chat template; pass one with --chat-template"
+            )
+        try:
+            text = self.hf.apply_chat_template(
+                messages,
+                tools=cast("list[dict[Any, Any] | Callable[..., Any]] | None", tools),
+                add_generation_prompt=True,
+                tokenize=False,
+                **(template_kwargs or {}),
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ChatTemplateError(f"chat template failed to render the messages: {exc}") from exc
+        if not isinstance(text, str):
+            raise ChatTemplateError("chat template did not render to a single string")
+        return text
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Prompt token ids for a chat; the template itself supplies BOS and control tokens."""
+        text = self.render_chat_text(messages, tools, template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _template_source(chat_template: str) -> str:
+    """vLLM-style: the argument is a path to a template file if such a file exists."""
+    candidate = Path(chat_template).expanduser()
+    if "\n" not in chat_template and len(chat_template) < 4096 and candidate.is_file():
+        return candidate.read_text()
+    return chat_template
