@@ -138,6 +138,7 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_work)
                 if not self.engine.has_work:
+                    self._stats = self.engine.stats()  # aborts may have freed everything
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()

@@ -1,0 +1,96 @@
+"""The SSE writer on its own: keep-alive comments while idle, and the error event + [DONE]
+when the engine fails after the 200 went out. Driven by scripted delta sequences, no engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.server.conftest import sse_payloads
+from winnow.engine.outputs import ChoiceDelta, RequestOutput
+from winnow.engine.request import EngineDeadError
+from winnow.server.chat import ChatChunkBuilder
+from winnow.server.generation import ResponseMeta
+from winnow.server.streaming import PING, sse_body, with_keepalive
+
+pytestmark = pytest.mark.anyio
+
+META = ResponseMeta("chatcmpl-test", 1700000000, "demo", None)
+
+
+def output(text: str, *, finished: bool = False) -> RequestOutput:
+    delta = ChoiceDelta(0, text, [7], None, "stop" if finished else None, None)
+    return RequestOutput("r", [delta], 3, 0, 1, finished, 5)
+
+
+class ScriptedGeneration:
+    """Stands in for server.generation.Generation: yields a script of deltas (with pauses)."""
+
+    def __init__(self, *steps: RequestOutput | float | BaseException) -> None:
+        self.steps = steps
+        self.closed = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        for step in self.steps:
+            if isinstance(step, float):
+                await asyncio.sleep(step)
+            elif isinstance(step, BaseException):
+                raise step
+            else:
+                yield step
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def collect_body(generation: ScriptedGeneration, keepalive_s: float = 10.0) -> bytes:
+    builder = ChatChunkBuilder(META, include_usage=False)
+    body = sse_body(generation, builder, keepalive_s)  # type: ignore[arg-type]
+    return b"".join([event async for event in body])
+
+
+async def test_pings_are_sent_while_the_engine_is_silent() -> None:
+    generation = ScriptedGeneration(0.25, output("Hello", finished=True))
+    raw = await collect_body(generation, keepalive_s=0.05)
+    assert raw.count(PING) >= 2
+    assert raw.index(PING) < raw.index(b'"role"')
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]" and generation.closed
+
+
+async def test_engine_death_mid_stream_sends_an_error_event_then_done() -> None:
+    generation = ScriptedGeneration(output("Hel"), EngineDeadError("boom"))
+    payloads = sse_payloads(await collect_body(generation))
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])
+    assert set(error) == {"error"}
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["type"] == "service_unavailable"
+    assert json.loads(payloads[1])["choices"][0]["delta"] == {"content": "Hel"}
+    assert generation.closed
+
+
+async def test_an_unexpected_failure_mid_stream_is_a_server_error_event() -> None:
+    generation = ScriptedGeneration(output("Hel"), RuntimeError("bug"))
+    payloads = sse_payloads(await collect_body(generation))
+    assert json.loads(payloads[-2])["error"]["type"] == "server_error"
+
+
+async def test_empty_deltas_without_logprobs_send_nothing() -> None:
+    generation = ScriptedGeneration(output("A"), output(""), output("", finished=True))
+    chunks = [json.loads(p) for p in sse_payloads(await collect_body(generation))[:-1]]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": "A"}, {}]
+
+
+async def test_keepalive_does_not_cancel_the_pending_item() -> None:
+    async def slow() -> AsyncIterator[int]:
+        await asyncio.sleep(0.12)
+        yield 1
+        yield 2
+
+    items = [item async for item in with_keepalive(slow(), 0.05)]
+    assert items[-2:] == [1, 2] and items[:-2] and set(items[:-2]) == {None}

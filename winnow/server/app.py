@@ -1,0 +1,129 @@
+"""The FastAPI application: routes, error handlers and middleware around one AsyncEngine.
+
+The app does not start the engine; whoever runs it calls `engine.start()` inside the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from winnow import __version__
+from winnow.config import ServerConfig
+from winnow.server.auth import ApiKeyMiddleware
+from winnow.server.body_limit import BodyLimitMiddleware
+from winnow.server.chat import create_chat_completion
+from winnow.server.completions import create_completion
+from winnow.server.context import ServerContext, model_not_found
+from winnow.server.errors import ApiError, install_error_handlers, unavailable
+from winnow.server.json_body import require_json_body
+from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
+from winnow.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from winnow.server.request_id import RequestIdMiddleware
+
+if TYPE_CHECKING:
+    from winnow.engine.async_engine import AsyncEngine
+
+DEFAULT_KEEPALIVE_S = 10.0
+
+
+def build_app(
+    engine: AsyncEngine, config: ServerConfig, *, keepalive_s: float = DEFAULT_KEEPALIVE_S
+) -> FastAPI:
+    """The OpenAI-compatible app; `keepalive_s` is the SSE `: ping` interval while idle."""
+    ctx = ServerContext(engine, config, keepalive_s)
+    app = FastAPI(title="Winnow", version=__version__)
+    install_error_handlers(app)
+    json_body = [Depends(require_json_body)]
+
+    @app.post("/v1/chat/completions", dependencies=json_body, response_model=ChatCompletion)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """JSON, or SSE chat.completion.chunk events when the body says `"stream": true`."""
+        return await create_chat_completion(body, request, ctx)
+
+    @app.post("/v1/completions", dependencies=json_body, response_model=Completion)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Legacy text completions, JSON or SSE."""
+        return await create_completion(body, request, ctx)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[_model_card(ctx, name) for name in ctx.served_names])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> ModelCard:
+        if model_id not in ctx.served_names:
+            raise model_not_found(model_id)
+        return _model_card(ctx, model_id)
+
+    @app.post("/tokenize", dependencies=json_body)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a text prompt, or of chat messages rendered with the chat template."""
+        ctx.resolve_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "Give exactly one of 'prompt' and 'messages'.", param="prompt")
+        if body.messages is not None:
+            tokens = chat_prompt(
+                engine.tokenizer,
+                body.messages,
+                system_prompt=body.system_prompt,
+                tools=body.tools,
+                template_kwargs=body.chat_template_kwargs,
+            )
+        else:
+            assert body.prompt is not None
+            tokens = text_prompt(
+                engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens
+            )
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
+        )
+
+    @app.post("/detokenize", dependencies=json_body)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        ctx.resolve_model(body.model)
+        check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """200 while the engine runs; 503 while it loads or after it died."""
+        if not engine.is_ready:
+            raise unavailable()
+        return {"status": "ok"}
+
+    # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    if config.api_keys:
+        public = ["/health"] + (["/metrics"] if config.public_metrics else [])
+        app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, public_paths=public)
+    app.add_middleware(RequestIdMiddleware)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_credentials="*" not in config.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
+        )
+    return app
+
+
+def _model_card(ctx: ServerContext, name: str) -> ModelCard:
+    return ModelCard(
+        id=name, created=ctx.started, owned_by="winnow", max_model_len=ctx.engine.max_model_len
+    )

@@ -1,0 +1,100 @@
+"""Prompt token ids from a request: chat messages through the model's chat template, or text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from winnow.models import ChatTemplateError, Tokenizer
+from winnow.server.errors import ApiError
+from winnow.server.protocol import ChatMessage, Tool
+
+# Arguments of transformers' apply_chat_template: a request may not set them through
+# chat_template_kwargs (a template from the request, tokenize=True, ...).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "add_generation_prompt",
+        "chat_template",
+        "continue_final_message",
+        "conversation",
+        "documents",
+        "max_length",
+        "messages",
+        "padding",
+        "return_assistant_tokens_mask",
+        "return_dict",
+        "return_tensors",
+        "tokenize",
+        "tokenizer_kwargs",
+        "tools",
+        "truncation",
+    }
+)
+
+
+def template_messages(
+    messages: list[ChatMessage], system_prompt: str | None
+) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template reads them: `developer` becomes `system`, content is
+    one string, and `system_prompt` leads (merged into a leading system message if there is one).
+    """
+    rendered = [_template_message(message) for message in messages]
+    if system_prompt is not None:
+        if rendered[0]["role"] == "system":
+            rendered[0]["content"] = f"{system_prompt}\n\n{rendered[0]['content']}"
+        else:
+            rendered.insert(0, {"role": "system", "content": system_prompt})
+    return rendered
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.text,
+    }
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def chat_prompt(
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    *,
+    system_prompt: str | None = None,
+    tools: list[Tool] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Render the chat template; a template that rejects the conversation is the client's 400."""
+    for key in template_kwargs or ():
+        if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
+            raise ApiError(
+                400, f"chat_template_kwargs may not set '{key}'", param="chat_template_kwargs"
+            )
+    tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    try:
+        return tokenizer.render_chat(
+            template_messages(messages, system_prompt), tool_dicts, template_kwargs
+        )
+    except ChatTemplateError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
+    except UnicodeError as exc:
+        raise ApiError(
+            400, "messages contain text that is not valid Unicode", param="messages"
+        ) from exc
+
+
+def text_prompt(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except UnicodeError as exc:
+        raise ApiError(400, "prompt is not valid Unicode", param="prompt") from exc
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise ApiError(400, f"token id {token_id} is outside [0, {vocab_size})", param=param)
