@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
 from safetensors import safe_open
 
+from winnow.benchmark.process import free_port, running_server
 from winnow.benchmark.serve import BenchArgs, Summary, run_benchmark
 from winnow.models import build_demo_model
 
@@ -42,26 +41,6 @@ class Result:
     def median(self, runs: list[Summary], attr: str, key: str | None = None) -> float:
         values = [getattr(s, attr) if key is None else getattr(s, attr)[key] for s in runs]
         return statistics.median(values)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("server did not become healthy")
 
 
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -127,22 +106,14 @@ def run_server(
     name: str, command: list[str], url: str, model: str, args: argparse.Namespace, log_dir: Path
 ) -> Result | None:
     print(f"{name}: {' '.join(command)}", flush=True)
-    log = (log_dir / f"{name}.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(url, process)
-        result = bench(url, model, args)
-        result.name = name
-        return result
+        with running_server(command, url, log_dir / f"{name}.log"):
+            result = bench(url, model, args)
     except RuntimeError as exc:
         print(f"{name} failed: {exc}; log in {log_dir / (name + '.log')}")
         return None
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    result.name = name
+    return result
 
 
 def convert_to_gguf(model_dir: Path, script: Path, out: Path) -> Path:

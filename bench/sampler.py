@@ -1,0 +1,151 @@
+"""Sampler micro-benchmark: winnow's batched pipeline vs a Hugging Face LogitsProcessorList chain.
+
+Both sides get the same float32 logits on the same device, timed in the same run; each side's
+time is the median of several repeats of one full step (winnow: `Sampler.sample`, including its
+device->host copy and state update; HF: the processor chain, softmax and torch.multinomial).
+
+    .venv/bin/python bench/sampler.py            # batch {1, 8, 64, 256} x vocab {32768, 131072}
+    .venv/bin/python bench/sampler.py --quick    # a small subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from winnow.sampling.params import SamplingParams
+from winnow.sampling.sampler import Sampler
+
+PROMPT_LEN, HISTORY_LEN = 512, 128
+BIAS = {11: 5.0, 12: -5.0, 13: 100.0, 14: -100.0, 15: 1.5}
+
+# stage -> (winnow parameters, HF processors); None: HF has no equivalent
+STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
+    "all stages": (
+        dict(
+            repetition_penalty=1.1,
+            frequency_penalty=0.2,
+            presence_penalty=0.1,
+            logit_bias=BIAS,
+            temperature=0.8,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.05,
+            xtc_probability=0.5,
+            xtc_threshold=0.1,
+        ),
+        lambda: [
+            RepetitionPenaltyLogitsProcessor(1.1),
+            TemperatureLogitsWarper(0.8),
+            TopKLogitsWarper(50),
+            TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.05),
+        ],
+    ),
+    "greedy": (dict(temperature=0.0), None),
+    "penalties": (
+        dict(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1),
+        lambda: [RepetitionPenaltyLogitsProcessor(1.1)],
+    ),
+    "logit_bias": (
+        dict(logit_bias=BIAS),
+        lambda: [SequenceBiasLogitsProcessor([[[t], b] for t, b in BIAS.items()])],
+    ),
+    "temperature": (dict(temperature=0.8), lambda: [TemperatureLogitsWarper(0.8)]),
+    "top_k": (dict(top_k=50), lambda: [TopKLogitsWarper(50)]),
+    "top_p": (dict(top_p=0.9), lambda: [TopPLogitsWarper(0.9)]),
+    "min_p": (dict(min_p=0.05), lambda: [MinPLogitsWarper(0.05)]),
+    "xtc": (dict(xtc_probability=0.5, xtc_threshold=0.1), None),
+}
+
+
+def llm_like_logits(batch: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """A flat bulk plus a few dozen strong candidates per row, roughly like an LM head."""
+    logits = torch.randn(batch, vocab, generator=generator) * 1.5
+    strong = torch.randint(0, vocab, (batch, 32), generator=generator)
+    boost = 9.0 + 2.5 * torch.randn(batch, 32, generator=generator)
+    return logits.scatter_(1, strong, boost)
+
+
+def median_ms(run: Callable[[], object], repeats: int, budget_s: float) -> float:
+    run()  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bench_case(batch: int, vocab: int, stage: str, repeats: int) -> tuple[float, float | None]:
+    params, hf_chain = STAGES[stage]
+    generator = torch.Generator().manual_seed(batch * 7 + vocab)
+    logits = llm_like_logits(batch, vocab, generator)
+    prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=generator)
+    history = torch.randint(0, vocab, (batch, HISTORY_LEN), generator=generator)
+    sampler = Sampler(vocab, batch, torch.device("cpu"), eos_token_ids=[2])
+    for row in range(batch):
+        sampler.add_row(
+            row,
+            SamplingParams(**params),
+            seed=row,
+            prompt_token_ids=prompt[row].tolist(),
+            output_token_ids=history[row].tolist(),
+        )
+    keys = list(range(batch))
+    ours = median_ms(lambda: sampler.sample(logits, keys), repeats, budget_s=10.0)
+    if hf_chain is None:
+        return ours, None
+    chain = LogitsProcessorList(hf_chain())
+    input_ids = torch.cat([prompt, history], dim=1)
+
+    def hf_step() -> torch.Tensor:
+        scores = chain(input_ids, logits)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1)
+
+    return ours, median_ms(hf_step, repeats, budget_s=20.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small subset")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    if args.quick:
+        cases = [(64, 131072, s) for s in ("all stages", "greedy", "temperature", "top_p")]
+        cases += [(b, v, "all stages") for b, v in ((1, 32768), (8, 131072), (256, 32768))]
+    else:
+        cases = [
+            (batch, vocab, stage)
+            for vocab in (32768, 131072)
+            for batch in (1, 8, 64, 256)
+            for stage in STAGES
+        ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU")
+    print("| batch |  vocab | stage       | winnow ms |     HF ms |  HF / winnow |")
+    print("|------:|-------:|:------------|----------:|----------:|-------------:|")
+    for batch, vocab, stage in cases:
+        ours, theirs = bench_case(batch, vocab, stage, args.repeats)
+        hf = f"{theirs:9.2f}" if theirs is not None else f"{'-':>9}"
+        ratio = f"{theirs / ours:11.1f}x" if theirs is not None else f"{'-':>12}"
+        row = f"| {batch:>5} | {vocab:>6} | {stage:<11} | {ours:9.2f} | {hf} | {ratio} |"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
