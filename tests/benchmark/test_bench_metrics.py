@@ -28,6 +28,7 @@ def test_summary_uses_tpot_definition_and_counts_errors() -> None:
     ]
     summary = summarise(results, duration=2.0)
     assert summary.completed == 2 and summary.errors == 1
+    assert summary.first_error == "HTTP 429"
     assert summary.output_throughput == pytest.approx(4.0)
     assert summary.total_token_throughput == pytest.approx(14.0)
     assert summary.request_throughput == pytest.approx(1.0)

@@ -89,6 +89,7 @@ class Summary:
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    first_error: str = ""
 
 
 def make_prompt(rng: random.Random, input_len: int) -> str:
@@ -179,6 +180,7 @@ def summarise(results: list[RequestResult], duration: float) -> Summary:
         tpot_ms=percentiles(tpots),
         itl_ms=percentiles([gap for r in done for gap in r.itls]),
         e2e_ms=percentiles([r.e2e for r in done]),
+        first_error=next((r.error for r in results if not r.ok), ""),
     )
 
 
@@ -221,7 +223,8 @@ async def run_benchmark(args: BenchArgs, progress: bool = True) -> Summary:
 def format_summary(summary: Summary) -> str:
     lines = [
         f"completed requests      {summary.completed}",
-        f"errors                  {summary.errors}",
+        f"errors                  {summary.errors}"
+        + (f" (first: {summary.first_error[:200]})" if summary.errors else ""),
         f"duration (s)            {summary.duration_s:.2f}",
         f"request throughput      {summary.request_throughput:.2f} req/s",
         f"output throughput       {summary.output_throughput:.1f} tok/s",
