@@ -90,6 +90,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         action="store_false",
         default=not _env_flag("no_enable_prefix_caching"),
     )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=_env("num_threads", engine.num_threads, int),
+        help="torch CPU threads for the engine (0: one per core)",
+    )
     p.add_argument("--max-n", type=int, default=_env("max_n", engine.max_n, int))
     p.add_argument(
         "--max-request-bytes",
@@ -166,6 +172,7 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         kv_cache_memory_gib=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks,
+        num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching,
         max_n=args.max_n,
         trust_remote_code=args.trust_remote_code,

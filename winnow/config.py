@@ -11,7 +11,8 @@ class EngineConfig:
 
     `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
     `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
-    KV pool size derived from the memory budget (tests and capacity planning).
+    KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
+    sets torch's CPU threads (0: torch's default, one per core).
     """
 
     model: str = "demo"
@@ -25,6 +26,7 @@ class EngineConfig:
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
+    num_threads: int = 0
     enable_prefix_caching: bool = True
     max_n: int = 16
     seed: int | None = None

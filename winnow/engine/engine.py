@@ -49,6 +49,8 @@ class LLMEngine:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.config = config
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.vocab_size = loaded.config.vocab_size
