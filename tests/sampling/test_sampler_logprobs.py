@@ -1,0 +1,165 @@
+"""Logprobs: raw = the model's log_softmax, processed = after everything, top-k ties -> lower id."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.sampling.reference_sampler import reference_sample
+from winnow.sampling.logprob_ops import LOGPROB_FLOOR
+from winnow.sampling.params import SamplingParams
+from winnow.sampling.sampler import Sampler
+
+CPU = torch.device("cpu")
+VOCAB = 200
+
+
+def make(rows: list[SamplingParams], vocab: int = VOCAB, **kwargs) -> tuple[Sampler, list[int]]:
+    sampler = Sampler(vocab, len(rows), CPU, eos_token_ids=[0], **kwargs)
+    for key, params in enumerate(rows):
+        sampler.add_row(key, params, 50 + key, prompt_token_ids=[3, 4, 4])
+    return sampler, list(range(len(rows)))
+
+
+def logits_for(rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_raw_logprobs_are_the_model_log_softmax() -> None:
+    rows = [
+        SamplingParams(logprobs=True, top_logprobs=5),
+        SamplingParams(
+            logprobs=True,
+            top_logprobs=3,
+            temperature=0.4,
+            top_k=7,
+            repetition_penalty=1.5,
+            logit_bias={11: 100.0},
+        ),
+        SamplingParams(logprobs=True, temperature=0.0, presence_penalty=2.0, top_logprobs=1),
+    ]
+    sampler, keys = make(rows)
+    for step in range(3):
+        logits = logits_for(3, seed=step)
+        out = sampler.sample(logits, keys)
+        expected = torch.log_softmax(logits, dim=1)
+        assert out.logprobs is not None and out.top_token_ids is not None
+        assert out.top_logprobs is not None
+        chosen = expected.gather(1, out.token_ids[:, None])[:, 0]
+        torch.testing.assert_close(out.logprobs, chosen, atol=1e-5, rtol=0)
+        top_values, top_ids = expected.topk(5, dim=1)
+        for row, width in enumerate([5, 3, 1]):  # each row gets its own top_logprobs
+            assert torch.equal(out.top_token_ids[row, :width], top_ids[row, :width])
+            assert (out.top_token_ids[row, width:] == -1).all()
+            torch.testing.assert_close(
+                out.top_logprobs[row, :width], top_values[row, :width], atol=1e-5, rtol=0
+            )
+
+
+@pytest.mark.parametrize("vocab", [20, 5000])
+def test_top_logprobs_ties_go_to_the_lower_id(vocab: int) -> None:
+    # half the vocabulary tied at the k-th value: topk alone would pick arbitrary ids
+    logits = torch.zeros(1, vocab)
+    logits[0, 1::2] = 0.5
+    logits[0, vocab - 2] = 2.0
+    logits[0, vocab // 2] = 1.0
+    sampler, keys = make([SamplingParams(logprobs=True, top_logprobs=6)], vocab)
+    out = sampler.sample(logits, keys)
+    assert out.top_token_ids is not None and out.top_logprobs is not None
+    assert out.top_token_ids[0].tolist() == [vocab - 2, vocab // 2, 1, 3, 5, 7]
+    values = out.top_logprobs[0]
+    assert torch.all(values[:-1] >= values[1:])
+
+
+def test_processed_logprobs_floor_removed_tokens() -> None:
+    params = SamplingParams(
+        logprobs=True, top_logprobs=6, logprobs_mode="processed", top_k=3, temperature=0.5
+    )
+    sampler, keys = make([params])
+    logits = logits_for(1, seed=3)
+    ref = reference_sample(logits[0].tolist(), params, 50, [3, 4, 4], [], [0])
+    out = sampler.sample(logits, keys)
+    assert ref.keep is not None and ref.y is not None
+    assert out.top_token_ids is not None and out.top_logprobs is not None
+    assert out.logprobs is not None
+    y = torch.from_numpy(np.where(ref.keep, ref.y, -np.inf))
+    expected = torch.log_softmax(y, 0)
+    survivors = torch.argsort(-y)[:3].tolist()
+    removed = [j for j in range(VOCAB) if j not in survivors][:3]
+    assert out.top_token_ids[0].tolist() == survivors + removed
+    torch.testing.assert_close(out.top_logprobs[0, :3], expected[survivors], atol=1e-5, rtol=0)
+    assert out.top_logprobs[0, 3:].tolist() == [LOGPROB_FLOOR] * 3
+    assert out.token_ids[0].item() in survivors
+    torch.testing.assert_close(out.logprobs[0], expected[out.token_ids[0]], atol=1e-5, rtol=0)
+
+
+def test_processed_logprobs_of_greedy_and_free_rows() -> None:
+    greedy = SamplingParams(
+        temperature=0.0,
+        logprobs=True,
+        logprobs_mode="processed",
+        top_logprobs=2,
+        repetition_penalty=2.0,
+        logit_bias={9: -5.0},
+    )
+    free = SamplingParams(temperature=1.5, logprobs=True, logprobs_mode="processed")
+    raw = SamplingParams(temperature=1.5, logprobs=True)
+    sampler, keys = make([greedy, free, raw])
+    logits = logits_for(3, seed=4)
+    z = torch.from_numpy(reference_sample(logits[0].tolist(), greedy, 50, [3, 4, 4], [], [0]).z)
+    out = sampler.sample(logits, keys)
+    assert out.logprobs is not None and out.top_token_ids is not None
+    expected_greedy = torch.log_softmax(z, 0)  # greedy rows: after penalties/bias/bans, T=1
+    assert out.token_ids[0].item() == int(torch.argmax(z))
+    torch.testing.assert_close(out.logprobs[0], expected_greedy.max(), atol=1e-5, rtol=0)
+    assert out.top_token_ids[0].tolist() == expected_greedy.topk(2).indices.tolist()
+    expected_free = torch.log_softmax(logits[1] / 1.5, 0)[out.token_ids[1]]
+    torch.testing.assert_close(out.logprobs[1], expected_free, atol=1e-5, rtol=0)
+    expected_raw = torch.log_softmax(logits[2], 0)[out.token_ids[2]]
+    torch.testing.assert_close(out.logprobs[2], expected_raw, atol=1e-5, rtol=0)
+    assert out.top_token_ids[1:].tolist() == [[-1, -1], [-1, -1]]  # they asked for none
+    assert out.top_logprobs is not None and torch.isnan(out.top_logprobs[1:]).all()
+
+
+def test_processed_logprobs_of_a_redone_row() -> None:
+    # ties at the k-th value past the candidate slice send the row down the exact path
+    vocab = 64
+    logits = torch.zeros(1, vocab)
+    logits[0, 5], logits[0, 20:60] = 3.0, 1.0
+    params = SamplingParams(logprobs=True, logprobs_mode="processed", top_k=2, top_logprobs=3)
+    sampler, keys = make([params], vocab)
+    out = sampler.sample(logits, keys)
+    assert out.logprobs is not None and out.top_token_ids is not None
+    assert out.top_logprobs is not None
+    kept = torch.where(logits[0] >= 1.0, logits[0], -torch.inf)
+    expected = torch.log_softmax(kept, 0)
+    torch.testing.assert_close(out.logprobs[0], expected[out.token_ids[0]], atol=1e-5, rtol=0)
+    assert out.top_token_ids[0].tolist() == [5, 20, 21]
+    torch.testing.assert_close(out.top_logprobs[0], expected[[5, 20, 21]], atol=1e-5, rtol=0)
+
+
+def test_no_logprob_fields_when_nobody_asks_and_k_zero_when_only_sampled() -> None:
+    sampler, keys = make([SamplingParams(), SamplingParams(temperature=0.0)])
+    out = sampler.sample(logits_for(2), keys)
+    assert out.logprobs is None and out.top_token_ids is None and out.top_logprobs is None
+    sampler, keys = make([SamplingParams(logprobs=True), SamplingParams()])
+    out = sampler.sample(logits_for(2), keys)
+    assert out.logprobs is not None and out.top_token_ids is not None
+    assert out.top_token_ids.shape == (2, 0)
+    assert torch.isfinite(out.logprobs[0]) and torch.isnan(out.logprobs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits(dtype: torch.dtype) -> None:
+    rows = [
+        SamplingParams(logprobs=True, top_logprobs=2, top_k=10),
+        SamplingParams(temperature=0.0, logprobs=True, logprobs_mode="processed"),
+    ]
+    sampler, keys = make(rows)
+    logits = logits_for(2).to(dtype)
+    out = sampler.sample(logits, keys)
+    assert out.logprobs is not None
+    expected = torch.log_softmax(logits.float()[0], 0)[out.token_ids[0]]
+    torch.testing.assert_close(out.logprobs[0], expected, atol=1e-5, rtol=0)
+    assert out.token_ids[1].item() == int(torch.argmax(logits[1].float()))

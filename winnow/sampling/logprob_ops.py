@@ -1,0 +1,49 @@
+"""Log-probabilities of full-vocabulary rows: the sampled token and the top-k (ties -> lower id)."""
+
+from __future__ import annotations
+
+import torch
+
+# What OpenAI-compatible servers report for a token the distribution rules out (-inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def floor_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """-inf (and the NaN of an all -inf row) become LOGPROB_FLOOR, so the result is JSON-safe."""
+    return torch.where(torch.isnan(logprobs) | (logprobs == -torch.inf), LOGPROB_FLOOR, logprobs)
+
+
+def topk_lowest_ids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the k largest values per row, ordered by value desc then id asc.
+
+    torch.topk picks arbitrarily among values tied with the k-th one; here the tied group is
+    resolved to its lowest ids with a second top-k over an integer key, so the result is exact.
+    """
+    rows, vocab = values.shape
+    top_values, top_ids = values.topk(k, dim=1)
+    kth = top_values[:, k - 1 :]
+    above = (top_values > kth).sum(1, keepdim=True)  # every value > kth is inside the top-k
+    descending_id = torch.arange(vocab, 0, -1, dtype=torch.int32, device=values.device)
+    tie_key = torch.where(values == kth, descending_id, 0)
+    tie_ids = vocab - tie_key.topk(k, dim=1).values.to(torch.int64)
+    slot = torch.arange(k, device=values.device)
+    from_ties = tie_ids.gather(1, (slot - above).clamp(min=0))
+    ids = torch.where(slot < above, top_ids, from_ties)
+    ids = ids.sort(dim=1, stable=True).values
+    order = values.gather(1, ids).sort(dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order)
+
+
+def row_logprobs(
+    values: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(logsumexp [b], top ids [b, k], top logprobs [b, k]) of unnormalised log-weights `values`.
+
+    Top entries are None when k == 0. Logprobs are already floored.
+    """
+    lse = torch.logsumexp(values, dim=1)
+    if k == 0:
+        return lse, None, None
+    ids = topk_lowest_ids(values, k)
+    top = floor_logprobs(values.gather(1, ids) - lse[:, None])
+    return lse, ids, top

@@ -1,0 +1,97 @@
+"""Sparse, device-resident token history for repetition / frequency / presence penalties.
+
+Only tokens a row has seen are touched, so a step costs O(batch x history), not O(batch x vocab).
+Logit updates go through a flat view of the logits buffer whose last element is a trash cell:
+padding entries point there, so every gather/scatter has a fixed shape and no masking branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from winnow.sampling.slot_rows import SlotRows
+
+
+def flat_index(
+    rows: torch.Tensor, ids: torch.Tensor, vocab_size: int, trash: int, valid: torch.Tensor
+) -> torch.Tensor:
+    """Flat positions rows*V + ids into the [B*V + trash] buffer; invalid entries -> trash."""
+    return torch.where(valid, rows[:, None] * vocab_size + ids, trash)
+
+
+class PenaltyHistory:
+    """Per slot: the distinct prompt ids, every output id in order, and per distinct output id its
+    count, stored at its first occurrence (0 elsewhere) so each token is penalised once."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.prompt = SlotRows(slots, torch.int64, -1, device)
+        self.output = SlotRows(slots, torch.int64, -1, device)
+        self.counts = SlotRows(slots, torch.int32, 0, device)
+
+    def reset(self, slot: int, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """Load a row's history (also a preempted row's, so it resumes exactly)."""
+        outputs = np.asarray(output_ids, dtype=np.int64)
+        counts = np.zeros(len(outputs), dtype=np.int32)
+        distinct, first, occurrences = np.unique(outputs, return_index=True, return_counts=True)
+        counts[first] = occurrences
+        self.prompt.assign(slot, np.unique(np.asarray(prompt_ids, dtype=np.int64)))
+        self.output.assign(slot, outputs)
+        self.counts.assign(slot, counts)
+
+    def apply(
+        self,
+        z_flat: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        host_slots: np.ndarray,
+        repetition: torch.Tensor | None,
+        frequency_presence: torch.Tensor | None,
+        vocab_size: int,
+    ) -> None:
+        """Penalise batch `rows` (slots `slots`) of the flat logits buffer in place.
+
+        repetition [b] (None: no row uses it) is applied first, on the model's own logits;
+        frequency_presence [b, 2] (None: no row uses them) then, with the exact OpenAI formula.
+        """
+        trash = z_flat.shape[0] - 1
+        out_width = self.output.width(host_slots)
+        outputs = self.output.take(slots, out_width)
+        if repetition is not None:
+            ids = torch.cat([self.prompt.take(slots, self.prompt.width(host_slots)), outputs], 1)
+            flat = flat_index(rows, ids, vocab_size, trash, ids >= 0)
+            z = z_flat[flat]
+            r = repetition[:, None]
+            # duplicate ids write identical values, so the scatter is deterministic
+            z_flat[flat] = torch.where(z > 0, z / r, z * r)
+        if frequency_presence is not None and out_width:
+            counts = self.counts.take(slots, out_width)
+            flat = flat_index(rows, outputs, vocab_size, trash, counts > 0)
+            c = counts.to(torch.float32)
+            frequency, presence = frequency_presence[:, :1], frequency_presence[:, 1:]
+            z_flat[flat] = z_flat[flat] - c * frequency - (c > 0) * presence
+
+    def record(
+        self,
+        slots: torch.Tensor,
+        host_slots: np.ndarray,
+        tokens: torch.Tensor,
+        device_cols: torch.Tensor,
+    ) -> None:
+        """Append each row's sampled token (device tensors; `device_cols` = current lengths)."""
+        width = self.output.width(host_slots)
+        self.output.reserve(width + 1)
+        self.counts.reserve(width + 1)
+        if width:
+            match = self.output.take(slots, width) == tokens[:, None]
+            seen = match.any(1)
+            first = match.to(torch.uint8).argmax(1)
+            self.counts.data.index_put_((slots, first), seen.to(torch.int32), accumulate=True)
+        else:
+            seen = torch.zeros_like(tokens, dtype=torch.bool)
+        self.output.data[slots, device_cols] = tokens
+        self.counts.data[slots, device_cols] = (~seen).to(torch.int32)
+        self.output.lengths[host_slots] += 1
+        self.counts.lengths[host_slots] += 1

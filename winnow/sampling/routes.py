@@ -1,0 +1,202 @@
+"""Stages 3-6 for each route of a step (see sampler.py), plus the thresholded route's fallbacks.
+
+* greedy: argmax of z.
+* thresholded: truncation, XTC, noise and pick on a top-n candidate slice of z.
+* free: Gumbel-max over the whole vocabulary, perhaps after XTC.
+
+A slice "overflows" when it might miss a survivor of the whole row; such rows are redone by
+`widen` (a wider slice) and then, if still flagged, by `redo_exact` (the whole sorted row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from winnow.sampling import noise
+from winnow.sampling.step import (
+    MIN_P,
+    MIN_P_V,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    TOP_P_V,
+    XTC,
+    XTC_PROB,
+    XTC_THRESHOLD,
+    Pick,
+    RowParams,
+    Step,
+)
+from winnow.sampling.truncation import FLOAT32_MAX, slice_overflows, sorted_survivors, xtc_filter
+
+TOPK_SLACK = 16  # candidates past the largest top_k, so ties at the k-th rarely overflow
+OPEN_CANDIDATES = 256  # candidates for rows with top_p / min_p but no top_k
+WIDE_CANDIDATES = 4096  # at least this many for flagged rows on their second try
+
+
+class Routes:
+    """Vocabulary-sized resources the routes share: token mixes, noise and scratch buffers."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_rows: int,
+        device: torch.device,
+        open_candidates: int = OPEN_CANDIDATES,
+        wide_candidates: int = WIDE_CANDIDATES,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.max_rows = max_rows
+        self.device = device
+        self.open_candidates = open_candidates
+        self.wide_candidates = wide_candidates
+        self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
+        self._noise = noise.NoiseScratch(vocab_size, device)
+        self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
+
+    def choose(self, step: Step) -> None:
+        """One token per row into step.tokens."""
+        if "greedy" in step.routes:
+            rows = step.routes["greedy"]
+            torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
+        if "thresholded" in step.routes:
+            self._thresholded(step, step.routes["thresholded"])
+        if "free" in step.routes:
+            self._free(step, step.routes["free"])
+
+    def widen(self, step: Step, rows: np.ndarray) -> Pick:
+        """Second try for the flagged work rows `rows`, on a wider slice; updates the step."""
+        assert step.overflow is not None and step.total_mass is not None
+        index = step.index(rows)
+        width = max(self.wide_candidates, 4 * step.width)
+        z, total_mass = step.z.index_select(0, index), step.total_mass.index_select(0, index)
+        pick = self._pick(z, step.params(rows), width, total_mass)
+        step.tokens.index_copy_(0, index, pick.tokens)
+        step.overflow.index_copy_(0, index, pick.overflow)
+        return pick
+
+    def redo_exact(self, step: Step, rows: np.ndarray) -> torch.Tensor:
+        """The thresholded route over whole sorted rows, for the work rows `rows`.
+
+        Updates step.tokens and clears their flags; returns their processed values [n, V].
+        """
+        index = step.index(rows)
+        params = step.params(rows)
+        flags, floats = params.flags, params.floats
+        y = step.z.index_select(0, index).div_(floats[:, TEMPERATURE : TEMPERATURE + 1])
+        y.clamp_(max=FLOAT32_MAX)
+        ys, order = y.sort(dim=1, descending=True, stable=True)
+        keep_sorted = sorted_survivors(
+            ys,
+            params.top_k,
+            floats[:, TOP_P_V] if flags[:, TOP_P].any() else None,
+            floats[:, MIN_P_V] if flags[:, MIN_P].any() else None,
+        )
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        if flags[:, XTC].any():
+            apply = self._xtc_coin(params)
+            ids = torch.arange(self.vocab_size, device=self.device)[None, :]
+            keep = xtc_filter(y, keep, ids, floats[:, XTC_THRESHOLD], apply)
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+        step.tokens.index_copy_(
+            0, index, noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
+        )
+        if step.overflow is not None:
+            step.overflow.index_fill_(0, index, False)
+        return torch.where(keep, y, -torch.inf)
+
+    def _thresholded(self, step: Step, rows: slice) -> None:
+        """The thresholded route on its first candidate slice."""
+        params = step.params(rows)
+        width = 0
+        if params.flags[:, TOP_K].any():
+            width = int(step.top_k_host[rows].max()) + TOPK_SLACK
+        if not params.flags[:, TOP_K].all():
+            width = max(width, self.open_candidates)
+        step.width = width
+        step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
+        if step.mass_rows:  # the route's first rows: top_p without top_k
+            mass = slice(rows.start, rows.start + step.mass_rows)
+            temperature = step.floats[mass, TEMPERATURE : TEMPERATURE + 1]
+            step.total_mass[mass] = self._total_mass(step.z[mass], temperature)
+        pick = self._pick(step.z[rows], params, width, step.total_mass[rows])
+        step.tokens[rows] = pick.tokens
+        step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
+        step.overflow[rows] = pick.overflow
+        step.pick = pick
+
+    def _pick(
+        self, z: torch.Tensor, params: RowParams, width: int, total_mass: torch.Tensor
+    ) -> Pick:
+        """Truncation, XTC, noise and pick on the top-`width` slice of the rows `z`."""
+        flags, floats, top_k = params.flags, params.floats, params.top_k
+        values, ids = z.topk(min(width, self.vocab_size), dim=1)
+        ys = (values / floats[:, TEMPERATURE : TEMPERATURE + 1]).clamp_(max=FLOAT32_MAX)
+        keep = sorted_survivors(
+            ys,
+            top_k,
+            floats[:, TOP_P_V] if flags[:, TOP_P].any() else None,
+            floats[:, MIN_P_V] if flags[:, MIN_P].any() else None,
+            total_mass,
+        )
+        apply = None
+        xtc_zero = torch.zeros_like(top_k, dtype=torch.bool)
+        if flags[:, XTC].any():
+            apply = self._xtc_coin(params)
+            xtc_zero = apply & (floats[:, XTC_THRESHOLD] <= 0)
+        overflow = slice_overflows(ys, keep, top_k, xtc_zero, self.vocab_size)
+        if apply is not None:
+            keep = xtc_filter(ys, keep, ids, floats[:, XTC_THRESHOLD], apply)
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+        score = ys + noise.gumbel(noise.hash_bits(keys[:, None], self.token_mix[ids]))
+        score = torch.where(keep, score, -torch.inf)
+        best = score.amax(1, keepdim=True)
+        tokens = torch.where(keep & (score == best), ids, self.vocab_size).amin(1)
+        return Pick(ids, ys, keep, tokens, overflow)
+
+    def _total_mass(self, z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+        """sum_j exp(y_j - max y) over whole rows, float64 (y = z / T, computed in scratch)."""
+        if self._scratch is None:
+            self._scratch = torch.empty(self.max_rows * self.vocab_size, device=self.device)
+        rows = z.shape[0]
+        out = self._scratch[: rows * self.vocab_size].view(rows, self.vocab_size)
+        y = torch.div(z, temperature, out=out).clamp_(max=FLOAT32_MAX)
+        return y.sub_(y.amax(1, keepdim=True)).exp_().sum(1, dtype=torch.float64)
+
+    def _free(self, step: Step, rows: slice) -> None:
+        """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
+        params = step.params(rows)
+        temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
+        y = step.z[rows].div_(temperature)  # in place: nothing else reads these rows of z
+        keep = None
+        if params.flags[:, XTC].any():
+            y.clamp_(max=FLOAT32_MAX)
+            lowest = float(step.xtc_threshold[rows][params.flags[:, XTC]].min())
+            keep = self._free_xtc(y, params, lowest)
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+        step.tokens[rows] = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
+        step.free_y, step.free_keep = y, keep
+
+    def _free_xtc(self, y: torch.Tensor, params: RowParams, lowest: float) -> torch.Tensor | None:
+        """XTC on rows without truncation; `lowest` is their smallest threshold (host value).
+
+        Every token XTC may remove has q >= threshold, so it is among the top 1/threshold
+        tokens: the removal is worked out on that slice and written into y as -inf (returns
+        None). Threshold 0 can remove any token, so then it returns a whole-row keep mask.
+        """
+        threshold, apply = params.floats[:, XTC_THRESHOLD], self._xtc_coin(params)
+        if lowest <= 0:
+            ids = torch.arange(self.vocab_size, device=self.device)[None, :]
+            return xtc_filter(y, None, ids, threshold, apply)
+        values, ids = y.topk(min(self.vocab_size, int(1.0 / lowest) + 2), dim=1)
+        kept = xtc_filter(values, None, ids, threshold, apply, self._total_mass(y, 1.0))
+        y.scatter_(1, ids, torch.where(kept, values, -torch.inf))
+        return None
+
+    def _xtc_coin(self, params: RowParams) -> torch.Tensor:
+        """[b] bool: XTC applies this step (coin from the row's own stream, threshold <= 0.5)."""
+        keys = noise.row_keys(params.seeds, params.positions, noise.XTC_STREAM)
+        coin = noise.uniform(noise.hash_bits(keys, self.token_mix[0]))
+        floats = params.floats
+        return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)

@@ -1,0 +1,391 @@
+"""The batched sampler pipeline: spec/sampling.md "Order", applied to a whole batch at once.
+
+Per-row parameters live in persistent per-slot device tensors written once by `add_row`; `sample`
+only indexes them with the batch's slots. Which stages run is decided from host-side per-slot
+flags, so unused stages cost nothing and a greedy-only batch is a plain argmax.
+
+Each row takes one of three routes, and the logits are copied into the work buffer grouped by
+route, so every route works on a contiguous block of rows (no per-route row gathers):
+
+* greedy (T < 1e-5): argmax of the penalised logits z, ties -> lowest id.
+* thresholded (top_k / top_p / min_p): a top-n candidate slice of z (torch.topk, no full sort);
+  the stages, the noise and the pick all run on the slice. If the slice might miss a survivor
+  (ties at its edge, a nucleus wider than it) the row is flagged in the step's device->host copy
+  and redone with a wider slice, then, if still flagged, exactly over its whole sorted row: one
+  more copy per extra level, only for steps that need it.
+* free (temperature, perhaps XTC): Gumbel-max over the whole vocabulary.
+
+Logprobs: "raw" is log_softmax of the model's logits; "processed" is log_softmax of what the
+row samples from (y = z / T with removed tokens at -inf). A greedy row samples from a point mass,
+so its processed logprobs use z at temperature 1 instead: penalties, bias and bans applied, no
+truncation -- still informative, and what temperature 0 would mean on the other stages. -inf is
+reported as -9999.0 in both modes.
+
+Non-finite logits: NaN is treated as -inf and +inf as the largest float32, before any stage.
+A row whose survivors are all -inf (every logit NaN, say) returns its lowest surviving id --
+token 0 for a row that is entirely NaN/-inf -- and never raises.
+
+Parameters are tensors and the per-row math branches only on host-side flags (no data-dependent
+Python control flow inside a route), so a route can be captured in a CUDA graph for a fixed
+batch composition (with penalty-history widths bucketed); the overflow fallbacks run outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from winnow.sampling import step_logprobs
+from winnow.sampling.params import LOGIT_BIAS_LIMIT, SamplingParams
+from winnow.sampling.penalties import PenaltyHistory, flat_index
+from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes
+from winnow.sampling.slot_rows import SlotRows
+from winnow.sampling.step import (
+    BIAS,
+    FREQ_PRES,
+    FREQ_V,
+    GREEDY,
+    LOGPROBS,
+    MIN_P,
+    MIN_TOKENS,
+    NUM_FLAGS,
+    NUM_FLOATS,
+    PRES_V,
+    PROCESSED,
+    REP_V,
+    REPETITION,
+    TOP_K,
+    TOP_P,
+    XTC,
+    Step,
+    Subset,
+)
+
+_ROUTES = ("greedy", "thresholded", "free")
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result, on the CPU.
+
+    top_* are [B, K] with K = max top_logprobs over the rows asking (capped at the vocabulary),
+    sorted by logprob desc, ties -> lower id; entries past a row's own top_logprobs hold -1 / NaN,
+    as does `logprobs` for rows that did not ask. All logprob fields are None when no row asked.
+    -inf logprobs are reported as -9999.0.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_token_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+class Sampler:
+    """Turns a batch of logits plus per-row parameters into one token per row (see module doc).
+
+    `open_candidates` / `wide_candidates` size the thresholded route's first and second
+    candidate slices (tuning and tests; results never depend on them).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_rows: int,
+        device: torch.device,
+        eos_token_ids: Sequence[int],
+        *,
+        open_candidates: int = OPEN_CANDIDATES,
+        wide_candidates: int = WIDE_CANDIDATES,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.max_rows = max_rows
+        self.device = torch.device(device)
+        self._eos = frozenset(int(t) for t in eos_token_ids)
+        self._slots: dict[int, int] = {}
+        self._free = list(range(max_rows - 1, -1, -1))
+        self._flags = np.zeros((max_rows, NUM_FLAGS), dtype=bool)
+        self._top_k = np.zeros(max_rows, dtype=np.int64)
+        self._xtc_threshold = np.zeros(max_rows, dtype=np.float32)
+        self._prompt_len = np.zeros(max_rows, dtype=np.int64)
+        self._out_len = np.zeros(max_rows, dtype=np.int64)
+        self._min_tokens = np.zeros(max_rows, dtype=np.int64)
+        self._num_top_logprobs = np.zeros(max_rows, dtype=np.int64)
+        self._floats = torch.zeros((max_rows, NUM_FLOATS), dtype=torch.float32, device=self.device)
+        self._seeds_top_k = torch.zeros((max_rows, 2), dtype=torch.int64, device=self.device)
+        self._history = PenaltyHistory(max_rows, self.device)
+        self._bias_ids = SlotRows(max_rows, torch.int64, -1, self.device)
+        self._bias_values = SlotRows(max_rows, torch.float32, 0.0, self.device)
+        self._ban_ids = SlotRows(max_rows, torch.int64, -1, self.device)
+        # z for the whole batch, plus one trash cell that padded scatters write to
+        self._work = torch.empty(max_rows * vocab_size + 1, dtype=torch.float32, device=self.device)
+        self._routes = Routes(vocab_size, max_rows, self.device, open_candidates, wide_candidates)
+
+    # ------------------------------------------------------------------ rows
+
+    def add_row(
+        self,
+        key: int,
+        params: SamplingParams,
+        seed: int,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int] = (),
+    ) -> None:
+        """Start (or resume, with what it already generated) one sequence under `key`."""
+        if key in self._slots:
+            raise ValueError(f"sampler row {key} already exists")
+        if not self._free:
+            raise RuntimeError(f"sampler is full ({self.max_rows} rows)")
+        params.check_vocab(self.vocab_size)
+        slot = self._free.pop()
+        self._slots[key] = slot
+        top_k = params.top_k if 0 < params.top_k < self.vocab_size else 0
+        sampled = not params.greedy
+        flags = self._flags[slot]
+        flags[GREEDY] = params.greedy
+        flags[TOP_K] = sampled and top_k > 0
+        flags[TOP_P] = sampled and params.top_p < 1.0
+        flags[MIN_P] = sampled and params.min_p > 0.0
+        flags[XTC] = sampled and params.xtc_probability > 0 and params.xtc_threshold <= 0.5
+        flags[REPETITION] = params.repetition_penalty != 1.0
+        flags[FREQ_PRES] = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        flags[BIAS] = bool(params.logit_bias)
+        ban = sorted(self._eos | set(params.stop_token_ids)) if params.min_tokens else []
+        flags[MIN_TOKENS] = bool(ban)
+        flags[LOGPROBS] = params.logprobs
+        flags[PROCESSED] = params.logprobs_mode == "processed"
+        self._top_k[slot] = top_k
+        self._xtc_threshold[slot] = params.xtc_threshold
+        self._prompt_len[slot] = len(prompt_token_ids)
+        self._out_len[slot] = len(output_token_ids)
+        self._min_tokens[slot] = params.min_tokens
+        self._num_top_logprobs[slot] = params.top_logprobs if params.logprobs else 0
+        floats = [
+            params.temperature,
+            params.top_p,
+            params.min_p,
+            params.xtc_probability,
+            params.xtc_threshold,
+            params.repetition_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        ]
+        self._floats[slot] = torch.tensor(floats, dtype=torch.float32)
+        self._seeds_top_k[slot] = torch.tensor([seed, top_k], dtype=torch.int64)
+        if flags[REPETITION] or flags[FREQ_PRES]:
+            self._history.reset(slot, prompt_token_ids, output_token_ids)
+        limit = LOGIT_BIAS_LIMIT
+        self._bias_ids.assign(slot, list(params.logit_bias))
+        self._bias_values.assign(
+            slot, [min(max(v, -limit), limit) for v in params.logit_bias.values()]
+        )
+        self._ban_ids.assign(slot, ban)
+
+    def remove_row(self, key: int) -> None:
+        """Forget a finished (or preempted) sequence and free its slot."""
+        self._free.append(self._slots.pop(key))
+
+    # ------------------------------------------------------------------ step
+
+    def sample(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput:
+        """One token per row of `logits` [B, V] (rows in `keys` order); advances each row."""
+        step = self._prepare(logits, keys)
+        self._routes.choose(step)
+        if step.lp is not None:
+            step_logprobs.fill(step, logits, np.arange(len(keys)))
+        host = self._download(step)
+        flagged = np.flatnonzero(host[:, 1])
+        if flagged.size:
+            pick = self._routes.widen(step, flagged)
+            if step.lp is not None:
+                step_logprobs.fill(step, logits, flagged, pick.dense(self.vocab_size))
+            host[flagged] = self._download(step, flagged)
+            flagged = flagged[host[flagged, 1] > 0]
+        if flagged.size:
+            values = self._routes.redo_exact(step, flagged)
+            if step.lp is not None:
+                step_logprobs.fill(step, logits, flagged, values)
+            host[flagged] = self._download(step, flagged)
+        self._record(step)
+        return self._output(step, host)
+
+    def processed_logits(self, logits: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        """Each row's processed distribution, without advancing any row (tests, debugging).
+
+        Sampled rows: y = z / T with every token the truncation stages removed set to -inf.
+        Greedy rows: z itself (penalties, bias and bans at temperature 1), as logprobs use.
+        """
+        step = self._prepare(logits, keys)
+        self._routes.choose(step)
+        values = step_logprobs.processed_values(step, np.arange(len(keys)))
+        flagged = step.flagged()
+        if flagged.size:
+            pick = self._routes.widen(step, flagged)
+            values[step.index(flagged)] = pick.dense(self.vocab_size)
+            flagged = step.flagged()
+        if flagged.size:
+            values[step.index(flagged)] = self._routes.redo_exact(step, flagged)
+        return values.index_select(0, step.index(np.argsort(step.order)))
+
+    # ------------------------------------------------------------------ stages 1-2
+
+    def _prepare(self, logits: torch.Tensor, keys: Sequence[int]) -> Step:
+        """Plan the step on the host, then copy the logits in (by route) and apply stages 1-2."""
+        batch, vocab = len(keys), self.vocab_size
+        if logits.dim() != 2 or logits.shape != (batch, vocab):
+            raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")
+        batch_slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        if len(np.unique(batch_slots)) != batch:
+            raise ValueError("a row appears twice in the batch")
+        flags = self._flags[batch_slots]
+        greedy = flags[:, GREEDY]
+        thresholded = ~greedy & (flags[:, TOP_K] | flags[:, TOP_P] | flags[:, MIN_P])
+        needs_mass = thresholded & ~flags[:, TOP_K] & flags[:, TOP_P]
+        route = np.select([greedy, needs_mass, thresholded], [0, 1, 2], 3)
+        order = np.argsort(route, kind="stable")
+        host_slots, flags = batch_slots[order], flags[order]
+        bounds = np.searchsorted(route[order], [0, 1, 3, 4])
+        routes = {
+            name: slice(int(start), int(stop))
+            for name, start, stop in zip(_ROUTES, bounds[:-1], bounds[1:], strict=True)
+            if stop > start
+        }
+        wants = flags[:, LOGPROBS]
+        out_len = self._out_len[host_slots]
+        masks = {
+            "penalised": flags[:, REPETITION] | flags[:, FREQ_PRES],
+            "bias": flags[:, BIAS],
+            "banned": flags[:, MIN_TOKENS] & (out_len < self._min_tokens[host_slots]),
+            "raw": wants & ~flags[:, PROCESSED],
+            "processed": wants & flags[:, PROCESSED],
+        }
+        names = [name for name, mask in masks.items() if mask.any()]
+        arrays = [host_slots, self._prompt_len[host_slots] + out_len]
+        arrays += [self._history.output.lengths[host_slots], order]
+        arrays += [np.flatnonzero(masks[name]) for name in names]
+        uploaded = self._upload(arrays)
+        slots, positions, history_cols, order_t = uploaded[:4]
+        subsets = {name: Subset(arrays[4 + i], uploaded[4 + i]) for i, name in enumerate(names)}
+        z = self._work[: batch * vocab].view(batch, vocab)
+        self._load_logits(logits, z, order_t if np.any(order != np.arange(batch)) else None)
+        seeds_top_k = self._seeds_top_k.index_select(0, slots)
+        step = Step(
+            order=order,
+            host_slots=host_slots,
+            flags=flags,
+            z=z,
+            slots=slots,
+            floats=self._floats.index_select(0, slots),
+            seeds=seeds_top_k[:, 0],
+            top_k=seeds_top_k[:, 1],
+            positions=positions,
+            history_cols=history_cols,
+            top_k_host=self._top_k[host_slots],
+            xtc_threshold=self._xtc_threshold[host_slots],
+            routes=routes,
+            subsets=subsets,
+            tokens=torch.empty(batch, dtype=torch.int64, device=self.device),
+            mass_rows=int(needs_mass.sum()),
+        )
+        if wants.any():
+            step_logprobs.start(step, min(int(self._num_top_logprobs[host_slots].max()), vocab))
+        self._penalise(step)
+        # grammar bitmask (response_format / forced tools) goes here: z masked to -inf
+        return step
+
+    def _load_logits(
+        self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None
+    ) -> None:
+        """z = float32(logits) in work-row order; NaN -> -inf, +inf -> float32 max."""
+        if order is None and logits.dtype == torch.float32:
+            torch.nan_to_num(logits, nan=-torch.inf, neginf=-torch.inf, out=z)
+            return
+        if order is None:
+            z.copy_(logits)
+        elif logits.dtype == torch.float32:
+            torch.index_select(logits, 0, order, out=z)
+        else:
+            z.copy_(logits.index_select(0, order))
+        z.nan_to_num_(nan=-torch.inf, neginf=-torch.inf)
+
+    def _penalise(self, step: Step) -> None:
+        """Stage 1 (penalties) and stage 2 (logit_bias, min_tokens bans) on the flat buffer."""
+        vocab, z_flat, trash = self.vocab_size, self._work, self._work.shape[0] - 1
+        subsets = step.subsets
+        if "penalised" in subsets:
+            rows = subsets["penalised"]
+            flags = step.flags[rows.host]
+            floats = step.floats.index_select(0, rows.device)
+            self._history.apply(
+                z_flat,
+                rows.device,
+                step.slots.index_select(0, rows.device),
+                step.host_slots[rows.host],
+                floats[:, REP_V] if flags[:, REPETITION].any() else None,
+                floats[:, FREQ_V : PRES_V + 1] if flags[:, FREQ_PRES].any() else None,
+                vocab,
+            )
+        if "bias" in subsets:
+            rows = subsets["bias"]
+            slots = step.slots.index_select(0, rows.device)
+            width = self._bias_ids.width(step.host_slots[rows.host])
+            ids = self._bias_ids.take(slots, width)
+            flat = flat_index(rows.device, ids, vocab, trash, ids >= 0)
+            z_flat.index_put_((flat,), self._bias_values.take(slots, width), accumulate=True)
+        if "banned" in subsets:
+            rows = subsets["banned"]
+            width = self._ban_ids.width(step.host_slots[rows.host])
+            ids = self._ban_ids.take(step.slots.index_select(0, rows.device), width)
+            z_flat[flat_index(rows.device, ids, vocab, trash, ids >= 0)] = -torch.inf
+
+    # ------------------------------------------------------------------ host side
+
+    def _output(self, step: Step, host: np.ndarray) -> SamplerOutput:
+        """Unpack the downloaded [B, ...] array (work-row order) into batch order."""
+        k = step.top_k_logprobs
+        if step.lp is not None:  # entries past each row's own top_logprobs
+            unasked = np.arange(k) >= self._num_top_logprobs[step.host_slots][:, None]
+            host[:, 3 : 3 + k][unasked], host[:, 3 + k :][unasked] = -1, np.nan
+        batch_host = np.empty_like(host)
+        batch_host[step.order] = host
+        tokens = torch.from_numpy(batch_host[:, 0].astype(np.int64))
+        if step.lp is None:
+            return SamplerOutput(tokens)
+        return SamplerOutput(
+            tokens,
+            torch.from_numpy(batch_host[:, 2].astype(np.float32)),
+            torch.from_numpy(batch_host[:, 3 : 3 + k].astype(np.int64)),
+            torch.from_numpy(batch_host[:, 3 + k :].astype(np.float32)),
+        )
+
+    def _download(self, step: Step, rows: np.ndarray | None = None) -> np.ndarray:
+        """The step's device->host copy, in work-row order: [n, 2 (+1 + 2K)] float64 holding
+        token, overflow flag (and sampled logprob, top ids, top logprobs)."""
+        columns = [step.tokens[:, None]]
+        overflow = step.overflow if step.overflow is not None else torch.zeros_like(step.tokens)
+        columns.append(overflow[:, None])
+        if step.lp is not None and step.top_ids is not None and step.top_lp is not None:
+            columns += [step.lp[:, None], step.top_ids, step.top_lp]
+        packed = torch.cat([c.double() for c in columns], dim=1)
+        if rows is not None:
+            packed = packed.index_select(0, step.index(rows))
+        return packed.cpu().numpy()
+
+    def _record(self, step: Step) -> None:
+        """Advance each row: penalty history (device) and output length (host)."""
+        if "penalised" in step.subsets:
+            rows = step.subsets["penalised"]
+            self._history.record(
+                step.slots.index_select(0, rows.device),
+                step.host_slots[rows.host],
+                step.tokens.index_select(0, rows.device),
+                step.history_cols.index_select(0, rows.device),
+            )
+        self._out_len[step.host_slots] += 1
+
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """One host->device copy for all of a step's small index arrays."""
+        packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+        return list(packed.to(self.device, non_blocking=True).split([len(a) for a in arrays]))
