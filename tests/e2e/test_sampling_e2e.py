@@ -171,28 +171,30 @@ def test_stop_token_ids_and_min_tokens(
     assert held.usage.completion_tokens >= 4
 
 
-def test_penalties_reduce_repetition_of_a_favoured_token(
-    server: ServerProcess, tokenizer: Tokenizer
-) -> None:
-    favoured = tokenizer.encode("ocean", add_special_tokens=False)[-1]
-    piece = tokenizer.decode([favoured]).strip()
-    base = {
-        "max_tokens": 24,
-        "temperature": 1.0,
-        "seed": 9,
-        "ignore_eos": True,
-        "logit_bias": {str(favoured): 6},
-        "messages": [{"role": "user", "content": "ocean ocean"}],
-    }
-    unpenalised = chat(server, **base).choices[0].message.content.count(piece)
-    assert unpenalised >= 12
-    for params in (
-        {"repetition_penalty": 1.8},
-        {"frequency_penalty": 2.0},
-        {"presence_penalty": 2.0},
-    ):
-        count = chat(server, **base, **params).choices[0].message.content.count(piece)
-        assert count < unpenalised, params
+def test_penalties_reach_the_processed_distribution(server: ServerProcess) -> None:
+    """Greedy rows report processed logprobs after penalties (at T=1). Frequency and presence
+    penalties only see generated tokens, so the first position is untouched and later ones
+    shift; the repetition penalty also covers the prompt. The exact formulas are pinned
+    against the reference sampler in tests/sampling."""
+
+    def processed(**penalty: float) -> list[tuple[str, float]]:
+        response = chat(
+            server,
+            max_tokens=8,
+            temperature=0,
+            ignore_eos=True,
+            logprobs=True,
+            logprobs_mode="processed",
+            **penalty,
+        )
+        return [(e.token, e.logprob) for e in response.choices[0].logprobs.content]
+
+    plain = processed()
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        shifted = processed(**penalty)
+        assert shifted[0] == plain[0], penalty
+        assert shifted[1:] != plain[1:], penalty
+    assert processed(repetition_penalty=1.8) != plain
 
 
 def test_xtc_removes_the_most_likely_tokens(server: ServerProcess, greedy: Any) -> None:
