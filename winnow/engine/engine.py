@@ -249,21 +249,24 @@ class LLMEngine:
             delta = pending.setdefault(seq, PendingDelta())
             delta.token_ids.append(token_id)
             if params.logprobs and logprobs is not None:
-                top: list[TokenLogprob] = []
-                if params.top_logprobs and top_ids is not None and top_lps is not None:
-                    top = [
-                        self._token_logprob(tid, lp)
-                        for tid, lp in zip(
-                            top_ids[row][: params.top_logprobs],
-                            top_lps[row][: params.top_logprobs],
-                            strict=True,
-                        )
-                    ]
-                sampled = self._token_logprob(token_id, logprobs[row])
                 if delta.logprobs is None:
                     delta.logprobs = []
-                delta.logprobs.append(PositionLogprobs(sampled, top))
+                k = params.top_logprobs
+                delta.logprobs.append(
+                    self._position_logprobs(
+                        token_id,
+                        logprobs[row],
+                        top_ids[row][:k] if top_ids is not None else [],
+                        top_lps[row][:k] if top_lps is not None else [],
+                    )
+                )
             self._check_stop(seq, token_id, delta)
+
+    def _position_logprobs(
+        self, token_id: int, logprob: float, top_ids: list[int], top_logprobs: list[float]
+    ) -> PositionLogprobs:
+        top = [self._token_logprob(t, lp) for t, lp in zip(top_ids, top_logprobs, strict=True)]
+        return PositionLogprobs(self._token_logprob(token_id, logprob), top)
 
     def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
         raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
