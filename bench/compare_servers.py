@@ -76,9 +76,11 @@ def weight_bytes_per_token(model_dir: Path) -> int:
     return total - embed if "lm_head.weight" in names else total
 
 
-def bench(url: str, model: str, args: argparse.Namespace) -> Result:
+def bench(url: str, model: str, args: argparse.Namespace, extensions: bool) -> Result:
     batch, single = [], []
-    warm = BenchArgs(url, model, num_prompts=2, concurrency=2, input_len=16, output_len=8)
+    warm = BenchArgs(
+        url, model, num_prompts=2, concurrency=2, input_len=16, output_len=8, extensions=extensions
+    )
     asyncio.run(run_benchmark(warm, progress=False))
     for _ in range(args.runs):
         load = BenchArgs(
@@ -88,10 +90,17 @@ def bench(url: str, model: str, args: argparse.Namespace) -> Result:
             concurrency=args.concurrency,
             input_len=args.input_len,
             output_len=args.output_len,
+            extensions=extensions,
         )
         batch.append(asyncio.run(run_benchmark(load, progress=False)))
         one = BenchArgs(
-            url, model, num_prompts=2, concurrency=1, input_len=args.input_len, output_len=64
+            url,
+            model,
+            num_prompts=2,
+            concurrency=1,
+            input_len=args.input_len,
+            output_len=64,
+            extensions=extensions,
         )
         single.append(asyncio.run(run_benchmark(one, progress=False)))
         print(
@@ -103,12 +112,20 @@ def bench(url: str, model: str, args: argparse.Namespace) -> Result:
 
 
 def run_server(
-    name: str, command: list[str], url: str, model: str, args: argparse.Namespace, log_dir: Path
+    name: str,
+    command: list[str],
+    url: str,
+    model: str,
+    args: argparse.Namespace,
+    log_dir: Path,
+    extensions: bool = True,
 ) -> Result | None:
+    """`extensions`: whether the server accepts min_tokens/ignore_eos (transformers rejects
+    unknown fields); the random demo model almost never ends early without them."""
     print(f"{name}: {' '.join(command)}", flush=True)
     try:
         with running_server(command, url, log_dir / f"{name}.log"):
-            result = bench(url, model, args)
+            result = bench(url, model, args, extensions)
     except RuntimeError as exc:
         print(f"{name} failed: {exc}; log in {log_dir / (name + '.log')}")
         return None
@@ -140,7 +157,11 @@ def main() -> None:
     parser.add_argument("--model", default="demo-large")
     parser.add_argument("--llama-server", type=Path)
     parser.add_argument("--convert-script", type=Path)
-    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--servers",
+        default="llama.cpp,transformers",
+        help="peers to run beside winnow (comma-separated: llama.cpp, transformers)",
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
@@ -171,7 +192,8 @@ def main() -> None:
     ]
     results.append(run_server("winnow", command, url, "bench", args, log_dir))  # type: ignore[arg-type]
 
-    if args.llama_server and args.convert_script:
+    peers = set(args.servers.split(","))
+    if "llama.cpp" in peers and args.llama_server and args.convert_script:
         gguf = convert_to_gguf(
             model_dir, args.convert_script, log_dir.parent / "demo-large-f32.gguf"
         )
@@ -199,7 +221,7 @@ def main() -> None:
         results.append(run_server("llama.cpp", command, url, "bench", args, log_dir))  # type: ignore[arg-type]
 
     transformers_cli = bin_dir / "transformers"
-    if not args.skip_transformers and shutil.which(str(transformers_cli)):
+    if "transformers" in peers and shutil.which(str(transformers_cli)):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [
@@ -214,7 +236,8 @@ def main() -> None:
             "--port",
             str(port),
         ]
-        results.append(run_server("transformers", command, url, str(model_dir), args, log_dir))  # type: ignore[arg-type]
+        result = run_server("transformers", command, url, str(model_dir), args, log_dir, False)
+        results.append(result)  # type: ignore[arg-type]
 
     done = [r for r in results if r is not None]
     bandwidth = measure_read_bandwidth()

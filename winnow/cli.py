@@ -134,6 +134,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-extensions",
+        dest="extensions",
+        action="store_false",
+        help="do not send min_tokens/ignore_eos (for servers that reject them)",
+    )
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -149,6 +155,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
         request_rate=args.request_rate,
         seed=args.seed,
         api_key=args.api_key,
+        extensions=args.extensions,
     )
     summary = asyncio.run(run_benchmark(bench_args, progress=not args.json))
     if args.json:

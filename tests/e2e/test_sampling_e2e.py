@@ -34,6 +34,7 @@ EXTENSIONS = {
     "repetition_penalty",
     "min_tokens",
     "stop_token_ids",
+    "eos_token",
     "ignore_eos",
     "logprobs_mode",
     "time_limit",
@@ -167,6 +168,8 @@ def test_stop_token_ids_and_min_tokens(
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == first
     assert stopped.usage.completion_tokens == 1
+    aliased = chat(server, max_tokens=12, temperature=0, eos_token=[first])
+    assert aliased.choices[0].model_extra["stop_reason"] == first
     held = chat(server, max_tokens=12, temperature=0, stop_token_ids=[first], min_tokens=4)
     assert held.usage.completion_tokens >= 4
 

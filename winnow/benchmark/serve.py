@@ -64,6 +64,9 @@ class BenchArgs:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
+    extensions: bool = (
+        True  # send min_tokens / ignore_eos (servers that reject unknown fields: off)
+    )
 
 
 @dataclass
@@ -98,16 +101,16 @@ def make_prompt(rng: random.Random, input_len: int) -> str:
 
 
 async def one_request(client: httpx.AsyncClient, args: BenchArgs, prompt: str) -> RequestResult:
-    body = {
+    body: dict[str, Any] = {
         "model": args.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": args.output_len,
-        "min_tokens": args.output_len,
-        "ignore_eos": True,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if args.extensions:
+        body.update(min_tokens=args.output_len, ignore_eos=True)
     result = RequestResult(ok=False)
     start = time.perf_counter()
     last = start
