@@ -6,6 +6,7 @@ device->host copy and state update; HF: the processor chain, softmax and torch.m
 
     .venv/bin/python bench/sampler.py            # batch {1, 8, 64, 256} x vocab {32768, 131072}
     .venv/bin/python bench/sampler.py --quick    # a small subset
+    .venv/bin/python bench/sampler.py --decode-step  # pipeline vs a demo-large decode step, B=64
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from winnow.models import AttentionMetadata, allocate_kv_cache, load_model
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.sampler import Sampler
 
@@ -121,11 +123,46 @@ def bench_case(batch: int, vocab: int, stage: str, repeats: int) -> tuple[float,
     return ours, median_ms(hf_step, repeats, budget_s=20.0)
 
 
+def decode_step_ms(batch: int, context: int, repeats: int) -> tuple[float, int]:
+    """Median ms of one demo-large decode forward (logits included) for `batch` sequences of
+    `context` cached tokens, and the model's vocabulary size."""
+    loaded = load_model("demo-large", dtype="float32", device="cpu")
+    block_size = 16
+    blocks_per_seq = -(-(context + 1) // block_size)
+    caches = allocate_kv_cache(
+        loaded.config, batch * blocks_per_seq + 1, block_size, torch.float32, torch.device("cpu")
+    )
+    tables = [
+        list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(batch)
+    ]
+    input_ids = torch.randint(1000, loaded.config.vocab_size, (batch,))
+    positions = torch.full((batch,), context)
+
+    def step() -> torch.Tensor:
+        attn = AttentionMetadata.build([1] * batch, [context + 1] * batch, tables, block_size)
+        with torch.inference_mode():
+            hidden = loaded.model(input_ids, positions, caches, attn)
+            return loaded.model.compute_logits(hidden)
+
+    return median_ms(step, repeats, budget_s=30.0), loaded.config.vocab_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--decode-step", action="store_true", help="all stages vs a demo-large decode step, B=64"
+    )
     args = parser.parse_args()
+    if args.decode_step:
+        forward, vocab = decode_step_ms(64, 256, args.repeats)
+        sampling, _ = bench_case(64, vocab, "all stages", args.repeats)
+        print(
+            f"demo-large decode forward, B=64, 256-token contexts: {forward:.1f} ms; sampler, "
+            f"all stages: {sampling:.2f} ms = {100 * sampling / forward:.1f}% of the forward"
+        )
+        return
     if args.quick:
         cases = [(64, 131072, s) for s in ("all stages", "greedy", "temperature", "top_p")]
         cases += [(b, v, "all stages") for b, v in ((1, 32768), (8, 131072), (256, 32768))]
