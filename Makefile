@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench
+.PHONY: install serve test bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,8 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check winnow tests bench
 	$(BIN)/ruff format --check winnow tests bench
-	$(BIN)/pytest -q
-
-lint: $(STAMP)
-	$(BIN)/ruff check winnow tests bench
-	$(BIN)/ruff format --check winnow tests bench
 	$(BIN)/mypy winnow
+	$(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
