@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from winnow.benchmark.process import free_port
+
 STARTUP_TIMEOUT_S = 120
 
 
@@ -25,45 +26,38 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def client(self, **kwargs: object) -> OpenAI:
+    def client(self) -> OpenAI:
         return OpenAI(
             base_url=self.base_url + "/v1",
             api_key="unused",
             _strict_response_validation=True,
             max_retries=0,
-            **kwargs,  # type: ignore[arg-type]
         )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> ServerProcess:
     port = free_port()
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "winnow",
-            "serve",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--served-model-name",
-            "demo",
-            *extra_args,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "winnow",
+                "serve",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "demo",
+                *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", "demo", process, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
