@@ -97,7 +97,6 @@ def test_new_keys_and_values_land_in_their_slots() -> None:
 def test_metadata_build() -> None:
     attn = AttentionMetadata.build([3, 1], [3, 6], [[4], [9, 1]], 4)
     assert attn.block_tables.tolist() == [[4, 0], [9, 1]]
-    assert attn.query_start_loc.tolist() == [0, 3, 4]
     assert attn.seq_lens_tensor.tolist() == [3, 6]
     assert attn.slot_mapping.tolist() == [16, 17, 18, 5]
     assert not attn.is_decode_only

@@ -9,6 +9,8 @@ import torch
 
 from tests.sampling.reference_sampler import gumbel_row, hash32
 from winnow.sampling import noise
+from winnow.sampling.params import SamplingParams
+from winnow.sampling.sampler import Sampler
 
 
 def chi2_pvalue(statistic: float, dof: int) -> float:
@@ -79,12 +81,22 @@ def test_streams_and_neighbouring_seeds_are_unrelated() -> None:
         assert abs(np.corrcoef(a, other)[0, 1]) < 0.03
 
 
-def test_noise_ignores_the_global_rng() -> None:
+def test_sampling_ignores_the_global_rng() -> None:
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+
+    def sample() -> list[int]:
+        sampler = Sampler(64, 4, torch.device("cpu"), eos_token_ids=[2])
+        for key in range(4):
+            sampler.add_row(
+                key, SamplingParams(temperature=1.0), seed=11 + key, prompt_token_ids=[1]
+            )
+        return sampler.sample(logits, list(range(4))).token_ids.tolist()
+
     torch.manual_seed(0)
-    first = torch_bits([3], [8], torch.arange(100), noise.GUMBEL_STREAM)
+    first = sample()
     torch.manual_seed(1)
     torch.rand(1000)
-    assert torch.equal(first, torch_bits([3], [8], torch.arange(100), noise.GUMBEL_STREAM))
+    assert sample() == first
 
 
 def test_child_seeds_are_hashes_not_offsets() -> None:

@@ -312,6 +312,8 @@ class LLMEngine:
     ) -> None:
         if flush:
             delta.text += seq.text.flush()
+            if seq.text.stop_string is not None:  # the released tail completed a stop string
+                reason, stop_reason = "stop", seq.text.stop_string
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self._release(seq)

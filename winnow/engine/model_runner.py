@@ -57,13 +57,10 @@ class ModelRunner:
             num_tokens += item.num_new_tokens
             if item.samples:
                 sample_rows.append(num_tokens - 1)
-        query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
         attn = AttentionMetadata(
             slot_mapping=self._to_device(np.concatenate(slot_chunks)),
             block_tables=self._to_device(block_tables),
             seq_lens_tensor=self._to_device(np.asarray(seq_lens, dtype=np.int64)),
-            query_start_loc=self._to_device(query_start_loc),
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=block_size,

@@ -20,17 +20,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each new token
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     seq_lens_tensor: torch.Tensor  # [B] int64
-    query_start_loc: torch.Tensor  # [B + 1] int64: cumulative query_lens, starting at 0
     query_lens: list[int]
     seq_lens: list[int]
     block_size: int
     # What an attention backend derives once per step and reuses in every layer (masks, gather
     # indices). An AttentionMetadata describes exactly one step: build a new one per step.
     memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
 
     @property
     def is_decode_only(self) -> bool:
@@ -52,14 +47,10 @@ class AttentionMetadata:
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
-        starts = [0]
-        for q_len in query_lens:
-            starts.append(starts[-1] + q_len)
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_tables=torch.tensor(padded, dtype=torch.long, device=device).view(-1, width),
             seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.long, device=device),
             query_lens=list(query_lens),
             seq_lens=list(seq_lens),
             block_size=block_size,

@@ -168,10 +168,9 @@ class Routes:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
-        y = step.z[rows].div_(temperature)  # in place: nothing else reads these rows of z
+        y = step.z[rows].div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
         keep = None
         if params.flags[:, XTC].any():
-            y.clamp_(max=FLOAT32_MAX)
             lowest = float(step.xtc_threshold[rows][params.flags[:, XTC]].min())
             keep = self._free_xtc(y, params, lowest)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)

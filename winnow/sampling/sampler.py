@@ -26,8 +26,8 @@ A row whose survivors are all -inf (every logit NaN, say) returns its lowest sur
 token 0 for a row that is entirely NaN/-inf -- and never raises.
 
 Parameters are tensors and the per-row math branches only on host-side flags (no data-dependent
-Python control flow inside a route), so a route can be captured in a CUDA graph for a fixed
-batch composition (with penalty-history widths bucketed); the overflow fallbacks run outside.
+Python control flow inside a route). CUDA-graph capture is not done yet: it needs the
+candidate and penalty-history widths bucketed to fixed sizes, with the fallbacks outside.
 """
 
 from __future__ import annotations
