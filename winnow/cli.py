@@ -46,7 +46,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key",
         action="append",
-        default=_env_list("api_key"),
+        default=None,
         help="require this bearer key (repeatable; WINNOW_API_KEY=k1,k2)",
     )
     p.add_argument("--accept-any-model", action="store_true", default=_env_flag("accept_any_model"))
@@ -182,18 +182,18 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching,
         max_n=args.max_n,
+        chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code,
     )
     server = ServerConfig(
         host=args.host,
         port=args.port,
         served_model_names=args.served_model_name,
-        api_keys=args.api_key,
+        api_keys=args.api_key or _env_list("api_key"),
         accept_any_model=args.accept_any_model,
         max_request_bytes=args.max_request_bytes,
         allowed_origins=args.allowed_origins,
         public_metrics=args.public_metrics,
-        chat_template=args.chat_template,
         shutdown_timeout=args.shutdown_timeout,
     )
     return engine, server
@@ -231,7 +231,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
             await server.serve()
         finally:
             watcher.cancel()
-            engine.shutdown()
+            await asyncio.to_thread(engine.shutdown)
 
     asyncio.run(run())
     return 1 if engine.is_dead else 0

@@ -12,7 +12,8 @@ class EngineConfig:
     `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
     `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
     KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
-    sets torch's CPU threads (0: torch's default, one per core).
+    sets torch's CPU threads (0: torch's default, one per core). `chat_template` is a path to a
+    Jinja file that replaces the model's template.
     """
 
     model: str = "demo"
@@ -29,7 +30,7 @@ class EngineConfig:
     num_threads: int = 0
     enable_prefix_caching: bool = True
     max_n: int = 16
-    seed: int | None = None
+    chat_template: str | None = None
     trust_remote_code: bool = False
 
 
@@ -43,5 +44,4 @@ class ServerConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     allowed_origins: list[str] = field(default_factory=list)
     public_metrics: bool = False
-    chat_template: str | None = None
     shutdown_timeout: float = 30.0

@@ -67,6 +67,7 @@ def test_tiny_kv_pool_preempts_yet_every_output_matches(
     roomy = [complete(server, seeded_request(i)) for i in range(8)]
     assert [r["choices"] for r in squeezed] == [r["choices"] for r in roomy]
     assert all(r["usage"]["completion_tokens"] == 48 for r in squeezed)  # type: ignore[index]
+    assert "preempted" in tiny_pool_server.log()
 
 
 def test_beyond_the_queue_limit_is_429(demo_model_dir: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
 from typing import Self
 
 from winnow.config import EngineConfig
@@ -24,8 +23,9 @@ _IDLE_WAIT_S = 0.5
 class RequestStream:
     """Async iterator over one request's deltas; ends after the delta with finished=True."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, num_sequences: int = 1) -> None:
         self.request_id = request_id
+        self.num_sequences = num_sequences
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._done = False
 
@@ -93,6 +93,11 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     @property
+    def _sequences_in_flight(self) -> int:
+        """Sequences of admitted requests not finished yet: running and queued (loop thread)."""
+        return sum(stream.num_sequences for stream in self._streams.values())
+
+    @property
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.is_dead
 
@@ -110,24 +115,12 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(request)
         config = self.engine.config
-        if len(self._streams) >= config.max_num_seqs + config.max_queue:
+        if self._sequences_in_flight + request.params.n > config.max_num_seqs + config.max_queue:
             raise EngineOverloaded("the admission queue is full")
-        stream = RequestStream(request.request_id)
+        stream = RequestStream(request.request_id, request.params.n)
         self._streams[request.request_id] = stream
         self._commands.put(("add", request))
         return stream
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Submit and iterate; aborts the request if the consumer stops early."""
-        stream = self.submit(request)
-        finished = False
-        try:
-            async for output in stream:
-                finished = output.finished
-                yield output
-        finally:
-            if not finished:
-                self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
@@ -148,6 +141,8 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._dead_error = exc
             self._deliver_error(EngineDeadError(f"the engine failed: {exc!r}"))
+            return
+        self._deliver_error(EngineDeadError("the server is shutting down"))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -195,7 +190,8 @@ class AsyncEngine:
 
     def _deliver_error(self, error: BaseException) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._fail_all, error)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, error)
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -52,7 +52,6 @@ class LLMEngine:
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.tokenizer = loaded.tokenizer
-        self.model_config = loaded.config
         self.vocab_size = loaded.config.vocab_size
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings,
@@ -158,8 +157,9 @@ class LLMEngine:
                 ),
             )
             state.sequences.append(seq)
-            self.scheduler.add(seq)
         self.requests[request.request_id] = state
+        for seq in state.sequences:
+            self.scheduler.add(seq)
 
     @staticmethod
     def _choice_seed(choice_seeds: tuple[int, ...], seed: int, index: int, n: int) -> int:
@@ -195,7 +195,13 @@ class LLMEngine:
         pending: dict[Sequence, PendingDelta] = {}
         self._expire_deadlines(pending)
         plan = self.scheduler.schedule()
-        self._preemptions += len(plan.preempted)
+        if plan.preempted:
+            self._preemptions += len(plan.preempted)
+            logger.warning(
+                "KV cache full: preempted %d sequence(s) for recompute (%d in total)",
+                len(plan.preempted),
+                self._preemptions,
+            )
         for seq in plan.preempted:
             self._drop_sampler_row(seq)
         if plan.scheduled:

@@ -11,23 +11,22 @@ from winnow.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class ScheduledSequence:
+    """`samples`: this step brings the sequence up to date, so its last logits are sampled."""
+
     seq: Sequence
     num_new_tokens: int
+    samples: bool
 
-    @property
-    def samples(self) -> bool:
-        """True when this step brings the sequence up to date, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    @classmethod
+    def plan(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        done = seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+        return cls(seq, num_new_tokens, done)
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -74,15 +73,14 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, num_new, out):
                 continue  # seq itself was preempted; the list shifted under index
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.plan(seq, num_new))
             budget -= num_new
             index += 1
         if out.preempted:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table:
-                self._take_cached_prefix(seq)
+            seq = self.waiting[0]  # holds no blocks: preemption and failed admission free them
+            self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.grow(seq.block_table, seq.num_computed_tokens + num_new):
                 self._free_blocks(seq)
@@ -90,7 +88,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.plan(seq, num_new))
             budget -= num_new
         return out
 

@@ -66,7 +66,7 @@ class Sequence:
 
 @dataclass(eq=False)
 class RequestState:
-    """A submitted request: its n sequences and the deltas not yet handed to the client."""
+    """A submitted request: its resolved limits and its n sequences."""
 
     request: GenerationRequest
     seed: int

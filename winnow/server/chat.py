@@ -89,7 +89,7 @@ async def create_chat_completion(
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:
         builder = ChatChunkBuilder(meta, include_usage)
-        return sse_response(sse_body(generation, builder, ctx.keepalive_s))
+        return sse_response(generation, sse_body(generation, builder, ctx.keepalive_s))
     result = await collect(generation, request, params.n)
     completion = chat_completion(meta, result, params.logprobs)
     return Response(completion.model_dump_json(), media_type="application/json")

@@ -70,11 +70,13 @@ async def create_completion(
     prompt = prompt_ids(ctx.engine, body.prompt)
     public_id = f"cmpl-{request_id(request)}"
     with client_errors(_RENAMES):
-        generation = Generation(ctx.engine, engine_request_id(public_id), prompt, params)
+        generation = Generation(
+            ctx.engine, engine_request_id(public_id), prompt, params, text_continues_prompt=True
+        )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:
         builder = CompletionChunkBuilder(meta, include_usage, params.logprobs)
-        return sse_response(sse_body(generation, builder, ctx.keepalive_s))
+        return sse_response(generation, sse_body(generation, builder, ctx.keepalive_s))
     result = await collect(generation, request, params.n)
     completion = Completion(
         id=meta.id,

@@ -34,10 +34,19 @@ class Generation:
     """
 
     def __init__(
-        self, engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        text_continues_prompt: bool = False,
     ) -> None:
         self._engine = engine
-        self._stream: RequestStream = engine.submit(GenerationRequest(request_id, prompt, params))
+        request = GenerationRequest(
+            request_id, prompt, params, text_continues_prompt=text_continues_prompt
+        )
+        self._stream: RequestStream = engine.submit(request)
         self.finished = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from winnow.engine.outputs import RequestOutput
@@ -109,9 +110,12 @@ def _stream_error(exc: Exception) -> dict[str, Any]:
     return error_body("The server had an error while streaming the response.", "server_error")
 
 
-def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+def sse_response(generation: Generation, body: AsyncIterator[bytes]) -> StreamingResponse:
+    """The closing background task aborts the request even when the client leaves before the
+    body generator ever started (then its own `finally` never runs)."""
     return StreamingResponse(
         body,
         media_type=MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(generation.close),
     )
