@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from winnow import __version__
 from winnow.config import ServerConfig
@@ -97,6 +98,11 @@ def build_app(
         ctx.resolve_model(body.model)
         check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text; behind the API key unless --public-metrics."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

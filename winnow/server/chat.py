@@ -85,7 +85,9 @@ async def create_chat_completion(
     )
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):
-        generation = Generation(ctx.engine, engine_request_id(public_id), prompt, params)
+        generation = Generation(
+            ctx.engine, engine_request_id(public_id), prompt, params, metrics=ctx.metrics
+        )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:
         builder = ChatChunkBuilder(meta, include_usage)

@@ -71,7 +71,12 @@ async def create_completion(
     public_id = f"cmpl-{request_id(request)}"
     with client_errors(_RENAMES):
         generation = Generation(
-            ctx.engine, engine_request_id(public_id), prompt, params, text_continues_prompt=True
+            ctx.engine,
+            engine_request_id(public_id),
+            prompt,
+            params,
+            metrics=ctx.metrics,
+            text_continues_prompt=True,
         )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:

@@ -12,6 +12,7 @@ from fastapi import Request
 from winnow import __version__
 from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
+from winnow.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -25,6 +26,10 @@ class ServerContext:
     config: ServerConfig
     keepalive_s: float
     started: int = field(default_factory=lambda: int(time.time()))
+    metrics: ServerMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.engine, self.served_names[0])
 
     @property
     def served_names(self) -> list[str]:

@@ -19,6 +19,7 @@ from winnow.engine.outputs import FinishReason, PositionLogprobs, RequestOutput
 from winnow.engine.request import GenerationRequest
 from winnow.sampling.params import SamplingParams
 from winnow.server.errors import ClientDisconnected
+from winnow.server.metrics import ServerMetrics
 from winnow.server.protocol import PromptTokensDetails, Usage
 
 if TYPE_CHECKING:
@@ -40,13 +41,17 @@ class Generation:
         prompt: list[int],
         params: SamplingParams,
         *,
+        metrics: ServerMetrics,
         text_continues_prompt: bool = False,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
         request = GenerationRequest(
             request_id, prompt, params, text_continues_prompt=text_continues_prompt
         )
         self._stream: RequestStream = engine.submit(request)
+        self._started = time.monotonic()
+        self._seen_token = False
         self.finished = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -54,9 +59,21 @@ class Generation:
         try:
             async for output in self._stream:
                 self.finished = output.finished
+                self._observe(output)
                 yield output
         finally:
             self.close()
+
+    def _observe(self, output: RequestOutput) -> None:
+        elapsed = time.monotonic() - self._started
+        if not self._seen_token and any(choice.token_ids for choice in output.choices):
+            self._seen_token = True
+            self._metrics.first_token(elapsed)
+        for choice in output.choices:
+            if choice.finish_reason is not None:
+                self._metrics.choice_finished(choice.finish_reason)
+        if output.finished:
+            self._metrics.request_finished(output, elapsed)
 
     def close(self) -> None:
         if not self.finished:
