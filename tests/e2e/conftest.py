@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from openai import OpenAI
 
-from winnow.benchmark.process import free_port
+from winnow.benchmark.process import free_port, wait_healthy
 
 STARTUP_TIMEOUT_S = 120
 
@@ -59,18 +57,12 @@ def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> ServerPro
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", "demo", process, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"winnow serve exited early:\n{server.log()}")
-        try:
-            if httpx.get(server.base_url + "/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"winnow serve did not become healthy:\n{server.log()}")
+    try:
+        wait_healthy(server.base_url, process, timeout_s=STARTUP_TIMEOUT_S)
+    except RuntimeError as exc:
+        process.kill()
+        raise RuntimeError(f"{exc}:\n{server.log()}") from exc
+    return server
 
 
 def stop_server(server: ServerProcess) -> None:

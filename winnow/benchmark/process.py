@@ -28,7 +28,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     raise RuntimeError("server did not become healthy")
 
 
