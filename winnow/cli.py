@@ -91,6 +91,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=not _env_flag("no_enable_prefix_caching"),
     )
     p.add_argument(
+        "--no-cpu-kernels",
+        dest="cpu_kernels",
+        action="store_false",
+        default=not _env_flag("no_cpu_kernels"),
+        help="fp32 on CPU: use PyTorch's matmul and attention instead of Winnow's AVX2 kernels",
+    )
+    p.add_argument(
         "--num-threads",
         type=int,
         default=_env("num_threads", engine.num_threads, int),
@@ -181,6 +188,7 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         num_kv_blocks=args.num_kv_blocks,
         num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching,
+        cpu_kernels=args.cpu_kernels,
         max_n=args.max_n,
         chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code,

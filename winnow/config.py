@@ -12,8 +12,9 @@ class EngineConfig:
     `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
     `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
     KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
-    sets torch's CPU threads (0: torch's default, one per core). `chat_template` is a path to a
-    Jinja file that replaces the model's template.
+    sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.
+    `cpu_kernels` False keeps an fp32 CPU model on PyTorch's matmul and attention.
+    `chat_template` is a path to a Jinja file that replaces the model's template.
     """
 
     model: str = "demo"
@@ -29,6 +30,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     num_threads: int = 0
     enable_prefix_caching: bool = True
+    cpu_kernels: bool = True
     max_n: int = 16
     chat_template: str | None = None
     trust_remote_code: bool = False

@@ -75,6 +75,7 @@ class AsyncEngine:
             dtype=config.dtype,
             device=config.device,
             trust_remote_code=config.trust_remote_code,
+            cpu_kernels_enabled=config.cpu_kernels,
         )
         return cls(LLMEngine(loaded, config), config.model)
 

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from winnow.models import cpu_kernels
 from winnow.models.attention_metadata import AttentionMetadata
 
 
@@ -54,7 +55,7 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, attn.slot_mapping)
         if attn.is_decode_only:
-            return _decode(q, kv_cache, _decode_plan(attn, None, sliding_window, q.dtype))
+            return self.decode(q, kv_cache, attn, None, sliding_window)
 
         out = torch.empty_like(q)
         decode_seqs: list[int] = []
@@ -72,12 +73,70 @@ class TorchAttentionBackend:
         if decode_seqs:
             plan = _decode_plan(attn, decode_seqs, sliding_window, q.dtype)
             assert plan.tokens is not None
-            out.index_copy_(0, plan.tokens, _decode(q.index_select(0, plan.tokens), kv_cache, plan))
+            decoded = self.decode(q, kv_cache, attn, decode_seqs, sliding_window)
+            out.index_copy_(0, plan.tokens, decoded)
+        return out
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        seqs: list[int] | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Single-token decodes of sequences `seqs` (None: every sequence, one token each) ->
+        their outputs [len(seqs), Hq, D], in order."""
+        plan = _decode_plan(attn, seqs, sliding_window, q.dtype)
+        rows = q if plan.tokens is None else q.index_select(0, plan.tokens)
+        return _decode(rows, kv_cache, plan)
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """TorchAttentionBackend with decodes read in place from the paged cache by a C kernel
+    (fp32, head_dim a multiple of 8), instead of gathering every block into a batch."""
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        seqs: list[int] | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        if q.dtype != torch.float32 or q.shape[-1] % 8 or not kv_cache.is_contiguous():
+            return super().decode(q, kv_cache, attn, seqs, sliding_window)
+        tokens, rows = _decode_rows(attn, seqs)
+        out = torch.empty(tokens.numel(), *q.shape[1:], dtype=q.dtype)
+        cpu_kernels.paged_decode(
+            q.contiguous(), out, tokens, rows, kv_cache, attn.block_tables.contiguous(),
+            attn.seq_lens_tensor.contiguous(), sliding_window or 0,
+        )  # fmt: skip
         return out
 
 
-def select_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """The attention backend for a device (the torch one everywhere for now)."""
+def _decode_rows(
+    attn: AttentionMetadata, seqs: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat token index, sequence index) of each decode, built once per step."""
+    key = ("decode-rows", None if seqs is None else tuple(seqs))
+    if key not in attn.memo:
+        starts = list(itertools.accumulate(attn.query_lens, initial=0))
+        chosen = list(range(len(attn.query_lens))) if seqs is None else seqs
+        tokens = torch.tensor([starts[i] for i in chosen], dtype=torch.long)
+        attn.memo[key] = (tokens, torch.tensor(chosen, dtype=torch.long))
+    rows = attn.memo[key]
+    assert isinstance(rows, tuple)
+    return rows
+
+
+def select_attention_backend(
+    device: torch.device | str, cpu_kernels_enabled: bool = False
+) -> AttentionBackend:
+    """The C decode kernel on a CPU when the caller enables it (it checks availability), else
+    pure PyTorch."""
+    if cpu_kernels_enabled and torch.device(device).type == "cpu":
+        return CpuAttentionBackend()
     return TorchAttentionBackend()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from winnow.models.attention import AttentionBackend, TorchAttentionBackend
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
+from winnow.models.packed_linear import PackedLinear, pack_linears
 from winnow.models.rope import RotaryEmbedding, apply_rope
 
 
@@ -115,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
+        self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -140,8 +141,16 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden rows [N, hidden] -> float32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def pack_for_cpu(self) -> None:
+        """Move every projection and the output head onto the packed fp32 CPU kernel (after
+        loading). A tied head gets its own packed copy; embedding lookups keep the original."""
+        pack_linears(self)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the fused layout; all params must be filled."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from winnow.models import cpu_kernels
 from winnow.models.attention import select_attention_backend
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
@@ -47,17 +48,29 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    cpu_kernels_enabled: bool = True,
 ) -> LoadedModel:
-    """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path)."""
+    """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
+
+    An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
+    in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
     path = resolve_model_path(model)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
+    native = (
+        cpu_kernels_enabled
+        and torch_device.type == "cpu"
+        and torch_dtype == torch.float32
+        and cpu_kernels.available()
+    )
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, select_attention_backend(torch_device))
+        module = LlamaForCausalLM(config, select_attention_backend(torch_device, native))
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     module.load_weights(iter_safetensors(path))
+    if native:
+        module.pack_for_cpu()
     module.eval()
 
     tokenizer = Tokenizer.from_pretrained(

@@ -1,0 +1,121 @@
+"""The C kernels against PyTorch: packed linear vs F.linear, paged decode vs the torch backend."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model
+from winnow.models import AttentionMetadata, cpu_kernels, load_model
+from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
+from winnow.models.packed_linear import PackedLinear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX2 and a C compiler")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 32, 300])
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (3, 17), (64, 16), (257, 40), (600, 33)])
+def test_linear_matches_f_linear(threads: int, m: int, k: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    packed = cpu_kernels.pack_weight(weight)
+    assert packed.shape == (-(-n // 16), k, 16)
+    # summation order differs from MKL's: fp32 rounding only
+    close = {"atol": 1e-4, "rtol": 1e-5}
+    torch.testing.assert_close(cpu_kernels.linear(x, packed, n, None), F.linear(x, weight), **close)
+    got = cpu_kernels.linear(x, packed, n, bias)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), **close)
+
+
+def test_linear_reads_a_strided_input() -> None:
+    wide = torch.randn(9, 300)
+    x = wide[:, 20:148]  # row stride 300, unit stride along k
+    weight = torch.randn(50, 128)
+    layer = PackedLinear(weight, None)
+    torch.testing.assert_close(layer(x), F.linear(x, weight))
+    batched = torch.randn(2, 3, 128)
+    torch.testing.assert_close(layer(batched), F.linear(batched, weight))
+
+
+def test_linear_with_no_rows() -> None:
+    packed = cpu_kernels.pack_weight(torch.randn(8, 4))
+    assert cpu_kernels.linear(torch.empty(0, 4), packed, 8, None).shape == (0, 8)
+
+
+def random_cache(
+    lens: list[int], block_size: int, hkv: int, d: int, seed: int
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """A filled fp32 cache and shuffled, non-contiguous block tables for sequences of `lens`."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=gen)
+    free = list(range(1, num_blocks))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    return cache, tables
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 8), (8, 2, 64), (6, 3, 24), (2, 1, 128)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_decode_matches_torch(
+    threads: int, hq: int, hkv: int, d: int, window: int | None
+) -> None:
+    lens = [1, 7, 16, 33, 2, 70]
+    block_size = 4
+    cache, tables = random_cache(lens, block_size, hkv, d, seed=hq + d)
+    attn = AttentionMetadata.build([1] * len(lens), lens, tables, block_size)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(d))
+    expected = TorchAttentionBackend().decode(q, cache, attn, None, window)
+    got = CpuAttentionBackend().decode(q, cache, attn, None, window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_inside_a_mixed_batch() -> None:
+    """Decodes beside a fresh prefill and a chunked prefill: the C kernel serves only the decodes,
+    and the whole forward equals the torch backend's."""
+    hq, hkv, d, block_size = 8, 4, 16, 4
+    query_lens, lens = [1, 5, 1, 3], [9, 5, 30, 12]
+    cache, tables = random_cache(lens, block_size, hkv, d, seed=5)
+    attn = AttentionMetadata.build(query_lens, lens, tables, block_size)
+    gen = torch.Generator().manual_seed(9)
+    tokens = sum(query_lens)
+    q, k, v = (torch.randn(tokens, h, d, generator=gen) for h in (hq, hkv, hkv))
+    expected = TorchAttentionBackend().forward(q, k, v, cache.clone(), attn)
+    fresh = AttentionMetadata.build(query_lens, lens, tables, block_size)
+    got = CpuAttentionBackend().forward(q, k, v, cache.clone(), fresh)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
+def test_model_with_kernels_matches_without(
+    arch: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Same checkpoint loaded twice: the packed projections, packed (tied) head and C decode
+    attention give PyTorch's logits through a prefill and several batched decode steps."""
+    path = save_hf_model(make_hf_model(arch, seed=11), tmp_path_factory.mktemp(arch))
+    native = load_model(str(path))
+    plain = load_model(str(path), cpu_kernels_enabled=False)
+    assert isinstance(native.model.layers[0].mlp.down_proj, PackedLinear)
+    assert isinstance(native.model.lm_head, PackedLinear)
+    assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    runners = [PagedRunner(native), PagedRunner(plain)]
+    prompts = [("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]
+    steps = [prompts] + [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2)]
+    for step in steps:
+        got, expected = (runner.step(step) for runner in runners)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

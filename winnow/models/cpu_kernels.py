@@ -1,0 +1,142 @@
+"""Build, load and call the fp32 AVX2 kernels in `cpu_kernels.c` (ctypes, no torch headers).
+
+The C file is compiled once per source version with the system C compiler into
+`$WINNOW_CACHE_DIR/kernels/` and loaded after torch, so that its OpenMP calls use the libgomp
+torch already loaded (one thread pool for both). Where that cannot happen (no AVX2/FMA, no
+compiler, a failed build) `available()` is False and the models keep to plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PANEL = 16  # output features per packed weight panel (one 64-byte row per k)
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("WINNOW_CACHE_DIR") or "~/.cache/winnow").expanduser()
+    return root / "kernels"
+
+
+def _cpu_supported() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        built.replace(target)  # atomic: concurrent builders each publish a complete file
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not _cpu_supported():
+        logger.info("CPU kernels off: this CPU has no AVX2/FMA")
+        return None
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"winnow_cpu_{digest}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("CPU kernels unavailable, using PyTorch ops: %s", detail)
+        return None
+    lib.winnow_linear.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_linear.restype = None
+    lib.winnow_paged_decode.argtypes = [
+        *(_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR),
+        *(_I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int),
+    ]
+    lib.winnow_paged_decode.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and usable on this machine."""
+    return _library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    return lib
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[n, k] fp32 weight -> [ceil(n/16), k, 16] panels (rows past n zero), the kernel's layout."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    padded[:n] = weight
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [m, k] fp32 (unit stride along k) @ packed weight -> [m, n]."""
+    m, k = x.shape
+    assert x.dtype == torch.float32 and x.stride(1) == 1 and packed.shape[1] == k
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return out
+    bias_ptr = None if bias is None else bias.data_ptr()
+    _lib().winnow_linear(
+        x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n, bias_ptr, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    tokens: torch.Tensor,
+    seqs: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int,
+) -> None:
+    """Writes out[i] = attention of q[tokens[i]] over the cached k/v of sequence seqs[i].
+
+    q [T, Hq, D] and out [len(tokens), Hq, D] contiguous fp32; kv_cache
+    [2, blocks, block_size, Hkv, D] contiguous fp32; block_tables [B, W] and seq_lens [B]
+    contiguous int64; window 0 = no sliding window.
+    """
+    _, hq, d = q.shape
+    _, _, block_size, hkv, _ = kv_cache.shape
+    _lib().winnow_paged_decode(
+        q.data_ptr(), out.data_ptr(), tokens.data_ptr(), seqs.data_ptr(), tokens.numel(),
+        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], seq_lens.data_ptr(), block_size, hq, hkv, d, window,
+        d**-0.5, torch.get_num_threads(),
+    )  # fmt: skip

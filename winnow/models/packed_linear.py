@@ -1,0 +1,37 @@
+"""nn.Linear on fp32 CPU weights repacked for the AVX2 kernel in `cpu_kernels`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from winnow.models import cpu_kernels
+
+
+class PackedLinear(nn.Module):
+    """y = x @ weight.T + bias with the weight held only in packed panels."""
+
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", cpu_kernels.pack_weight(weight.detach()))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = cpu_kernels.linear(rows, self.packed, self.out_features, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Replace every nn.Linear inside `module` (fp32, on the CPU) by a PackedLinear, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child.weight, child.bias))
+        else:
+            pack_linears(child)
