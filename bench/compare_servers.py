@@ -82,7 +82,8 @@ def bench(url: str, model: str, args: argparse.Namespace, extensions: bool) -> R
         url, model, num_prompts=2, concurrency=2, input_len=16, output_len=8, extensions=extensions
     )
     asyncio.run(run_benchmark(warm, progress=False))
-    for _ in range(args.runs):
+    for run in range(args.runs):
+        # fresh prompts every run, so no run is served from a prefix cache filled by the last
         load = BenchArgs(
             url,
             model,
@@ -90,6 +91,7 @@ def bench(url: str, model: str, args: argparse.Namespace, extensions: bool) -> R
             concurrency=args.concurrency,
             input_len=args.input_len,
             output_len=args.output_len,
+            seed=1000 + run,
             extensions=extensions,
         )
         batch.append(asyncio.run(run_benchmark(load, progress=False)))
@@ -100,6 +102,7 @@ def bench(url: str, model: str, args: argparse.Namespace, extensions: bool) -> R
             concurrency=1,
             input_len=args.input_len,
             output_len=64,
+            seed=2000 + run,
             extensions=extensions,
         )
         single.append(asyncio.run(run_benchmark(one, progress=False)))

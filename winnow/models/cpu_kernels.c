@@ -2,10 +2,10 @@
  *
  * winnow_linear: y[m, n] = x[m, :] . w[n, :] (+ bias[n]) with w packed into panels of 16 output
  *   features, panel p = w[16p : 16p + 16, :] stored k-major ([k][16]), zero rows past n. One
- *   panel row is one 64-byte cache line, so a panel streams linearly. Threads split the panels.
- *   Batches stream each 256-deep slice of a panel once and reuse it from L1 for every 6-row block
- *   of x (6 x 16 register tile, 12 accumulators); the next slice is prefetched into L2 while the
- *   first block runs. A single row (decode at batch 1) is a pure weight stream: 8 accumulators.
+ *   panel row is one 64-byte cache line, so a panel streams linearly. Threads share the panels.
+ *   Batches stream each 256-deep slice of a panel once and reuse it from L1 for every 6-row tile
+ *   of a block of up to 96 rows of x (6 x 16 register tile, 12 accumulators); the next slice is
+ *   prefetched into L2 while the first tile runs. A single row (decode at batch 1) is a pure weight stream: 8 accumulators.
  *
  * winnow_paged_decode: one query token per sequence against its keys/values in the paged cache
  *   ([num_blocks, block_size, kv_heads, head_dim] each), read in place through the block table.
@@ -23,6 +23,7 @@
 #define NR 16
 #define MR 6
 #define KC 256
+#define MC 96
 
 static inline __attribute__((always_inline)) void put_row(__m256 lo, __m256 hi, float *row,
                                                           int64_t nvalid, int accumulate) {
@@ -110,15 +111,18 @@ static void add_bias(float *y, int64_t ldy, int64_t m, const float *bias, int64_
     for (int64_t j = 0; j < nvalid; j++) y[i * ldy + j] += bias[j];
 }
 
-/* x [m, k] row-major (row stride ldx), packed w (see top), y [m, n] contiguous. */
+/* x [m, k] row-major (row stride ldx), packed w (see top), y [m, n] contiguous. Work items are
+ * (block of up to MC rows, run of panels), taken from a shared counter so that one thread the OS
+ * preempts does not hold up the rest; an MC-row slice of x stays in L2 across the panels. */
 void winnow_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *wp, int64_t n,
                    const float *bias, float *y, int nthreads) {
-  int64_t panels = (n + NR - 1) / NR;
-#pragma omp parallel num_threads(nthreads)
-  {
-    int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t first = panels * t / nt, end = panels * (t + 1) / nt;
-    for (int64_t p = first; p < end; p++) {
+  int64_t panels = (n + NR - 1) / NR, run = m == 1 ? 8 : 2, runs = (panels + run - 1) / run;
+  int64_t blocks = (m + MC - 1) / MC;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < blocks * runs; item++) {
+    int64_t r = item % runs, i0 = item / runs * MC, i1 = i0 + MC < m ? i0 + MC : m;
+    int64_t end = (r + 1) * run < panels ? (r + 1) * run : panels;
+    for (int64_t p = r * run; p < end; p++) {
       const float *panel = wp + p * k * NR;
       int64_t nvalid = n - p * NR < NR ? n - p * NR : NR;
       float *ycol = y + p * NR;
@@ -127,17 +131,15 @@ void winnow_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const floa
       } else {
         for (int64_t k0 = 0; k0 < k; k0 += KC) {
           int64_t kc = k - k0 < KC ? k - k0 : KC;
-          const float *next = k0 + KC < k ? panel + (k0 + KC) * NR
-                              : p + 1 < end ? panel + k * NR
-                                            : NULL;
-          for (int64_t i = 0; i < m; i += MR) {
-            int mr = m - i < MR ? (int)(m - i) : MR;
-            tile_rows(mr, kc, x + i * ldx + k0, ldx, panel + k0 * NR, i == 0 ? next : NULL,
+          const float *next = k0 + KC < k || p + 1 < panels ? panel + (k0 + KC) * NR : NULL;
+          for (int64_t i = i0; i < i1; i += MR) {
+            int mr = i1 - i < MR ? (int)(i1 - i) : MR;
+            tile_rows(mr, kc, x + i * ldx + k0, ldx, panel + k0 * NR, i == i0 ? next : NULL,
                       ycol + i * n, n, nvalid, k0 > 0);
           }
         }
       }
-      if (bias) add_bias(ycol, n, m, bias + p * NR, nvalid);
+      if (bias) add_bias(ycol + i0 * n, n, i1 - i0, bias + p * NR, nvalid);
     }
   }
 }
@@ -178,23 +180,25 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* scores[j] = q . rows[j] * scale for j < span, eight keys at a time. */
-static void score_keys(const float *q, const float *const *rows, int64_t span, int64_t d,
-                       float scale, float *scores) {
+/* scores[j] = q . (rows[j] + offset) * scale for j < span, eight keys at a time. */
+static void score_keys(const float *q, const float *const *rows, int64_t offset, int64_t span,
+                       int64_t d, float scale, float *scores) {
   int64_t j = 0;
   for (; j + 8 <= span; j += 8) {
-    const float *const *r = rows + j;
+    const float *r0 = rows[j] + offset, *r1 = rows[j + 1] + offset, *r2 = rows[j + 2] + offset,
+                *r3 = rows[j + 3] + offset, *r4 = rows[j + 4] + offset, *r5 = rows[j + 5] + offset,
+                *r6 = rows[j + 6] + offset, *r7 = rows[j + 7] + offset;
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
     for (int64_t e = 0; e < d; e += 8) {
       __m256 qv = _mm256_loadu_ps(q + e);
-      c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[0] + e), c0);
-      c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[1] + e), c1);
-      c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[2] + e), c2);
-      c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[3] + e), c3);
-      c4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[4] + e), c4);
-      c5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[5] + e), c5);
-      c6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[6] + e), c6);
-      c7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[7] + e), c7);
+      c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + e), c0);
+      c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + e), c1);
+      c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + e), c2);
+      c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + e), c3);
+      c4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r4 + e), c4);
+      c5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r5 + e), c5);
+      c6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r6 + e), c6);
+      c7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r7 + e), c7);
     }
     __m256 dots = hsum8(c0, c1, c2, c3, c4, c5, c6, c7);
     _mm256_storeu_ps(scores + j, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
@@ -202,7 +206,7 @@ static void score_keys(const float *q, const float *const *rows, int64_t span, i
   for (; j < span; j++) {
     __m256 c = _mm256_setzero_ps();
     for (int64_t e = 0; e < d; e += 8)
-      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(rows[j] + e), c);
+      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(rows[j] + offset + e), c);
     scores[j] = hsum(c) * scale;
   }
 }
@@ -225,30 +229,52 @@ static float softmax_numerators(float *scores, int64_t span) {
   return total + hsum(sum);
 }
 
-/* out[0:d] = sum_j weights[j] * rows[j][0:d], 32 columns (four registers) per pass. */
-static void weighted_sum(const float *weights, const float *const *rows, int64_t span, int64_t d,
-                         float *out) {
+/* o0 += sum_j w0[j] * v_j and, when w1 is not NULL, o1 += sum_j w1[j] * v_j, where
+ * v_j = values + rows[j] [0:d]: two query heads of one group share every load of a value row. */
+static void weighted_values(const float *w0, const float *w1, const float *values,
+                            const int64_t *rows, int64_t span, int64_t d, float *o0, float *o1) {
+  const float *w1s = w1 ? w1 : w0;
   int64_t e = 0;
   for (; e + 32 <= d; e += 32) {
-    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    const float *o1s = w1 ? o1 : o0;
+    __m256 a0 = _mm256_loadu_ps(o0 + e), a1 = _mm256_loadu_ps(o0 + e + 8),
+           a2 = _mm256_loadu_ps(o0 + e + 16), a3 = _mm256_loadu_ps(o0 + e + 24),
+           b0 = _mm256_loadu_ps(o1s + e), b1 = _mm256_loadu_ps(o1s + e + 8),
+           b2 = _mm256_loadu_ps(o1s + e + 16), b3 = _mm256_loadu_ps(o1s + e + 24);
     for (int64_t j = 0; j < span; j++) {
-      __m256 w = _mm256_broadcast_ss(weights + j);
-      const float *v = rows[j] + e;
-      o0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), o0);
-      o1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), o1);
-      o2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), o2);
-      o3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), o3);
+      const float *v = values + rows[j] + e;
+      __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+             v3 = _mm256_loadu_ps(v + 24);
+      __m256 x = _mm256_broadcast_ss(w0 + j), y = _mm256_broadcast_ss(w1s + j);
+      a0 = _mm256_fmadd_ps(x, v0, a0);
+      a1 = _mm256_fmadd_ps(x, v1, a1);
+      a2 = _mm256_fmadd_ps(x, v2, a2);
+      a3 = _mm256_fmadd_ps(x, v3, a3);
+      b0 = _mm256_fmadd_ps(y, v0, b0);
+      b1 = _mm256_fmadd_ps(y, v1, b1);
+      b2 = _mm256_fmadd_ps(y, v2, b2);
+      b3 = _mm256_fmadd_ps(y, v3, b3);
     }
-    _mm256_storeu_ps(out + e, o0);
-    _mm256_storeu_ps(out + e + 8, o1);
-    _mm256_storeu_ps(out + e + 16, o2);
-    _mm256_storeu_ps(out + e + 24, o3);
+    _mm256_storeu_ps(o0 + e, a0);
+    _mm256_storeu_ps(o0 + e + 8, a1);
+    _mm256_storeu_ps(o0 + e + 16, a2);
+    _mm256_storeu_ps(o0 + e + 24, a3);
+    if (w1) {
+      _mm256_storeu_ps(o1 + e, b0);
+      _mm256_storeu_ps(o1 + e + 8, b1);
+      _mm256_storeu_ps(o1 + e + 16, b2);
+      _mm256_storeu_ps(o1 + e + 24, b3);
+    }
   }
   for (; e < d; e += 8) {
-    __m256 o = _mm256_setzero_ps();
-    for (int64_t j = 0; j < span; j++)
-      o = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + j), _mm256_loadu_ps(rows[j] + e), o);
-    _mm256_storeu_ps(out + e, o);
+    __m256 a = _mm256_loadu_ps(o0 + e), b = _mm256_loadu_ps((w1 ? o1 : o0) + e);
+    for (int64_t j = 0; j < span; j++) {
+      __m256 v = _mm256_loadu_ps(values + rows[j] + e);
+      a = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + j), v, a);
+      b = _mm256_fmadd_ps(_mm256_broadcast_ss(w1s + j), v, b);
+    }
+    _mm256_storeu_ps(o0 + e, a);
+    if (w1) _mm256_storeu_ps(o1 + e, b);
   }
 }
 
@@ -259,48 +285,62 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
                          const int64_t *block_tables, int64_t table_width, const int64_t *seq_lens,
                          int64_t block_size, int64_t hq, int64_t hkv, int64_t d, int64_t window,
                          float scale, int nthreads) {
-  int64_t group = hq / hkv;
+  int64_t group = hq / hkv, stride = hkv * d; /* floats from one cache position to the next */
 #pragma omp parallel num_threads(nthreads)
   {
-    /* per thread, grown on demand: scores [group][span], key and value row pointers [span] */
+    /* per thread, grown on demand: scores [hq][span], cache row of each position [span] */
     float *scores = NULL;
-    const float **keys = NULL, **values = NULL;
+    int64_t *rows = NULL;
+    const float **keys = NULL;
     int64_t capacity = 0;
 #pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < batch * hkv; item++) {
-      int64_t i = item / hkv, g = item % hkv;
+    for (int64_t i = 0; i < batch; i++) {
       int64_t len = seq_lens[seqs[i]];
       int64_t start = window > 0 && len > window ? len - window : 0, span = len - start;
       if (span > capacity) {
         capacity = span * 2;
         free(scores);
+        free(rows);
         free(keys);
-        free(values);
-        scores = malloc(sizeof(float) * group * capacity);
+        scores = malloc(sizeof(float) * hq * capacity);
+        rows = malloc(sizeof(int64_t) * capacity);
         keys = malloc(sizeof(float *) * capacity);
-        values = malloc(sizeof(float *) * capacity);
       }
       const int64_t *table = block_tables + seqs[i] * table_width;
       for (int64_t pos = start; pos < len;) {
         int64_t offset = pos % block_size, run = block_size - offset;
         if (run > len - pos) run = len - pos;
-        int64_t row = ((table[pos / block_size] * block_size + offset) * hkv + g) * d;
+        int64_t row = (table[pos / block_size] * block_size + offset) * stride;
         for (int64_t r = 0; r < run; r++, pos++) {
-          keys[pos - start] = kcache + row + r * hkv * d;
-          values[pos - start] = vcache + row + r * hkv * d;
+          rows[pos - start] = row + r * stride;
+          keys[pos - start] = kcache + row + r * stride;
         }
       }
-      for (int64_t h = 0; h < group; h++) {
-        const float *qh = q + (tokens[i] * hq + g * group + h) * d;
-        float *s = scores + h * span, *o = out + (i * hq + g * group + h) * d;
-        score_keys(qh, keys, span, d, scale, s);
-        float inv = 1.0f / softmax_numerators(s, span);
+      const float *qi = q + tokens[i] * hq * d;
+      for (int64_t j = 0; j < span; j += 8) /* eight positions stay in L1 for every head */
+        for (int64_t h = 0; h < hq; h++)
+          score_keys(qi + h * d, keys + j, h / group * d, span - j < 8 ? span - j : 8, d, scale,
+                     scores + h * span + j);
+      for (int64_t h = 0; h < hq; h++) {
+        float *s = scores + h * span, inv = 1.0f / softmax_numerators(s, span);
         for (int64_t j = 0; j < span; j++) s[j] *= inv;
-        weighted_sum(s, values, span, d, o);
+      }
+      float *oi = out + i * hq * d;
+      for (int64_t e = 0; e < hq * d; e++) oi[e] = 0.0f;
+      for (int64_t j = 0; j < span; j += 8) { /* eight value rows stay in L1 for every head */
+        int64_t n = span - j < 8 ? span - j : 8;
+        for (int64_t h = 0; h < hq; h++) {
+          /* heads h and h + 1 together when they read the same value head */
+          int pair = h + 1 < hq && (h + 1) / group == h / group;
+          weighted_values(scores + h * span + j, pair ? scores + (h + 1) * span + j : NULL,
+                          vcache + h / group * d, rows + j, n, d, oi + h * d,
+                          pair ? oi + (h + 1) * d : NULL);
+          h += pair;
+        }
       }
     }
     free(scores);
+    free(rows);
     free(keys);
-    free(values);
   }
 }
