@@ -13,6 +13,7 @@ from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model
 from winnow.models import AttentionMetadata, cpu_kernels, load_model
 from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
 from winnow.models.packed_linear import PackedLinear
+from winnow.models.rope import apply_rope
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX2 and a C compiler")
 
@@ -54,6 +55,54 @@ def test_linear_reads_a_strided_input() -> None:
 def test_linear_with_no_rows() -> None:
     packed = cpu_kernels.pack_weight(torch.randn(8, 4))
     assert cpu_kernels.linear(torch.empty(0, 4), packed, 8, None).shape == (0, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, 700])
+@pytest.mark.parametrize("d", [8, 13, 64, 200])
+def test_rms_norm_matches_torch(threads: int, rows: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 7 + d)
+    wide = torch.randn(rows, d + 5, generator=gen) * 3
+    weight = torch.randn(d, generator=gen)
+    for x in (wide[:, 2 : d + 2], wide[:, :d].contiguous().view(1, rows, d)):
+        got = cpu_kernels.rms_norm(x, weight, 1e-5)
+        assert got is not None and got.shape == x.shape
+        torch.testing.assert_close(got, F.rms_norm(x, (d,), weight, 1e-5))
+
+
+def test_kernels_decline_layouts_they_cannot_read() -> None:
+    heads = torch.randn(4, 3, 16)[:, :2]  # [4, 2, 16] view: two row strides
+    assert cpu_kernels.rms_norm(heads, torch.ones(16), 1e-6) is None
+    assert cpu_kernels.rms_norm(torch.randn(4, 16).double(), torch.ones(16), 1e-6) is None
+    assert cpu_kernels.silu_mul(torch.randn(8, 4).t()) is None
+    assert (
+        cpu_kernels.rope(torch.randn(3, 4, 16)[:, :, :8], torch.ones(3, 1, 4), torch.ones(3, 1, 4))
+        is None
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 5, 600])
+@pytest.mark.parametrize("half", [3, 16, 2816])
+def test_silu_mul_matches_torch(threads: int, rows: int, half: int) -> None:
+    gen = torch.Generator().manual_seed(rows + half)
+    gate_up = torch.randn(rows, 2 * half, generator=gen) * 6  # reaches the saturated ends
+    expected = F.silu(gate_up[:, :half]) * gate_up[:, half:]
+    got = cpu_kernels.silu_mul(gate_up)
+    assert got is not None
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "heads", "d"), [(1, 2, 8), (7, 16, 64), (300, 8, 24), (5, 3, 6)]
+)
+def test_rope_matches_torch(threads: int, tokens: int, heads: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(tokens + heads + d)
+    fused = torch.randn(tokens, (heads + 3) * d, generator=gen)  # q is a view into a qkv row
+    q = fused[:, d : (heads + 1) * d].view(tokens, heads, d)
+    angles = torch.randn(tokens, 1, d // 2, generator=gen) * 10
+    cos, sin = angles.cos(), angles.sin()
+    got = cpu_kernels.rope(q, cos, sin)
+    assert got is not None and got.is_contiguous()
+    torch.testing.assert_close(got, apply_rope(q, cos, sin))
 
 
 def random_cache(
@@ -104,13 +153,15 @@ def test_paged_decode_inside_a_mixed_batch() -> None:
 def test_model_with_kernels_matches_without(
     arch: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Same checkpoint loaded twice: the packed projections, packed (tied) head and C decode
-    attention give PyTorch's logits through a prefill and several batched decode steps."""
+    """Same checkpoint loaded twice: the packed projections, packed (tied) head, C norms, RoPE,
+    MLP activation and decode attention give PyTorch's logits through a prefill and several
+    batched decode steps."""
     path = save_hf_model(make_hf_model(arch, seed=11), tmp_path_factory.mktemp(arch))
     native = load_model(str(path))
     plain = load_model(str(path), cpu_kernels_enabled=False)
     assert isinstance(native.model.layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(native.model.lm_head, PackedLinear)
+    assert native.model.norm.use_cpu_kernels and native.model.layers[0].mlp.use_cpu_kernels
     assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
     runners = [PagedRunner(native), PagedRunner(plain)]
     prompts = [("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]

@@ -344,3 +344,76 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
     free(keys);
   }
 }
+
+/* Row-wise elementwise kernels. Small inputs run on the calling thread: a parallel region costs
+ * more than the work. */
+#define PARALLEL_MIN_ELEMENTS (1 << 16)
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w; x rows of d floats, row stride ldx. */
+void winnow_rms_norm(const float *x, int64_t rows, int64_t d, int64_t ldx, const float *w,
+                     float eps, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (rows * d >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * ldx;
+    float *o = out + r * d;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int64_t e = 0;
+    for (; e + 16 <= d; e += 16) {
+      __m256 a = _mm256_loadu_ps(xr + e), b = _mm256_loadu_ps(xr + e + 8);
+      acc0 = _mm256_fmadd_ps(a, a, acc0);
+      acc1 = _mm256_fmadd_ps(b, b, acc1);
+    }
+    float total = hsum(_mm256_add_ps(acc0, acc1));
+    for (; e < d; e++) total += xr[e] * xr[e];
+    float inv = 1.0f / sqrtf(total / (float)d + eps);
+    __m256 scale = _mm256_set1_ps(inv);
+    for (e = 0; e + 8 <= d; e += 8)
+      _mm256_storeu_ps(o + e, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + e), scale),
+                                            _mm256_loadu_ps(w + e)));
+    for (; e < d; e++) o[e] = xr[e] * inv * w[e];
+  }
+}
+
+/* out[r, j] = silu(x[r, j]) * x[r, d + j] for j < d: the gated MLP activation on a fused
+ * gate/up projection (rows of 2d floats, row stride ldx). */
+void winnow_silu_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, float *out,
+                     int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (rows * d >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *gate = x + r * ldx, *up = gate + d;
+    float *o = out + r * d;
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+      __m256 g = _mm256_loadu_ps(gate + e);
+      __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+      _mm256_storeu_ps(o + e, _mm256_mul_ps(_mm256_div_ps(g, denom), _mm256_loadu_ps(up + e)));
+    }
+    for (; e < d; e++) o[e] = gate[e] / (1.0f + expf(-gate[e])) * up[e];
+  }
+}
+
+/* Rotate-half rotary embedding: x [t, heads, d] (head stride d, token stride ldx) -> out
+ * contiguous; cos/sin [t, d / 2]. out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin. */
+void winnow_rope(const float *x, int64_t tokens, int64_t heads, int64_t d, int64_t ldx,
+                 const float *cos, const float *sin, float *out, int nthreads) {
+  int64_t half = d / 2;
+#pragma omp parallel for num_threads(nthreads) if (tokens * heads * d >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t t = 0; t < tokens; t++) {
+    const float *c = cos + t * half, *s = sin + t * half;
+    for (int64_t h = 0; h < heads; h++) {
+      const float *x1 = x + t * ldx + h * d, *x2 = x1 + half;
+      float *o1 = out + (t * heads + h) * d, *o2 = o1 + half;
+      int64_t e = 0;
+      for (; e + 8 <= half; e += 8) {
+        __m256 a = _mm256_loadu_ps(x1 + e), b = _mm256_loadu_ps(x2 + e);
+        __m256 cv = _mm256_loadu_ps(c + e), sv = _mm256_loadu_ps(s + e);
+        _mm256_storeu_ps(o1 + e, _mm256_fmsub_ps(a, cv, _mm256_mul_ps(b, sv)));
+        _mm256_storeu_ps(o2 + e, _mm256_fmadd_ps(b, cv, _mm256_mul_ps(a, sv)));
+      }
+      for (; e < half; e++) {
+        o1[e] = x1[e] * c[e] - x2[e] * s[e];
+        o2[e] = x2[e] * c[e] + x1[e] * s[e];
+      }
+    }
+  }
+}

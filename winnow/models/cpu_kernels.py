@@ -75,6 +75,20 @@ def _library() -> ctypes.CDLL | None:
         *(_I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int),
     ]
     lib.winnow_paged_decode.restype = None
+    lib.winnow_rms_norm.argtypes = [
+        _PTR,
+        _I64,
+        _I64,
+        _I64,
+        _PTR,
+        ctypes.c_float,
+        _PTR,
+        ctypes.c_int,
+    ]
+    lib.winnow_silu_mul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int]
+    lib.winnow_rope.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
+    for name in ("winnow_rms_norm", "winnow_silu_mul", "winnow_rope"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -140,3 +154,56 @@ def paged_decode(
         block_tables.shape[1], seq_lens.data_ptr(), block_size, hq, hkv, d, window,
         d**-0.5, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x as [rows, last] with unit inner stride and one row stride, if it is without a copy."""
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        return None
+    if x.dim() == 2:
+        return x
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim into a new contiguous tensor; None when x's layout does not
+    suit the kernel (the caller then uses PyTorch)."""
+    rows = _rows(x)
+    if rows is None:
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _lib().winnow_rms_norm(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), weight.data_ptr(), eps,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up [T, 2I] -> [T, I]; None when the layout does not suit."""
+    rows = _rows(gate_up)
+    if rows is None or gate_up.dim() != 2:
+        return None
+    half = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], half, dtype=torch.float32)
+    _lib().winnow_silu_mul(
+        rows.data_ptr(), rows.shape[0], half, rows.stride(0), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Rotate-half rotary embedding of x [T, H, D] (heads packed, any token stride) with cos/sin
+    [T, 1, D/2] -> new contiguous tensor; None when the layout does not suit."""
+    tokens, heads, d = x.shape
+    packed_heads = x.stride(2) == 1 and x.stride(1) == d
+    tables_ok = all(t.dtype == torch.float32 and t.is_contiguous() for t in (cos, sin))
+    if x.dtype != torch.float32 or not packed_heads or not tables_ok or d % 2:
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _lib().winnow_rope(
+        x.data_ptr(), tokens, heads, d, x.stride(0), cos.data_ptr(), sin.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from winnow.models import cpu_kernels
 from winnow.models.attention import AttentionBackend, TorchAttentionBackend
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
@@ -21,16 +22,24 @@ from winnow.models.rope import RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
+    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_cpu_kernels:
+            out = cpu_kernels.rms_norm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
+    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -63,12 +72,21 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache, attn, self.sliding_window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.use_cpu_kernels:
+            out = cpu_kernels.rope(x, cos, sin)
+            if out is not None:
+                return out
+        return apply_rope(x, cos, sin)
+
 
 class MLP(nn.Module):
+    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -81,8 +99,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        hidden = F.silu(gate_up[:, : self.intermediate_size])
-        hidden.mul_(gate_up[:, self.intermediate_size :])
+        hidden = cpu_kernels.silu_mul(gate_up) if self.use_cpu_kernels else None
+        if hidden is None:
+            hidden = F.silu(gate_up[:, : self.intermediate_size])
+            hidden.mul_(gate_up[:, self.intermediate_size :])
         return self.down_proj(hidden)
 
 
@@ -146,11 +166,15 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def pack_for_cpu(self) -> None:
-        """Move every projection and the output head onto the packed fp32 CPU kernel (after
-        loading). A tied head gets its own packed copy; embedding lookups keep the original."""
+        """Move every projection and the output head onto the packed fp32 CPU kernel, and norms,
+        RoPE and the MLP activation onto theirs (after loading). A tied head gets its own packed
+        copy; embedding lookups keep the original."""
         pack_linears(self)
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.use_cpu_kernels = True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the fused layout; all params must be filled."""
