@@ -5,15 +5,17 @@
 
 Every server serves the same demo-large weights (llama.cpp from an f32 GGUF converted with
 llama.cpp's own script) on loopback; `winnow bench serve`'s load generator sends the same
-workload to each. Prints output tok/s at the given concurrency, TTFT and TPOT, single-stream
-decode tok/s, ratios, and single-stream speed as a fraction of the memory-bandwidth roofline.
-Servers whose binary is not given are skipped.
+workload to each. All servers stay up and the runs alternate between them, so a drifting machine
+affects each alike. Prints output tok/s at the given concurrency, TTFT and TPOT, single-stream
+tok/s and decode tok/s, ratios, and single-stream decode as a fraction of the memory-bandwidth
+roofline. Servers whose binary is not given are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -76,64 +78,66 @@ def weight_bytes_per_token(model_dir: Path) -> int:
     return total - embed if "lm_head.weight" in names else total
 
 
-def bench(url: str, model: str, args: argparse.Namespace, extensions: bool) -> Result:
-    batch, single = [], []
-    warm = BenchArgs(
-        url, model, num_prompts=2, concurrency=2, input_len=16, output_len=8, extensions=extensions
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    url: str
+    model: str
+    extensions: bool = True  # accepts min_tokens/ignore_eos (transformers rejects unknown fields)
+
+
+def one_round(server: Server, args: argparse.Namespace, run: int) -> tuple[Summary, Summary]:
+    """The concurrent load, then a single stream; fresh prompts every run, so that no run is
+    served from a prefix cache filled by the one before."""
+
+    def workload(num_prompts: int, concurrency: int, output_len: int, seed: int) -> BenchArgs:
+        return BenchArgs(
+            server.url, server.model, num_prompts=num_prompts, concurrency=concurrency,
+            input_len=args.input_len, output_len=output_len, seed=seed,
+            extensions=server.extensions,
+        )  # fmt: skip
+
+    load = workload(args.num_prompts, args.concurrency, args.output_len, seed=1000 + run)
+    batch = asyncio.run(run_benchmark(load, progress=False))
+    one = workload(2, 1, 64, seed=2000 + run)
+    single = asyncio.run(run_benchmark(one, progress=False))
+    error = f" ({batch.first_error[:120]})" if batch.errors else ""
+    print(
+        f"  {server.name} run {run + 1}: {batch.output_throughput:.1f} tok/s at "
+        f"c={args.concurrency}, single {single.output_throughput:.1f} tok/s "
+        f"(decode {1000 / single.tpot_ms['p50']:.1f}), errors {batch.errors}{error}",
+        flush=True,
     )
-    asyncio.run(run_benchmark(warm, progress=False))
-    for run in range(args.runs):
-        # fresh prompts every run, so no run is served from a prefix cache filled by the last
-        load = BenchArgs(
-            url,
-            model,
-            num_prompts=args.num_prompts,
-            concurrency=args.concurrency,
-            input_len=args.input_len,
-            output_len=args.output_len,
-            seed=1000 + run,
-            extensions=extensions,
-        )
-        batch.append(asyncio.run(run_benchmark(load, progress=False)))
-        one = BenchArgs(
-            url,
-            model,
-            num_prompts=2,
-            concurrency=1,
-            input_len=args.input_len,
-            output_len=64,
-            seed=2000 + run,
-            extensions=extensions,
-        )
-        single.append(asyncio.run(run_benchmark(one, progress=False)))
-        print(
-            f"  run: {batch[-1].output_throughput:.1f} tok/s at c={args.concurrency}, "
-            f"single {single[-1].output_throughput:.1f} tok/s, errors {batch[-1].errors}",
-            flush=True,
-        )
-    return Result("", batch, single)
+    return batch, single
 
 
-def run_server(
-    name: str,
-    command: list[str],
-    url: str,
-    model: str,
-    args: argparse.Namespace,
-    log_dir: Path,
-    extensions: bool = True,
-) -> Result | None:
-    """`extensions`: whether the server accepts min_tokens/ignore_eos (transformers rejects
-    unknown fields); the random demo model almost never ends early without them."""
-    print(f"{name}: {' '.join(command)}", flush=True)
-    try:
-        with running_server(command, url, log_dir / f"{name}.log"):
-            result = bench(url, model, args, extensions)
-    except RuntimeError as exc:
-        print(f"{name} failed: {exc}; log in {log_dir / (name + '.log')}")
-        return None
-    result.name = name
-    return result
+def bench_all(
+    servers: list[Server], args: argparse.Namespace, log_dir: Path
+) -> tuple[list[Result], list[float]]:
+    """All servers up at once (idle ones sleep), runs interleaved server by server, so that every
+    server meets the same machine: on a shared host the speed drifts by tens of percent.
+    Returns the results and the read bandwidth measured after each round."""
+    results = {s.name: Result(s.name, [], []) for s in servers}
+    bandwidths = []
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            print(f"{server.name}: {' '.join(server.command)}", flush=True)
+            stack.enter_context(
+                running_server(server.command, server.url, log_dir / f"{server.name}.log")
+            )
+            warm = BenchArgs(
+                server.url, server.model, num_prompts=2, concurrency=2, input_len=16,
+                output_len=8, extensions=server.extensions,
+            )  # fmt: skip
+            asyncio.run(run_benchmark(warm, progress=False))
+        for run in range(args.runs):
+            for server in servers:
+                batch, single = one_round(server, args, run)
+                results[server.name].batch.append(batch)
+                results[server.name].single.append(single)
+            bandwidths.append(measure_read_bandwidth())
+    return [results[s.name] for s in servers], bandwidths
 
 
 def convert_to_gguf(model_dir: Path, script: Path, out: Path) -> Path:
@@ -175,104 +179,66 @@ def main() -> None:
 
     model_dir = build_demo_model(args.model)
     log_dir = Path(tempfile.mkdtemp(prefix="winnow-compare-"))
-    results: list[Result] = []
     bin_dir = Path(sys.executable).parent
+    servers = []
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(bin_dir / "winnow"),
-        "serve",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--served-model-name",
-        "bench",
-        "--max-num-seqs",
-        str(args.concurrency),
-        "--log-level",
-        "warning",
-    ]
-    results.append(run_server("winnow", command, url, "bench", args, log_dir))  # type: ignore[arg-type]
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(bin_dir / "winnow"), "serve", str(model_dir), "--port", url.rsplit(":", 1)[1]]
+    command += ["--served-model-name", "bench", "--max-num-seqs", str(args.concurrency)]
+    servers.append(Server("winnow", [*command, "--log-level", "warning"], url, "bench"))
 
     peers = set(args.servers.split(","))
     if "llama.cpp" in peers and args.llama_server and args.convert_script:
         gguf = convert_to_gguf(
             model_dir, args.convert_script, log_dir.parent / "demo-large-f32.gguf"
         )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{free_port()}"
         slot_ctx = 2 * (args.input_len + args.output_len) + 64
-        command = [
-            str(args.llama_server),
-            "-m",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-np",
-            str(args.concurrency),
-            "-c",
-            str(args.concurrency * slot_ctx),
-            "-t",
-            str(args.threads),
-            "-b",
-            "512",
-            "--no-warmup",
-        ]
-        results.append(run_server("llama.cpp", command, url, "bench", args, log_dir))  # type: ignore[arg-type]
+        command = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1"]
+        command += ["--port", url.rsplit(":", 1)[1], "-np", str(args.concurrency)]
+        command += ["-c", str(args.concurrency * slot_ctx), "-t", str(args.threads)]
+        servers.append(Server("llama.cpp", [*command, "-b", "512", "--no-warmup"], url, "bench"))
 
     transformers_cli = bin_dir / "transformers"
     if "transformers" in peers and shutil.which(str(transformers_cli)):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [
-            str(transformers_cli),
-            "serve",
-            str(model_dir),
-            "--device",
-            "cpu",
-            "--continuous-batching",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        result = run_server("transformers", command, url, str(model_dir), args, log_dir, False)
-        results.append(result)  # type: ignore[arg-type]
+        url = f"http://127.0.0.1:{free_port()}"
+        command = [str(transformers_cli), "serve", str(model_dir), "--device", "cpu"]
+        command += ["--continuous-batching", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+        servers.append(Server("transformers", command, url, str(model_dir), extensions=False))
 
-    done = [r for r in results if r is not None]
-    bandwidth = measure_read_bandwidth()
+    done, bandwidths = bench_all(servers, args, log_dir)
+    bandwidth = statistics.median(bandwidths)
     roofline = bandwidth / weight_bytes_per_token(model_dir)
     print(
-        f"\nmedians of {args.runs} runs; {args.num_prompts} prompts, concurrency "
-        f"{args.concurrency}, {args.input_len} in / {args.output_len} out; "
-        f"read bandwidth {bandwidth / 1e9:.1f} GB/s, single-stream roofline {roofline:.1f} tok/s"
+        f"\nmedians of {args.runs} interleaved runs; {args.num_prompts} prompts, concurrency "
+        f"{args.concurrency}, {args.input_len} in / {args.output_len} out; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s, single-stream decode roofline {roofline:.1f} tok/s"
     )
-    columns = ("out tok/s", 11), ("TTFT p50", 10), ("TPOT p50", 10), ("single", 9), ("roofline", 10)
+    columns = [("out tok/s", 11), ("TTFT p50", 10), ("TPOT p50", 10), ("single", 9)]
+    columns += [("decode", 9), ("roofline", 10)]
     print(f"{'server':14}" + "".join(f"{name:>{width}}" for name, width in columns))
     for r in done:
-        single = r.median(r.single, "output_throughput")
+        decode = 1000 / r.median(r.single, "tpot_ms", "p50")
         print(
             f"{r.name:14}{r.median(r.batch, 'output_throughput'):11.1f}"
             f"{r.median(r.batch, 'ttft_ms', 'p50'):8.0f}ms"
             f"{r.median(r.batch, 'tpot_ms', 'p50'):8.0f}ms"
-            f"{single:9.1f}{single / roofline:10.0%}"
+            f"{r.median(r.single, 'output_throughput'):9.1f}{decode:9.1f}{decode / roofline:10.0%}"
         )
-    ours = next((r for r in done if r.name == "winnow"), None)
-    for other in done:
-        if ours is None or other is ours:
-            continue
-        batch_ratio = ours.median(ours.batch, "output_throughput") / other.median(
-            other.batch, "output_throughput"
-        )
-        single_ratio = ours.median(ours.single, "output_throughput") / other.median(
-            other.single, "output_throughput"
-        )
+    print("single: output tok/s of one stream (TTFT included); decode: 1000 / its TPOT p50")
+    ours = done[0]
+    for other in done[1:]:
+        ratios = [
+            ours.median(ours.batch, "output_throughput")
+            / other.median(other.batch, "output_throughput"),
+            ours.median(ours.single, "output_throughput")
+            / other.median(other.single, "output_throughput"),
+            other.median(other.single, "tpot_ms", "p50")
+            / ours.median(ours.single, "tpot_ms", "p50"),
+        ]
         print(
-            f"winnow / {other.name}: {batch_ratio:.2f}x output tok/s, "
-            f"{single_ratio:.2f}x single stream"
+            f"winnow / {other.name}: {ratios[0]:.2f}x output tok/s, {ratios[1]:.2f}x single "
+            f"stream, {ratios[2]:.2f}x single-stream decode"
         )
     print(f"logs: {log_dir}")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
 
-from winnow.benchmark.serve import RequestResult, percentiles, summarise
+from winnow.benchmark.serve import RequestResult, percentiles, sse_lines, summarise
 
 
 def test_percentiles_in_milliseconds() -> None:
@@ -35,3 +38,19 @@ def test_summary_uses_tpot_definition_and_counts_errors() -> None:
     assert summary.tpot_ms["mean"] == pytest.approx(200.0)  # (1.0-0.2)/4 and (0.8-0.4)/2
     assert summary.ttft_ms["mean"] == pytest.approx(300.0)
     assert summary.itl_ms["p50"] == pytest.approx(200.0)
+
+
+def test_sse_lines_split_at_line_feeds_only() -> None:
+    """A JSON string may carry U+2028 or U+0085 unescaped (llama.cpp's does); they are not line
+    ends for SSE. Lines may also straddle network chunks, and end in CRLF."""
+    event = 'data: {"content": "a\u2028b\u0085c"}'
+    body = f"{event}\r\n\r\ndata: [DONE]\n".encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    async def collect() -> list[str]:
+        return [line async for line in sse_lines(chunks())]
+
+    assert asyncio.run(collect()) == [event, "", "data: [DONE]"]

@@ -13,6 +13,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,6 +101,19 @@ def make_prompt(rng: random.Random, input_len: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(input_len))
 
 
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """Lines of an SSE body, split at line feeds only: str.splitlines (and httpx's aiter_lines)
+    also break at U+2028, U+0085 and other characters a JSON string may hold unescaped."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8")
+
+
 async def one_request(client: httpx.AsyncClient, args: BenchArgs, prompt: str) -> RequestResult:
     body: dict[str, Any] = {
         "model": args.model,
@@ -120,7 +134,7 @@ async def one_request(client: httpx.AsyncClient, args: BenchArgs, prompt: str) -
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_bytes()):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[len("data: ") :])
@@ -140,7 +154,7 @@ async def one_request(client: httpx.AsyncClient, args: BenchArgs, prompt: str) -
                         result.itls.append(now - last)
                     last = now
                     chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         result.error = repr(exc)
         return result
     result.e2e = time.perf_counter() - start
