@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from winnow.config import EngineConfig
 from winnow.engine.async_engine import AsyncEngine
+from winnow.engine.engine import LLMEngine
 from winnow.engine.request import EngineDeadError, EngineOverloaded, GenerationRequest
+from winnow.models import load_model
 from winnow.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +33,35 @@ def make_engine(demo_model_dir: Path, **overrides: int) -> AsyncEngine:
 
 def request(request_id: str, params: SamplingParams = LONG) -> GenerationRequest:
     return GenerationRequest(request_id, [1, 3, 100, 4], params)
+
+
+async def test_the_model_is_built_on_the_engine_thread(demo_model_dir: Path) -> None:
+    """The caller's thread must never start an OpenMP pool of its own (see AsyncEngine)."""
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=2)
+    built_on: list[threading.Thread] = []
+
+    def build() -> LLMEngine:
+        built_on.append(threading.current_thread())
+        return LLMEngine(load_model(config.model), config)
+
+    engine = AsyncEngine(build, "demo")
+    engine.start()
+    try:
+        assert built_on[0] is not threading.current_thread()
+        assert built_on[0].name == "winnow-engine"
+        stream = engine.submit(request("r", SamplingParams(max_tokens=2, ignore_eos=True)))
+        outputs = [output async for output in stream]
+        assert outputs[-1].completion_tokens == 2
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+
+
+def test_a_failed_build_raises_in_the_caller() -> None:
+    def build() -> LLMEngine:
+        raise FileNotFoundError("no such model")
+
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        AsyncEngine(build, "missing")
 
 
 async def test_shutdown_fails_every_open_stream(demo_model_dir: Path) -> None:
