@@ -26,9 +26,20 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 32, 300])
-@pytest.mark.parametrize(("k", "n"), [(1, 1), (3, 17), (64, 16), (257, 40), (600, 33)])
-def test_linear_matches_f_linear(threads: int, m: int, k: int, n: int) -> None:
+@pytest.fixture(params=[False, True], ids=["avx2", "avx512"])
+def isa(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Both projection kernels where this CPU has AVX-512F (the AVX2 one only otherwise)."""
+    default = cpu_kernels.use_avx512(True)
+    if request.param and not default:
+        pytest.skip("this CPU has no AVX-512F")
+    cpu_kernels.use_avx512(request.param)
+    yield
+    cpu_kernels.use_avx512(default)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 12, 13, 25, 32, 300])
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (3, 17), (64, 16), (257, 40), (600, 33), (7, 80)])
+def test_linear_matches_f_linear(isa: None, threads: int, m: int, k: int, n: int) -> None:
     gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     weight = torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen)
@@ -42,7 +53,7 @@ def test_linear_matches_f_linear(threads: int, m: int, k: int, n: int) -> None:
     torch.testing.assert_close(got, F.linear(x, weight, bias), **close)
 
 
-def test_linear_reads_a_strided_input() -> None:
+def test_linear_reads_a_strided_input(isa: None) -> None:
     wide = torch.randn(9, 300)
     x = wide[:, 20:148]  # row stride 300, unit stride along k
     weight = torch.randn(50, 128)

@@ -1,4 +1,4 @@
-"""Build, load and call the fp32 AVX2 kernels in `cpu_kernels.c` (ctypes, no torch headers).
+"""Build, load and call the fp32 AVX2/AVX-512 kernels in `cpu_kernels.c` (ctypes, no torch headers).
 
 The C file is compiled once per source version with the system C compiler into
 `$WINNOW_CACHE_DIR/kernels/` and loaded after torch, so that its OpenMP calls use the libgomp
@@ -89,12 +89,22 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_rope.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
     for name in ("winnow_rms_norm", "winnow_silu_mul", "winnow_rope"):
         getattr(lib, name).restype = None
+    lib.winnow_use_avx512.argtypes = [ctypes.c_int]
+    lib.winnow_use_avx512.restype = ctypes.c_int
+    isa = "AVX-512" if lib.winnow_use_avx512(1) else "AVX2"
+    logger.info("CPU kernels: %s projections", isa)
     return lib
 
 
 def available() -> bool:
     """Whether the kernels are built and usable on this machine."""
     return _library() is not None
+
+
+def use_avx512(wanted: bool) -> bool:
+    """Run projections on the AVX-512 kernels (the default where the CPU has AVX-512F) or on
+    the AVX2 ones; returns whether AVX-512 is in use now."""
+    return bool(_lib().winnow_use_avx512(int(wanted)))
 
 
 def _lib() -> ctypes.CDLL:
