@@ -5,7 +5,8 @@
 
 Prints output tokens/s of the Winnow engine (continuous batching, all requests submitted at once)
 and of one batched `generate` call over the same prompts, their ratio, and single-stream decode
-tokens/s of both. Medians over `--runs`.
+tokens/s of both. Medians over `--runs`; every run draws fresh prompts, so that no run is served
+from the prefix cache the one before filled.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def hf_run(model: torch.nn.Module, prompts: list[list[int]], output_len: int) ->
     return time.perf_counter() - start
 
 
-def median_rate(run: Callable[[], float], tokens: int, runs: int) -> float:
-    return statistics.median(tokens / run() for _ in range(runs))
+def median_rate(
+    run: Callable[[list[list[int]]], float], prompt_sets: list[list[list[int]]], tokens: int
+) -> float:
+    return statistics.median(tokens / run(prompts) for prompts in prompt_sets)
 
 
 def main() -> None:
@@ -75,16 +78,19 @@ def main() -> None:
     loaded = load_model(args.model, dtype="float32", device="cpu")
     config = EngineConfig(model=args.model, max_num_seqs=max(args.num_requests, 1))
     engine = LLMEngine(loaded, config)
-    prompts = make_prompts(args.num_requests, args.input_len, loaded.config.vocab_size, seed=0)
+    vocab = loaded.config.vocab_size
+    prompt_sets = [
+        make_prompts(args.num_requests, args.input_len, vocab, seed=run) for run in range(args.runs)
+    ]
+    warmup = make_prompts(2, args.input_len, vocab, seed=args.runs)
+    singles = [prompts[:1] for prompts in prompt_sets]
     batch_tokens = args.num_requests * args.output_len
     single_tokens = args.single_output_len
 
-    winnow_run(engine, prompts[:2], 4)  # warm-up
-    ours = median_rate(
-        lambda: winnow_run(engine, prompts, args.output_len), batch_tokens, args.runs
-    )
+    winnow_run(engine, warmup, 4)
+    ours = median_rate(lambda p: winnow_run(engine, p, args.output_len), prompt_sets, batch_tokens)
     ours_single = median_rate(
-        lambda: winnow_run(engine, prompts[:1], single_tokens), single_tokens, args.runs
+        lambda p: winnow_run(engine, p, single_tokens), singles, single_tokens
     )
     print(f"model {args.model}, {torch.get_num_threads()} threads, medians of {args.runs} runs")
     print(
@@ -94,12 +100,10 @@ def main() -> None:
     if args.skip_hf:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
-    hf_run(hf_model, prompts[:2], 4)
-    theirs = median_rate(
-        lambda: hf_run(hf_model, prompts, args.output_len), batch_tokens, args.runs
-    )
+    hf_run(hf_model, warmup, 4)
+    theirs = median_rate(lambda p: hf_run(hf_model, p, args.output_len), prompt_sets, batch_tokens)
     theirs_single = median_rate(
-        lambda: hf_run(hf_model, prompts[:1], single_tokens), single_tokens, args.runs
+        lambda p: hf_run(hf_model, p, single_tokens), singles, single_tokens
     )
     print(f"HF generate: {theirs:8.1f} output tok/s; single stream {theirs_single:6.1f} tok/s")
     single_ratio = ours_single / theirs_single
