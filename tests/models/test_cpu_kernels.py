@@ -129,12 +129,17 @@ def random_cache(
     return cache, tables
 
 
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 8), (8, 2, 64), (6, 3, 24), (2, 1, 128)])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"), [(4, 4, 8), (8, 2, 64), (6, 3, 24), (2, 1, 128), (10, 5, 16)]
+)
 @pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(
+    "lens", [[1, 7, 16, 33, 2, 70], [70], [7, 33]], ids=["batch-6", "batch-1", "batch-2"]
+)
 def test_paged_decode_matches_torch(
-    threads: int, hq: int, hkv: int, d: int, window: int | None
+    threads: int, hq: int, hkv: int, d: int, window: int | None, lens: list[int]
 ) -> None:
-    lens = [1, 7, 16, 33, 2, 70]
+    """Small batches split their kv heads across threads; large ones do not."""
     block_size = 4
     cache, tables = random_cache(lens, block_size, hkv, d, seed=hq + d)
     attn = AttentionMetadata.build([1] * len(lens), lens, tables, block_size)

@@ -12,7 +12,8 @@
  *
  * winnow_paged_decode: one query token per sequence against its keys/values in the paged cache
  *   ([num_blocks, block_size, kv_heads, head_dim] each), read in place through the block table.
- *   One work item per (sequence, kv head) serves all query heads of its group.
+ *   A work item serves every query head of a sequence, or of a range of its kv heads when the
+ *   batch is too small to keep the threads busy.
  *
  * Threads come from the OpenMP runtime the process already has loaded (PyTorch's libgomp), so
  * these kernels and PyTorch's own ops share one pool.
@@ -409,13 +410,18 @@ static void weighted_values(const float *w0, const float *w1, const float *value
 }
 
 /* out[i] [hq, d] = attention of q[tokens[i]] (q [*, hq, d]) over sequence seqs[i]: block table
- * row seqs[i], positions [max(0, len - window), len) (window 0: all). d must be a multiple of 8. */
+ * row seqs[i], positions [max(0, len - window), len) (window 0: all). d must be a multiple of 8.
+ * A work item is one sequence and a range of its kv heads: all of them when the batch keeps every
+ * thread busy, else as many parts as it takes to give each thread two items. */
 void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, const int64_t *seqs,
                          int64_t batch, const float *kcache, const float *vcache,
                          const int64_t *block_tables, int64_t table_width, const int64_t *seq_lens,
                          int64_t block_size, int64_t hq, int64_t hkv, int64_t d, int64_t window,
                          float scale, int nthreads) {
   int64_t group = hq / hkv, stride = hkv * d; /* floats from one cache position to the next */
+  int64_t parts = (2 * nthreads + batch - 1) / batch;
+  parts = parts > hkv ? hkv : parts;
+  int64_t heads_per_part = (hkv + parts - 1) / parts;
 #pragma omp parallel num_threads(nthreads)
   {
     /* per thread, grown on demand: scores [hq][span], cache row of each position [span] */
@@ -424,9 +430,13 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
     const float **keys = NULL;
     int64_t capacity = 0;
 #pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < batch; i++) {
+    for (int64_t item = 0; item < batch * parts; item++) {
+      int64_t i = item / parts, kv0 = item % parts * heads_per_part;
+      int64_t kv1 = kv0 + heads_per_part < hkv ? kv0 + heads_per_part : hkv;
+      int64_t h0 = kv0 * group, h1 = kv1 * group; /* the query heads this item serves */
       int64_t len = seq_lens[seqs[i]];
       int64_t start = window > 0 && len > window ? len - window : 0, span = len - start;
+      if (h0 >= h1) continue;
       if (span > capacity) {
         capacity = span * 2;
         free(scores);
@@ -448,20 +458,20 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
       }
       const float *qi = q + tokens[i] * hq * d;
       for (int64_t j = 0; j < span; j += 8) /* eight positions stay in L1 for every head */
-        for (int64_t h = 0; h < hq; h++)
+        for (int64_t h = h0; h < h1; h++)
           score_keys(qi + h * d, keys + j, h / group * d, span - j < 8 ? span - j : 8, d, scale,
                      scores + h * span + j);
-      for (int64_t h = 0; h < hq; h++) {
+      for (int64_t h = h0; h < h1; h++) {
         float *s = scores + h * span, inv = 1.0f / softmax_numerators(s, span);
         for (int64_t j = 0; j < span; j++) s[j] *= inv;
       }
       float *oi = out + i * hq * d;
-      for (int64_t e = 0; e < hq * d; e++) oi[e] = 0.0f;
+      for (int64_t e = h0 * d; e < h1 * d; e++) oi[e] = 0.0f;
       for (int64_t j = 0; j < span; j += 8) { /* eight value rows stay in L1 for every head */
         int64_t n = span - j < 8 ? span - j : 8;
-        for (int64_t h = 0; h < hq; h++) {
+        for (int64_t h = h0; h < h1; h++) {
           /* heads h and h + 1 together when they read the same value head */
-          int pair = h + 1 < hq && (h + 1) / group == h / group;
+          int pair = h + 1 < h1 && (h + 1) / group == h / group;
           weighted_values(scores + h * span + j, pair ? scores + (h + 1) * span + j : NULL,
                           vcache + h / group * d, rows + j, n, d, oi + h * d,
                           pair ? oi + (h + 1) * d : NULL);
