@@ -7,6 +7,9 @@ ENV PYTHONUNBUFFERED=1 \
     WINNOW_HOST=0.0.0.0 \
     WINNOW_PORT=8000
 
+# gcc builds the CPU kernels on first use when the container runs without a GPU
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 winnow && mkdir -p /data && chown winnow /data
 WORKDIR /opt/winnow
 COPY pyproject.toml README.md ./
