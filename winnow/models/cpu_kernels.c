@@ -98,7 +98,8 @@ static void tile_rows(int mr, int64_t kc, const float *x, int64_t ldx, const flo
   }
 }
 
-/* Prefetch the four cache lines (four panel rows) PREFETCH_AHEAD floats past w. */
+/* Prefetch the four cache lines (four panel rows) PREFETCH_AHEAD floats past w; a prefetch never
+ * faults, so running past the last panel is harmless. */
 static inline __attribute__((always_inline)) void prefetch_ahead(const float *w) {
   for (int line = 0; line < 4; line++)
     _mm_prefetch((const char *)(w + PREFETCH_AHEAD + line * NR), _MM_HINT_T0);
@@ -434,9 +435,9 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
       int64_t i = item / parts, kv0 = item % parts * heads_per_part;
       int64_t kv1 = kv0 + heads_per_part < hkv ? kv0 + heads_per_part : hkv;
       int64_t h0 = kv0 * group, h1 = kv1 * group; /* the query heads this item serves */
+      if (h0 >= h1) continue;
       int64_t len = seq_lens[seqs[i]];
       int64_t start = window > 0 && len > window ? len - window : 0, span = len - start;
-      if (h0 >= h1) continue;
       if (span > capacity) {
         capacity = span * 2;
         free(scores);
