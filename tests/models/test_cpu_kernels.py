@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model
+from tests.models.helpers import ARCHITECTURES, PagedRunner, make_hf_model, save_hf_model
 from winnow.models import AttentionMetadata, cpu_kernels, load_model
 from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
 from winnow.models.packed_linear import PackedLinear
@@ -186,3 +187,35 @@ def test_model_with_kernels_matches_without(
         got, expected = (runner.step(step) for runner in runners)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_decode_stack_matches_the_per_op_path(
+    arch: str, threads: int, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> None:
+    """Decode-only steps go through the C decoder stack, and give the per-op kernels' logits:
+    bit for bit, as it runs the same kernels in the same order, except that the per-op path
+    normalises q/k of several tokens (qk norm) with PyTorch. Sequences outgrow the sliding window
+    and a mixed step (prefill beside decodes) in between takes the per-op path."""
+    path = save_hf_model(make_hf_model(arch, seed=5), tmp_path_factory.mktemp(arch))
+    stacked, per_op = load_model(str(path)), load_model(str(path))
+    per_op.model.decode_stack = None
+    calls = []
+    run_stack = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a: calls.append(a) or run_stack(*a))
+    runners = [PagedRunner(stacked), PagedRunner(per_op)]
+    steps = [[("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]]
+    steps += [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2, 61)]
+    steps += [[("a", [8]), ("c", [4, 4, 19, 3]), ("b", [30])]]
+    steps += [[("c", [t]), ("a", [t + 2]), ("b", [t + 5])] for t in (12, 50, 6)]
+    steps += [[("b", [t])] for t in (33, 34)]
+    decode_steps = sum(all(len(tokens) == 1 for _, tokens in step) for step in steps)
+    exact = ARCHITECTURES[arch][0] is not transformers.Qwen3Config
+    for step in steps:
+        got, expected = (runner.step(step) for runner in runners)
+        for a, b in zip(got, expected, strict=True):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert len(calls) == decode_steps == 10

@@ -76,6 +76,32 @@ def test_greedy_only_batch_is_a_plain_argmax(monkeypatch) -> None:
     assert sampler.sample(logits, keys).token_ids.tolist() == logits.argmax(1).tolist()
 
 
+def test_plain_greedy_shortcut_matches_the_pipeline(monkeypatch) -> None:
+    """Greedy rows with nothing else to apply skip the pipeline and pick what it picks (ties,
+    -inf logits); rows whose maximum is NaN or inf, or a row with more to do, take the pipeline."""
+    plain, keys = make([SamplingParams(temperature=0.0)] * 4)
+    piped, _ = make([SamplingParams(temperature=0.0, logprobs=True)] * 4)
+    generator = torch.Generator().manual_seed(3)
+    prepared = []
+    original = Sampler._prepare
+    monkeypatch.setattr(
+        Sampler, "_prepare", lambda self, *a: prepared.append(self) or original(self, *a)
+    )
+    for step in range(12):
+        logits = torch.randint(0, 3, (4, VOCAB), generator=generator).float()  # many ties
+        logits[1, ::3] = -math.inf
+        if step >= 8:  # rows with a NaN, a +inf, only -inf
+            logits[0, 5], logits[1, 9], logits[2] = math.nan, math.inf, -math.inf
+        expected = piped.sample(logits, keys).token_ids.tolist()
+        assert plain.sample(logits, keys).token_ids.tolist() == expected
+        assert prepared.count(plain) == (step >= 8)
+        prepared.clear()
+    plain.remove_row(keys[3])
+    plain.add_row(9, SamplingParams(temperature=0.0, repetition_penalty=1.3), 5, [1])
+    plain.sample(random_logits(4, 1), keys[:3] + [9])
+    assert prepared == [plain]
+
+
 def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(5,))
     sampler, keys = make([params], eos=(0, 7))

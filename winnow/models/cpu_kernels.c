@@ -559,3 +559,73 @@ void winnow_rope(const float *x, int64_t tokens, int64_t heads, int64_t d, int64
     }
   }
 }
+
+/* ---- The decoder stack of a decode-only step, one call for every layer ----
+ * Runs the same kernels the per-op path calls from Python, in the same order and on the same
+ * inputs (so the results are bit-identical), without a Python round trip between them. */
+
+/* One decoder layer's weights (packed projections, NULL biases / qk norms where the model has
+ * none) and its paged cache (keys and values [num_blocks, block_size, hkv, d] each). */
+struct winnow_layer {
+  const float *input_norm, *post_norm, *q_norm, *k_norm;
+  const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+  float *kcache, *vcache;
+  int64_t window; /* sliding window, 0: none */
+};
+
+/* The model's shape and one step's inputs: token i is the one new token of sequence i. */
+struct winnow_decode {
+  int64_t hidden_size, hq, hkv, d, intermediate, block_size;
+  float eps, scale;
+  float *hidden; /* [t, hidden_size] residual stream, updated in place */
+  int64_t t;
+  float *scratch; /* winnow_decode_scratch(...) floats */
+  const float *cos, *sin; /* [t, d / 2] */
+  const int64_t *slots;   /* [t] cache slot of each token's keys and values */
+  const int64_t *rows;    /* [t] 0, 1, ..., t - 1 */
+  const int64_t *block_tables, *seq_lens;
+  int64_t table_width;
+  int nthreads;
+};
+
+/* hidden += delta, both [n] */
+static void add_into(float *hidden, const float *delta, int64_t n) {
+  for (int64_t e = 0; e < n; e++) hidden[e] += delta[e];
+}
+
+void winnow_decode_layers(const struct winnow_layer *layers, int64_t num_layers,
+                          const struct winnow_decode *s) {
+  int64_t t = s->t, h = s->hidden_size, d = s->d, half = d / 2, inter = s->intermediate;
+  int64_t q_size = s->hq * d, kv_size = s->hkv * d, nqkv = q_size + 2 * kv_size;
+  int nthreads = s->nthreads;
+  float *normed = s->scratch, *qkv = normed + t * h, *q = qkv + t * nqkv, *attn = q + t * q_size;
+  float *gate_up = attn + t * q_size, *act = gate_up + t * 2 * inter, *proj = act + t * inter;
+  for (int64_t l = 0; l < num_layers; l++) {
+    const struct winnow_layer *layer = layers + l;
+    winnow_rms_norm(s->hidden, t, h, h, layer->input_norm, s->eps, normed, nthreads);
+    winnow_linear(normed, t, h, h, layer->qkv, nqkv, layer->qkv_bias, qkv, nthreads);
+    for (int64_t i = 0; i < t; i++) {
+      float *qi = qkv + i * nqkv, *ki = qi + q_size, *vi = ki + kv_size;
+      const float *cos = s->cos + i * half, *sin = s->sin + i * half;
+      if (layer->q_norm) {
+        winnow_rms_norm(qi, s->hq, d, d, layer->q_norm, s->eps, qi, 1);
+        winnow_rms_norm(ki, s->hkv, d, d, layer->k_norm, s->eps, ki, 1);
+      }
+      winnow_rope(qi, 1, s->hq, d, nqkv, cos, sin, q + i * q_size, 1);
+      winnow_rope(ki, 1, s->hkv, d, nqkv, cos, sin, layer->kcache + s->slots[i] * kv_size, 1);
+      float *vslot = layer->vcache + s->slots[i] * kv_size;
+      for (int64_t e = 0; e < kv_size; e++) vslot[e] = vi[e];
+    }
+    winnow_paged_decode(q, attn, s->rows, s->rows, t, layer->kcache, layer->vcache,
+                        s->block_tables, s->table_width, s->seq_lens, s->block_size, s->hq,
+                        s->hkv, d, layer->window, s->scale, nthreads);
+    winnow_linear(attn, t, q_size, q_size, layer->o, h, layer->o_bias, proj, nthreads);
+    add_into(s->hidden, proj, t * h);
+    winnow_rms_norm(s->hidden, t, h, h, layer->post_norm, s->eps, normed, nthreads);
+    winnow_linear(normed, t, h, h, layer->gate_up, 2 * inter, layer->gate_up_bias, gate_up,
+                  nthreads);
+    winnow_silu_mul(gate_up, t, inter, 2 * inter, act, nthreads);
+    winnow_linear(act, t, inter, inter, layer->down, h, layer->down_bias, proj, nthreads);
+    add_into(s->hidden, proj, t * h);
+  }
+}

@@ -28,6 +28,52 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
+class DecodeLayer(ctypes.Structure):
+    """`struct winnow_layer`: one decoder layer's weights and paged cache, as addresses (0 for a
+    bias or qk norm the model does not have)."""
+
+    _fields_ = [
+        *(
+            (name, _PTR)
+            for name in (
+                "input_norm",
+                "post_norm",
+                "q_norm",
+                "k_norm",
+                "qkv",
+                "qkv_bias",
+                "o",
+                "o_bias",
+                "gate_up",
+                "gate_up_bias",
+                "down",
+                "down_bias",
+                "kcache",
+                "vcache",
+            )  # fmt: skip
+        ),
+        ("window", _I64),
+    ]
+
+
+class DecodeStep(ctypes.Structure):
+    """`struct winnow_decode`: the model's shape and one decode-only step's inputs."""
+
+    _fields_ = [
+        *((name, _I64) for name in ("hidden_size", "hq", "hkv", "d", "intermediate")),
+        ("block_size", _I64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("hidden", _PTR),
+        ("t", _I64),
+        *((name, _PTR) for name in ("scratch", "cos", "sin", "slots", "rows")),
+        ("block_tables", _PTR),
+        ("seq_lens", _PTR),
+        ("table_width", _I64),
+        ("nthreads", ctypes.c_int),
+    ]
+
+
 def _cache_dir() -> Path:
     root = Path(os.environ.get("WINNOW_CACHE_DIR") or "~/.cache/winnow").expanduser()
     return root / "kernels"
@@ -89,6 +135,12 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_rope.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
     for name in ("winnow_rms_norm", "winnow_silu_mul", "winnow_rope"):
         getattr(lib, name).restype = None
+    lib.winnow_decode_layers.argtypes = [
+        ctypes.POINTER(DecodeLayer),
+        _I64,
+        ctypes.POINTER(DecodeStep),
+    ]
+    lib.winnow_decode_layers.restype = None
     lib.winnow_use_avx512.argtypes = [ctypes.c_int]
     lib.winnow_use_avx512.restype = ctypes.c_int
     isa = "AVX-512" if lib.winnow_use_avx512(1) else "AVX2"
@@ -217,3 +269,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def decode_layers(layers: ctypes.Array[DecodeLayer], step: DecodeStep) -> None:
+    """Run every layer of a decode-only step in C (see `winnow_decode_layers`)."""
+    _lib().winnow_decode_layers(layers, len(layers), ctypes.byref(step))

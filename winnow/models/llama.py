@@ -17,6 +17,7 @@ from winnow.models import cpu_kernels
 from winnow.models.attention import AttentionBackend, TorchAttentionBackend
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
+from winnow.models.decode_stack import DecodeStack
 from winnow.models.packed_linear import PackedLinear, pack_linears
 from winnow.models.rope import RotaryEmbedding, apply_rope
 
@@ -142,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(config)
+        self.decode_stack: DecodeStack | None = None  # set by pack_for_cpu
 
     @torch.inference_mode()
     def forward(
@@ -154,6 +156,9 @@ class LlamaForCausalLM(nn.Module):
         """Flat tokens [T] -> final-norm hidden states [T, hidden]; caches their k/v."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        if self.decode_stack is not None and attn.is_decode_only:
+            self.decode_stack.run(hidden, cos, sin, kv_caches, attn)
+            return self.norm(hidden)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, kv_cache, attn)
         return self.norm(hidden)
@@ -167,14 +172,18 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Move every projection and the output head onto the packed fp32 CPU kernel, and norms,
-        RoPE and the MLP activation onto theirs (after loading). A tied head gets its own packed
-        copy; embedding lookups keep the original."""
+        RoPE and the MLP activation onto theirs (after loading), and decode-only steps onto the
+        C decoder stack. A tied head gets its own packed copy; embedding lookups keep the
+        original."""
         pack_linears(self)
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight, None)
         for module in self.modules():
             if isinstance(module, RMSNorm | Attention | MLP):
                 module.use_cpu_kernels = True
+        layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        if DecodeStack.supports(layers):
+            self.decode_stack = DecodeStack(layers)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the fused layout; all params must be filled."""

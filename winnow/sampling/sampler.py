@@ -65,6 +65,8 @@ from winnow.sampling.step import (
 )
 
 _ROUTES = ("greedy", "thresholded", "free")
+# flags that give a greedy row more to do than an argmax of the model's logits
+_BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
 
 
 @dataclass
@@ -191,6 +193,9 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput:
         """One token per row of `logits` [B, V] (rows in `keys` order); advances each row."""
+        plain = self._plain_argmax(logits, keys)
+        if plain is not None:
+            return plain
         step = self._prepare(logits, keys)
         self._routes.choose(step)
         if step.lp is not None:
@@ -228,6 +233,30 @@ class Sampler:
         if flagged.size:
             values[step.index(flagged)] = self._routes.redo_exact(step, flagged)
         return values.index_select(0, step.index(np.argsort(step.order)))
+
+    def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+        """The common greedy step on a CPU without the pipeline's per-step setup (~0.7 ms at
+        batch 1): every row greedy with no penalty, bias, ban or logprobs, and every row's
+        maximum finite. Anything else -> None, and the full pipeline (which defines NaN and inf
+        rows) runs. numpy's argmax, like the greedy route, returns the lowest id among ties."""
+        batch = len(keys)
+        if logits.device.type != "cpu" or logits.dtype != torch.float32:
+            return None
+        if logits.shape != (batch, self.vocab_size):
+            return None
+        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        flags = self._flags[slots]
+        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
+        if not flags[:, GREEDY].all() or flags[:, _BEYOND_ARGMAX].any() or banned.any():
+            return None
+        if len(np.unique(slots)) != batch:
+            return None
+        rows = logits.detach().numpy()
+        tokens = rows.argmax(axis=1)
+        if not np.isfinite(rows[np.arange(batch), tokens]).all():
+            return None
+        self._out_len[slots] += 1
+        return SamplerOutput(torch.from_numpy(tokens.astype(np.int64)))
 
     # ------------------------------------------------------------------ stages 1-2
 
