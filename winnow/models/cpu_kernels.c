@@ -241,10 +241,12 @@ static void add_bias(float *y, int64_t ldy, int64_t m, const float *bias, int64_
 
 /* x [m, k] row-major (row stride ldx), packed w (see top), y [m, n] contiguous. Work items are
  * (block of up to MC rows, run of panels), taken from a shared counter so that one thread the OS
- * preempts does not hold up the rest; an MC-row slice of x stays in L2 across the panels. */
+ * preempts does not hold up the rest; an MC-row slice of x stays in L2 across the panels. A batch
+ * takes runs of 16 panels, so that the prefetch of the next panel pair's first slice lands in the
+ * cache of the thread that then reads it (runs of 2: 8-12% slower at 24-32 rows). */
 void winnow_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *wp, int64_t n,
                    const float *bias, float *y, int nthreads) {
-  int64_t panels = (n + NR - 1) / NR, run = m == 1 ? 8 : 2, runs = (panels + run - 1) / run;
+  int64_t panels = (n + NR - 1) / NR, run = m == 1 ? 8 : 16, runs = (panels + run - 1) / run;
   int64_t blocks = (m + MC - 1) / MC;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t item = 0; item < blocks * runs; item++) {
