@@ -85,6 +85,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="KV pool size in blocks, overriding the memory budget",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        default=_env("kv_cache_dtype", engine.kv_cache_dtype),
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="element type of the KV cache (auto: the model's dtype)",
+    )
+    p.add_argument(
         "--no-enable-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
@@ -186,6 +192,7 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         kv_cache_memory_gib=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching,
         cpu_kernels=args.cpu_kernels,

@@ -15,6 +15,9 @@ class EngineConfig:
     sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.
     `cpu_kernels` False keeps an fp32 CPU model on PyTorch's matmul and attention.
     `chat_template` is a path to a Jinja file that replaces the model's template.
+    `kv_cache_dtype` "auto" stores keys/values in the model's dtype; "float16" / "bfloat16"
+    halve an fp32 model's cache (twice the tokens in the same memory, half the bytes each decode
+    reads) at the cost of rounding every cached key and value.
     """
 
     model: str = "demo"
@@ -28,6 +31,7 @@ class EngineConfig:
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"
     num_threads: int = 0
     enable_prefix_caching: bool = True
     cpu_kernels: bool = True

@@ -103,3 +103,13 @@ def test_beyond_the_queue_limit_is_429(demo_model_dir: Path, tmp_path: Path) -> 
             assert json.loads(accepted.text)["usage"]["completion_tokens"] == 4
     finally:
         stop_server(proc)
+
+
+def test_half_precision_kv_cache_serves(demo_model_dir: Path, tmp_path: Path) -> None:
+    proc = start_server(demo_model_dir, tmp_path / "server.log", "--kv-cache-dtype", "bfloat16")
+    try:
+        reply = complete(proc, seeded_request(0))
+        assert reply["usage"]["completion_tokens"] == 48  # type: ignore[index]
+        assert "tokens, bfloat16), max_model_len" in proc.log()
+    finally:
+        stop_server(proc)

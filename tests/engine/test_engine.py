@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from winnow.config import EngineConfig
 from winnow.engine.engine import LLMEngine
@@ -92,6 +93,28 @@ def test_prefix_cache_hits_and_outputs_are_identical(
     assert cached and all(c == 96 for c in cached)  # 6 full blocks of the shared prefix
     outputs.update(run_all(engine, rest[1:]))
     assert outputs == reference
+
+
+def test_half_precision_kv_cache(loaded: LoadedModel) -> None:
+    """--kv-cache-dtype float16 on the fp32 demo model: the same memory holds twice the blocks,
+    and a preempting, chunking run gives the tokens of a roomy one (the recomputed keys and
+    values round to the same cache entries)."""
+    budget = {"kv_cache_memory_gib": 0.002, "enable_prefix_caching": False}
+    full = make_engine(loaded, **budget).stats().kv_blocks_total
+    half = make_engine(loaded, kv_cache_dtype="float16", **budget).stats().kv_blocks_total
+    assert abs(half - 2 * full) <= 1 and full > 2
+    roomy = make_engine(loaded, kv_cache_dtype="float16", enable_prefix_caching=False)
+    tight = make_engine(
+        loaded,
+        kv_cache_dtype="float16",
+        num_kv_blocks=30,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=False,
+    )
+    expected = run_all(roomy, workload())
+    assert run_all(tight, workload()) == expected
+    assert tight.stats().preemptions > 0
+    assert roomy.runner.kv_caches[0].dtype == torch.float16
 
 
 def test_abort_frees_every_block(loaded: LoadedModel) -> None:

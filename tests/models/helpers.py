@@ -103,11 +103,16 @@ class PagedRunner:
     shuffled free list (so tables are non-contiguous), one forward per `step`."""
 
     def __init__(
-        self, loaded: LoadedModel, num_blocks: int = 96, block_size: int = 4, seed: int = 0
+        self,
+        loaded: LoadedModel,
+        num_blocks: int = 96,
+        block_size: int = 4,
+        seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.loaded = loaded
         self.block_size = block_size
-        dtype = next(loaded.model.parameters()).dtype
+        dtype = kv_dtype or next(loaded.model.parameters()).dtype
         self.kv_caches = allocate_kv_cache(loaded.config, num_blocks, block_size, dtype, "cpu")
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)

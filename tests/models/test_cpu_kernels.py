@@ -137,12 +137,21 @@ def random_cache(
 @pytest.mark.parametrize(
     "lens", [[1, 7, 16, 33, 2, 70], [70], [7, 33]], ids=["batch-6", "batch-1", "batch-2"]
 )
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_decode_matches_torch(
-    threads: int, hq: int, hkv: int, d: int, window: int | None, lens: list[int]
+    threads: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    window: int | None,
+    lens: list[int],
+    kv_dtype: torch.dtype,
 ) -> None:
-    """Small batches split their kv heads across threads; large ones do not."""
+    """Small batches split their kv heads across threads; large ones do not. Half-precision
+    caches are widened on load exactly as the torch backend widens them."""
     block_size = 4
     cache, tables = random_cache(lens, block_size, hkv, d, seed=hq + d)
+    cache = cache.to(kv_dtype)
     attn = AttentionMetadata.build([1] * len(lens), lens, tables, block_size)
     q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(d))
     expected = TorchAttentionBackend().decode(q, cache, attn, None, window)
@@ -189,21 +198,27 @@ def test_model_with_kernels_matches_without(
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_decode_stack_matches_the_per_op_path(
-    arch: str, threads: int, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+    arch: str,
+    kv_dtype: torch.dtype,
+    threads: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch,
 ) -> None:
-    """Decode-only steps go through the C decoder stack, and give the per-op kernels' logits:
-    bit for bit, as it runs the same kernels in the same order, except that the per-op path
-    normalises q/k of several tokens (qk norm) with PyTorch. Sequences outgrow the sliding window
-    and a mixed step (prefill beside decodes) in between takes the per-op path."""
+    """Decode-only steps go through the C decoder stack, and give the per-op kernels' logits and
+    caches: bit for bit, as it runs the same kernels in the same order and rounds keys/values to
+    a half-precision cache as torch does, except that the per-op path normalises q/k of several
+    tokens (qk norm) with PyTorch. Sequences outgrow the sliding window and a mixed step (prefill
+    beside decodes) in between takes the per-op path."""
     path = save_hf_model(make_hf_model(arch, seed=5), tmp_path_factory.mktemp(arch))
     stacked, per_op = load_model(str(path)), load_model(str(path))
     per_op.model.decode_stack = None
     calls = []
     run_stack = cpu_kernels.decode_layers
     monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a: calls.append(a) or run_stack(*a))
-    runners = [PagedRunner(stacked), PagedRunner(per_op)]
+    runners = [PagedRunner(stacked, kv_dtype=kv_dtype), PagedRunner(per_op, kv_dtype=kv_dtype)]
     steps = [[("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]]
     steps += [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2, 61)]
     steps += [[("a", [8]), ("c", [4, 4, 19, 3]), ("b", [30])]]
@@ -216,6 +231,35 @@ def test_decode_stack_matches_the_per_op_path(
         for a, b in zip(got, expected, strict=True):
             if exact:
                 assert torch.equal(a, b)
-            else:
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            else:  # a key that differs in its last bit may round the other way in the cache
+                atol = 1e-5 if kv_dtype == torch.float32 else 1e-3
+                torch.testing.assert_close(a, b, atol=atol, rtol=0)
     assert len(calls) == decode_steps == 10
+    if exact:
+        for a, b in zip(runners[0].kv_caches, runners[1].kv_caches, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("kv_dtype", "atol"), [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_kv_cache(
+    kv_dtype: torch.dtype, atol: float, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A half-precision cache: the C kernels and the PyTorch path (chunked prefill and batched
+    decode reading the rounded cache) agree with each other, and stay within the cache's
+    rounding of the fp32-cache logits."""
+    path = save_hf_model(make_hf_model("llama", seed=3), tmp_path_factory.mktemp("half-kv"))
+    native, plain = load_model(str(path)), load_model(str(path), cpu_kernels_enabled=False)
+    half = [PagedRunner(native, kv_dtype=kv_dtype), PagedRunner(plain, kv_dtype=kv_dtype)]
+    full = PagedRunner(native)
+    assert half[1].kv_caches[0].dtype == kv_dtype
+    steps = [[("a", [5, 17, 3, 88, 42, 9, 1])], [("a", [11, 2, 60]), ("b", [7, 7, 2, 9])]]
+    steps += [[("a", [t]), ("b", [t + 1])] for t in (23, 40, 2, 61)]
+    started: set[str] = set()
+    for step in steps:
+        got, torch_path, reference = (runner.step(step) for runner in [*half, full])
+        for (seq, _), a, b, c in zip(step, got, torch_path, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+            torch.testing.assert_close(a, c, atol=atol, rtol=0)
+            # a first chunk attends to its own fresh keys; later ones read the rounded cache
+            assert torch.equal(a, c) == (seq not in started)
+            started.add(seq)

@@ -22,7 +22,7 @@ from winnow.engine.outputs import (
 from winnow.engine.request import GenerationRequest, RequestRejected
 from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
-from winnow.models import LoadedModel, kv_cache_bytes_per_block
+from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.noise import child_seed, random_seed
 from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.sampling.text_stream import TextStream
@@ -59,8 +59,10 @@ class LLMEngine:
         )
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids)
         device = next(loaded.model.parameters()).device
-        dtype = next(loaded.model.parameters()).dtype
-        num_blocks = self._num_kv_blocks(loaded, device, dtype)
+        kv_dtype = resolve_kv_cache_dtype(
+            config.kv_cache_dtype, next(loaded.model.parameters()).dtype
+        )
+        num_blocks = self._num_kv_blocks(loaded, device, kv_dtype)
         pool_tokens = (num_blocks - 1) * config.block_size
         if pool_tokens < self.max_model_len:
             logger.warning(
@@ -75,7 +77,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, kv_dtype)
         self.sampler = Sampler(
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
@@ -84,10 +86,11 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._preemptions = 0
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d",
+            "KV cache: %d blocks of %d tokens (%d tokens, %s), max_model_len %d",
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
+            str(kv_dtype).removeprefix("torch."),
             self.max_model_len,
         )
 

@@ -12,13 +12,14 @@ from winnow.models import AttentionMetadata, LoadedModel, allocate_kv_cache
 class ModelRunner:
     """Owns the KV cache tensors and the forward pass of the loaded model."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype
+    ) -> None:
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(
-            loaded.config, num_blocks, block_size, self.dtype, self.device
+            loaded.config, num_blocks, block_size, kv_dtype, self.device
         )
 
     @torch.inference_mode()

@@ -8,7 +8,11 @@ from winnow.models.attention import (
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
-from winnow.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from winnow.models.kv_cache import (
+    allocate_kv_cache,
+    kv_cache_bytes_per_block,
+    resolve_kv_cache_dtype,
+)
 from winnow.models.loader import LoadedModel, load_model
 from winnow.models.tokenizer import ChatTemplateError, Tokenizer
 
@@ -25,5 +29,6 @@ __all__ = [
     "build_demo_model",
     "kv_cache_bytes_per_block",
     "load_model",
+    "resolve_kv_cache_dtype",
     "select_attention_backend",
 ]

@@ -1,8 +1,10 @@
 """Paged attention backends: write this step's k/v into the block cache, then attend.
 
 A layer's cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
-(index 0 = keys, 1 = values). Token `p` of a sequence lives at block `block_table[p // block_size]`,
-offset `p % block_size`; `attn.slot_mapping` gives that flat slot for each new token.
+(index 0 = keys, 1 = values), in the model's dtype or the one --kv-cache-dtype asks for: new k/v
+are rounded to it when written, cached ones widened back to the queries' dtype when read.
+Token `p` of a sequence lives at block `block_table[p // block_size]`, offset `p % block_size`;
+`attn.slot_mapping` gives that flat slot for each new token.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class TorchAttentionBackend:
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """TorchAttentionBackend with decodes read in place from the paged cache by a C kernel
-    (fp32, head_dim a multiple of 8), instead of gathering every block into a batch."""
+    (fp32 queries, an fp32/fp16/bf16 cache, head_dim a multiple of 8), instead of gathering
+    every block into a batch."""
 
     def decode(
         self,
@@ -104,7 +107,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
         seqs: list[int] | None,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        if q.dtype != torch.float32 or q.shape[-1] % 8 or not kv_cache.is_contiguous():
+        readable = kv_cache.dtype in cpu_kernels.KV_TYPES and kv_cache.is_contiguous()
+        if q.dtype != torch.float32 or q.shape[-1] % 8 or not readable:
             return super().decode(q, kv_cache, attn, seqs, sliding_window)
         tokens, rows = _decode_rows(attn, seqs)
         out = torch.empty(tokens.numel(), *q.shape[1:], dtype=q.dtype)
@@ -143,8 +147,8 @@ def select_attention_backend(
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Scatter new keys/values [T, Hkv, D] into their flat cache slots."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
 
 
 def _prefill(
@@ -173,8 +177,8 @@ def _chunk(
     """New tokens [Lq, Hq, D] of sequence `seq`, continuing after its cached tokens."""
     seq_len = attn.seq_lens[seq]
     blocks = attn.block_tables[seq, : -(-seq_len // attn.block_size)]
-    keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].to(q.dtype)
+    values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         keys.transpose(0, 1).unsqueeze(0),
@@ -248,8 +252,8 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch
     """One query token per sequence, q [B, Hq, D]; all sequences in one batched SDPA."""
     kv_shape = (plan.batch, -1, *kv_cache.shape[-2:])
     # index_select beats advanced indexing; [B * nb, bs, Hkv, D] -> [B, Hkv, max_len, D]
-    keys = kv_cache[0].index_select(0, plan.blocks).view(kv_shape)[:, : plan.max_len]
-    values = kv_cache[1].index_select(0, plan.blocks).view(kv_shape)[:, : plan.max_len]
+    keys = kv_cache[0].index_select(0, plan.blocks).view(kv_shape)[:, : plan.max_len].to(q.dtype)
+    values = kv_cache[1].index_select(0, plan.blocks).view(kv_shape)[:, : plan.max_len].to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),
         keys.transpose(1, 2),

@@ -23,6 +23,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define NR 16
 #define MR 6
@@ -314,25 +315,70 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* scores[j] = q . (rows[j] + offset) * scale for j < span, eight keys at a time. */
-static void score_keys(const float *q, const float *const *rows, int64_t offset, int64_t span,
-                       int64_t d, float scale, float *scores) {
-  int64_t j = 0;
+/* Key/value cache elements: fp32, or fp16 / bf16 widened to fp32 on load (--kv-cache-dtype). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+static inline __attribute__((always_inline)) int64_t kv_size(const int type) {
+  return type == KV_F32 ? 4 : 2;
+}
+
+/* Elements e .. e + 7 of the cache row at `row` as fp32. */
+static inline __attribute__((always_inline)) __m256 load_kv(const char *row, int64_t e,
+                                                            const int type) {
+  if (type == KV_F32) return _mm256_loadu_ps((const float *)row + e);
+  __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + e));
+  if (type == KV_F16) return _mm256_cvtph_ps(half);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/* row[0 .. n) = x[0 .. n) in the cache's element type, rounded to nearest even (as torch's
+ * conversions round, NaN kept a NaN). */
+static void store_kv(char *row, const float *x, int64_t n, const int type) {
+  if (type == KV_F32) {
+    for (int64_t e = 0; e < n; e++) ((float *)row)[e] = x[e];
+    return;
+  }
+  uint16_t *out = (uint16_t *)row;
+  int64_t e = 0;
+  if (type == KV_F16)
+    for (; e + 8 <= n; e += 8)
+      _mm_storeu_si128((__m128i *)(out + e),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + e), _MM_FROUND_TO_NEAREST_INT));
+  for (; e < n; e++) {
+    if (type == KV_F16) {
+      out[e] = (uint16_t)_mm_extract_epi16(
+          _mm_cvtps_ph(_mm_set_ss(x[e]), _MM_FROUND_TO_NEAREST_INT), 0);
+      continue;
+    }
+    uint32_t bits;
+    memcpy(&bits, x + e, 4);
+    out[e] = isnan(x[e]) ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
+/* scores[j] = q . key j * scale for j < span, eight keys at a time; key j is the d elements at
+ * element `offset` of cache row rows[j]. */
+static inline __attribute__((always_inline)) void score_keys(const float *q,
+                                                             const char *const *rows,
+                                                             int64_t offset, int64_t span,
+                                                             int64_t d, float scale, float *scores,
+                                                             const int type) {
+  int64_t j = 0, at = offset * kv_size(type);
   for (; j + 8 <= span; j += 8) {
-    const float *r0 = rows[j] + offset, *r1 = rows[j + 1] + offset, *r2 = rows[j + 2] + offset,
-                *r3 = rows[j + 3] + offset, *r4 = rows[j + 4] + offset, *r5 = rows[j + 5] + offset,
-                *r6 = rows[j + 6] + offset, *r7 = rows[j + 7] + offset;
+    const char *r0 = rows[j] + at, *r1 = rows[j + 1] + at, *r2 = rows[j + 2] + at,
+               *r3 = rows[j + 3] + at, *r4 = rows[j + 4] + at, *r5 = rows[j + 5] + at,
+               *r6 = rows[j + 6] + at, *r7 = rows[j + 7] + at;
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
     for (int64_t e = 0; e < d; e += 8) {
       __m256 qv = _mm256_loadu_ps(q + e);
-      c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + e), c0);
-      c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + e), c1);
-      c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + e), c2);
-      c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + e), c3);
-      c4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r4 + e), c4);
-      c5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r5 + e), c5);
-      c6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r6 + e), c6);
-      c7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r7 + e), c7);
+      c0 = _mm256_fmadd_ps(qv, load_kv(r0, e, type), c0);
+      c1 = _mm256_fmadd_ps(qv, load_kv(r1, e, type), c1);
+      c2 = _mm256_fmadd_ps(qv, load_kv(r2, e, type), c2);
+      c3 = _mm256_fmadd_ps(qv, load_kv(r3, e, type), c3);
+      c4 = _mm256_fmadd_ps(qv, load_kv(r4, e, type), c4);
+      c5 = _mm256_fmadd_ps(qv, load_kv(r5, e, type), c5);
+      c6 = _mm256_fmadd_ps(qv, load_kv(r6, e, type), c6);
+      c7 = _mm256_fmadd_ps(qv, load_kv(r7, e, type), c7);
     }
     __m256 dots = hsum8(c0, c1, c2, c3, c4, c5, c6, c7);
     _mm256_storeu_ps(scores + j, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
@@ -340,7 +386,7 @@ static void score_keys(const float *q, const float *const *rows, int64_t offset,
   for (; j < span; j++) {
     __m256 c = _mm256_setzero_ps();
     for (int64_t e = 0; e < d; e += 8)
-      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(rows[j] + offset + e), c);
+      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), load_kv(rows[j] + at, e, type), c);
     scores[j] = hsum(c) * scale;
   }
 }
@@ -363,10 +409,12 @@ static float softmax_numerators(float *scores, int64_t span) {
   return total + hsum(sum);
 }
 
-/* o0 += sum_j w0[j] * v_j and, when w1 is not NULL, o1 += sum_j w1[j] * v_j, where
- * v_j = values + rows[j] [0:d]: two query heads of one group share every load of a value row. */
-static void weighted_values(const float *w0, const float *w1, const float *values,
-                            const int64_t *rows, int64_t span, int64_t d, float *o0, float *o1) {
+/* o0 += sum_j w0[j] * v_j and, when w1 is not NULL, o1 += sum_j w1[j] * v_j, where v_j is the
+ * d elements at element rows[j] of `values`: two query heads of one group share every load of a
+ * value row. */
+static inline __attribute__((always_inline)) void weighted_values(
+    const float *w0, const float *w1, const char *values, const int64_t *rows, int64_t span,
+    int64_t d, float *o0, float *o1, const int type) {
   const float *w1s = w1 ? w1 : w0;
   int64_t e = 0;
   for (; e + 32 <= d; e += 32) {
@@ -376,9 +424,9 @@ static void weighted_values(const float *w0, const float *w1, const float *value
            b0 = _mm256_loadu_ps(o1s + e), b1 = _mm256_loadu_ps(o1s + e + 8),
            b2 = _mm256_loadu_ps(o1s + e + 16), b3 = _mm256_loadu_ps(o1s + e + 24);
     for (int64_t j = 0; j < span; j++) {
-      const float *v = values + rows[j] + e;
-      __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-             v3 = _mm256_loadu_ps(v + 24);
+      const char *v = values + rows[j] * kv_size(type);
+      __m256 v0 = load_kv(v, e, type), v1 = load_kv(v, e + 8, type),
+             v2 = load_kv(v, e + 16, type), v3 = load_kv(v, e + 24, type);
       __m256 x = _mm256_broadcast_ss(w0 + j), y = _mm256_broadcast_ss(w1s + j);
       a0 = _mm256_fmadd_ps(x, v0, a0);
       a1 = _mm256_fmadd_ps(x, v1, a1);
@@ -403,7 +451,7 @@ static void weighted_values(const float *w0, const float *w1, const float *value
   for (; e < d; e += 8) {
     __m256 a = _mm256_loadu_ps(o0 + e), b = _mm256_loadu_ps((w1 ? o1 : o0) + e);
     for (int64_t j = 0; j < span; j++) {
-      __m256 v = _mm256_loadu_ps(values + rows[j] + e);
+      __m256 v = load_kv(values + rows[j] * kv_size(type), e, type);
       a = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + j), v, a);
       b = _mm256_fmadd_ps(_mm256_broadcast_ss(w1s + j), v, b);
     }
@@ -416,11 +464,11 @@ static void weighted_values(const float *w0, const float *w1, const float *value
  * row seqs[i], positions [max(0, len - window), len) (window 0: all). d must be a multiple of 8.
  * A work item is one sequence and a range of its kv heads: all of them when the batch keeps every
  * thread busy, else as many parts as it takes to give each thread two items. */
-void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, const int64_t *seqs,
-                         int64_t batch, const float *kcache, const float *vcache,
-                         const int64_t *block_tables, int64_t table_width, const int64_t *seq_lens,
-                         int64_t block_size, int64_t hq, int64_t hkv, int64_t d, int64_t window,
-                         float scale, int nthreads) {
+static inline __attribute__((always_inline)) void paged_decode(
+    const float *q, float *out, const int64_t *tokens, const int64_t *seqs, int64_t batch,
+    const char *kcache, const char *vcache, const int64_t *block_tables, int64_t table_width,
+    const int64_t *seq_lens, int64_t block_size, int64_t hq, int64_t hkv, int64_t d,
+    int64_t window, float scale, int nthreads, const int type) {
   int64_t group = hq / hkv, stride = hkv * d; /* floats from one cache position to the next */
   int64_t parts = (2 * nthreads + batch - 1) / batch;
   parts = parts > hkv ? hkv : parts;
@@ -430,7 +478,7 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
     /* per thread, grown on demand: scores [hq][span], cache row of each position [span] */
     float *scores = NULL;
     int64_t *rows = NULL;
-    const float **keys = NULL;
+    const char **keys = NULL;
     int64_t capacity = 0;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < batch * parts; item++) {
@@ -447,7 +495,7 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
         free(keys);
         scores = malloc(sizeof(float) * hq * capacity);
         rows = malloc(sizeof(int64_t) * capacity);
-        keys = malloc(sizeof(float *) * capacity);
+        keys = malloc(sizeof(char *) * capacity);
       }
       const int64_t *table = block_tables + seqs[i] * table_width;
       for (int64_t pos = start; pos < len;) {
@@ -456,14 +504,14 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
         int64_t row = (table[pos / block_size] * block_size + offset) * stride;
         for (int64_t r = 0; r < run; r++, pos++) {
           rows[pos - start] = row + r * stride;
-          keys[pos - start] = kcache + row + r * stride;
+          keys[pos - start] = kcache + (row + r * stride) * kv_size(type);
         }
       }
       const float *qi = q + tokens[i] * hq * d;
       for (int64_t j = 0; j < span; j += 8) /* eight positions stay in L1 for every head */
         for (int64_t h = h0; h < h1; h++)
           score_keys(qi + h * d, keys + j, h / group * d, span - j < 8 ? span - j : 8, d, scale,
-                     scores + h * span + j);
+                     scores + h * span + j, type);
       for (int64_t h = h0; h < h1; h++) {
         float *s = scores + h * span, inv = 1.0f / softmax_numerators(s, span);
         for (int64_t j = 0; j < span; j++) s[j] *= inv;
@@ -476,8 +524,8 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
           /* heads h and h + 1 together when they read the same value head */
           int pair = h + 1 < h1 && (h + 1) / group == h / group;
           weighted_values(scores + h * span + j, pair ? scores + (h + 1) * span + j : NULL,
-                          vcache + h / group * d, rows + j, n, d, oi + h * d,
-                          pair ? oi + (h + 1) * d : NULL);
+                          vcache + h / group * d * kv_size(type), rows + j, n, d, oi + h * d,
+                          pair ? oi + (h + 1) * d : NULL, type);
           h += pair;
         }
       }
@@ -486,6 +534,24 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
     free(rows);
     free(keys);
   }
+}
+
+/* The exported entry: one copy of the kernel per cache element type (`type`: KV_F32, KV_F16 or
+ * KV_BF16), so that no element load branches on it. */
+void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, const int64_t *seqs,
+                         int64_t batch, const void *kcache, const void *vcache,
+                         const int64_t *block_tables, int64_t table_width, const int64_t *seq_lens,
+                         int64_t block_size, int64_t hq, int64_t hkv, int64_t d, int64_t window,
+                         float scale, int type, int nthreads) {
+#define PAGED_DECODE(t)                                                                        \
+  paged_decode(q, out, tokens, seqs, batch, kcache, vcache, block_tables, table_width, seq_lens, \
+               block_size, hq, hkv, d, window, scale, nthreads, t)
+  switch (type) {
+    case KV_F16: PAGED_DECODE(KV_F16); break;
+    case KV_BF16: PAGED_DECODE(KV_BF16); break;
+    default: PAGED_DECODE(KV_F32);
+  }
+#undef PAGED_DECODE
 }
 
 /* Row-wise elementwise kernels. Small inputs run on the calling thread: a parallel region costs
@@ -571,7 +637,7 @@ void winnow_rope(const float *x, int64_t tokens, int64_t heads, int64_t d, int64
 struct winnow_layer {
   const float *input_norm, *post_norm, *q_norm, *k_norm;
   const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
-  float *kcache, *vcache;
+  char *kcache, *vcache;
   int64_t window; /* sliding window, 0: none */
 };
 
@@ -581,12 +647,13 @@ struct winnow_decode {
   float eps, scale;
   float *hidden; /* [t, hidden_size] residual stream, updated in place */
   int64_t t;
-  float *scratch; /* winnow_decode_scratch(...) floats */
+  float *scratch; /* see DecodeStack.run */
   const float *cos, *sin; /* [t, d / 2] */
   const int64_t *slots;   /* [t] cache slot of each token's keys and values */
   const int64_t *rows;    /* [t] 0, 1, ..., t - 1 */
   const int64_t *block_tables, *seq_lens;
   int64_t table_width;
+  int kv_type; /* KV_F32, KV_F16 or KV_BF16 */
   int nthreads;
 };
 
@@ -598,29 +665,31 @@ static void add_into(float *hidden, const float *delta, int64_t n) {
 void winnow_decode_layers(const struct winnow_layer *layers, int64_t num_layers,
                           const struct winnow_decode *s) {
   int64_t t = s->t, h = s->hidden_size, d = s->d, half = d / 2, inter = s->intermediate;
-  int64_t q_size = s->hq * d, kv_size = s->hkv * d, nqkv = q_size + 2 * kv_size;
+  int64_t q_size = s->hq * d, kv_width = s->hkv * d, nqkv = q_size + 2 * kv_width;
+  int64_t slot_bytes = kv_width * kv_size(s->kv_type);
   int nthreads = s->nthreads;
   float *normed = s->scratch, *qkv = normed + t * h, *q = qkv + t * nqkv, *attn = q + t * q_size;
   float *gate_up = attn + t * q_size, *act = gate_up + t * 2 * inter, *proj = act + t * inter;
+  float *key = proj + t * h; /* [kv_width]: one token's rotated keys before they are stored */
   for (int64_t l = 0; l < num_layers; l++) {
     const struct winnow_layer *layer = layers + l;
     winnow_rms_norm(s->hidden, t, h, h, layer->input_norm, s->eps, normed, nthreads);
     winnow_linear(normed, t, h, h, layer->qkv, nqkv, layer->qkv_bias, qkv, nthreads);
     for (int64_t i = 0; i < t; i++) {
-      float *qi = qkv + i * nqkv, *ki = qi + q_size, *vi = ki + kv_size;
+      float *qi = qkv + i * nqkv, *ki = qi + q_size, *vi = ki + kv_width;
       const float *cos = s->cos + i * half, *sin = s->sin + i * half;
       if (layer->q_norm) {
         winnow_rms_norm(qi, s->hq, d, d, layer->q_norm, s->eps, qi, 1);
         winnow_rms_norm(ki, s->hkv, d, d, layer->k_norm, s->eps, ki, 1);
       }
       winnow_rope(qi, 1, s->hq, d, nqkv, cos, sin, q + i * q_size, 1);
-      winnow_rope(ki, 1, s->hkv, d, nqkv, cos, sin, layer->kcache + s->slots[i] * kv_size, 1);
-      float *vslot = layer->vcache + s->slots[i] * kv_size;
-      for (int64_t e = 0; e < kv_size; e++) vslot[e] = vi[e];
+      winnow_rope(ki, 1, s->hkv, d, nqkv, cos, sin, key, 1);
+      store_kv(layer->kcache + s->slots[i] * slot_bytes, key, kv_width, s->kv_type);
+      store_kv(layer->vcache + s->slots[i] * slot_bytes, vi, kv_width, s->kv_type);
     }
     winnow_paged_decode(q, attn, s->rows, s->rows, t, layer->kcache, layer->vcache,
                         s->block_tables, s->table_width, s->seq_lens, s->block_size, s->hq,
-                        s->hkv, d, layer->window, s->scale, nthreads);
+                        s->hkv, d, layer->window, s->scale, s->kv_type, nthreads);
     winnow_linear(attn, t, q_size, q_size, layer->o, h, layer->o_bias, proj, nthreads);
     add_into(s->hidden, proj, t * h);
     winnow_rms_norm(s->hidden, t, h, h, layer->post_norm, s->eps, normed, nthreads);

@@ -23,8 +23,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 PANEL = 16  # output features per packed weight panel (one 64-byte row per k)
+# KV cache element types the decode kernels read, and their codes in the C file
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -70,6 +72,7 @@ class DecodeStep(ctypes.Structure):
         ("block_tables", _PTR),
         ("seq_lens", _PTR),
         ("table_width", _I64),
+        ("kv_type", ctypes.c_int),
         ("nthreads", ctypes.c_int),
     ]
 
@@ -118,7 +121,7 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_linear.restype = None
     lib.winnow_paged_decode.argtypes = [
         *(_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR),
-        *(_I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int),
+        *(_I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int),
     ]
     lib.winnow_paged_decode.restype = None
     lib.winnow_rms_norm.argtypes = [
@@ -205,8 +208,8 @@ def paged_decode(
     """Writes out[i] = attention of q[tokens[i]] over the cached k/v of sequence seqs[i].
 
     q [T, Hq, D] and out [len(tokens), Hq, D] contiguous fp32; kv_cache
-    [2, blocks, block_size, Hkv, D] contiguous fp32; block_tables [B, W] and seq_lens [B]
-    contiguous int64; window 0 = no sliding window.
+    [2, blocks, block_size, Hkv, D] contiguous, in a dtype of KV_TYPES; block_tables [B, W] and
+    seq_lens [B] contiguous int64; window 0 = no sliding window.
     """
     _, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
@@ -214,7 +217,7 @@ def paged_decode(
         q.data_ptr(), out.data_ptr(), tokens.data_ptr(), seqs.data_ptr(), tokens.numel(),
         kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), block_size, hq, hkv, d, window,
-        d**-0.5, torch.get_num_threads(),
+        d**-0.5, KV_TYPES[kv_cache.dtype], torch.get_num_threads(),
     )  # fmt: skip
 
 

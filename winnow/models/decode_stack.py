@@ -88,12 +88,14 @@ class DecodeStack:
         attn: AttentionMetadata,
     ) -> None:
         """hidden [T, hidden] contiguous fp32, one new token per sequence (token i belongs to
-        sequence i); cos/sin [T, 1, head_dim / 2]; every cache contiguous fp32."""
+        sequence i); cos/sin [T, 1, head_dim / 2]; every cache contiguous, all in one dtype of
+        `cpu_kernels.KV_TYPES`."""
         self._point_at(kv_caches)
         tokens = hidden.shape[0]
         scratch = torch.empty(
             tokens * (2 * self.hidden_size + 3 * self.q_size + 2 * self.kv_size)
-            + tokens * 3 * self.intermediate,
+            + tokens * 3 * self.intermediate
+            + self.kv_size,
             dtype=torch.float32,
         )
         rows = torch.arange(tokens)
@@ -116,7 +118,8 @@ class DecodeStack:
         if addresses == self._caches:
             return
         for entry, cache, address in zip(self.layers, kv_caches, addresses, strict=True):
-            assert cache.is_contiguous() and cache.dtype == torch.float32
+            assert cache.is_contiguous() and cache.dtype == kv_caches[0].dtype
             entry.kcache = address
             entry.vcache = cache[1].data_ptr()
+        self.step.kv_type = cpu_kernels.KV_TYPES[kv_caches[0].dtype]
         self._caches = addresses
