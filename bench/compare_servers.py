@@ -189,6 +189,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="Winnow's --kv-cache-dtype (float16: the KV precision llama-server uses by default)",
+    )
     args = parser.parse_args()
 
     model_dir = build_demo_model(args.model)
@@ -199,6 +204,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     command = [str(bin_dir / "winnow"), "serve", str(model_dir), "--port", url.rsplit(":", 1)[1]]
     command += ["--served-model-name", "bench", "--max-num-seqs", str(args.concurrency)]
+    command += ["--kv-cache-dtype", args.kv_cache_dtype]
     servers.append(Server("winnow", [*command, "--log-level", "warning"], url, "bench"))
 
     peers = set(args.servers.split(","))

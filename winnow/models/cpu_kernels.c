@@ -11,9 +11,12 @@
  *   12-row x 2-panel tile (24 accumulators) for batches, one register per panel row for one row.
  *
  * winnow_paged_decode: one query token per sequence against its keys/values in the paged cache
- *   ([num_blocks, block_size, kv_heads, head_dim] each), read in place through the block table.
- *   A work item serves every query head of a sequence, or of a range of its kv heads when the
- *   batch is too small to keep the threads busy.
+ *   ([num_blocks, block_size, kv_heads, head_dim] each, fp32, fp16 or bf16 elements), read in
+ *   place through the block table. A work item serves every query head of a sequence, or of a
+ *   range of its kv heads when the batch is too small to keep the threads busy.
+ *
+ * winnow_decode_layers: every decoder layer of a step in which each sequence has one new token,
+ *   stringing the kernels above together in C (at batch 1 the Python between them cost ~10%).
  *
  * Threads come from the OpenMP runtime the process already has loaded (PyTorch's libgomp), so
  * these kernels and PyTorch's own ops share one pool.
@@ -630,7 +633,8 @@ void winnow_rope(const float *x, int64_t tokens, int64_t heads, int64_t d, int64
 
 /* ---- The decoder stack of a decode-only step, one call for every layer ----
  * Runs the same kernels the per-op path calls from Python, in the same order and on the same
- * inputs (so the results are bit-identical), without a Python round trip between them. */
+ * inputs, without a Python round trip between them: the results are bit-identical, except where
+ * the per-op path normalises q/k (qk norm) of several tokens with PyTorch. */
 
 /* One decoder layer's weights (packed projections, NULL biases / qk norms where the model has
  * none) and its paged cache (keys and values [num_blocks, block_size, hkv, d] each). */

@@ -34,7 +34,6 @@ class DecodeStack:
 
     def __init__(self, layers: list[DecoderLayer]) -> None:
         first = layers[0].self_attn
-        self.num_layers = len(layers)
         self.q_size = first.q_size
         self.kv_size = first.kv_size
         self.intermediate = layers[0].mlp.intermediate_size
