@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.models.helpers import PagedRunner, hf_logits, make_hf_model, save_hf_model
-from winnow.models import LoadedModel, ModelConfig, load_model
+from winnow.models import LoadedModel, ModelConfig, load_model, resolve_kv_cache_dtype
 from winnow.models.loader import resolve_dtype, resolve_model_path, safetensors_files
 
 
@@ -132,3 +132,11 @@ def test_auto_dtype_on_cuda_follows_config(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "bfloat16"
     config = ModelConfig.from_pretrained(tmp_path)
     assert resolve_dtype("auto", config, torch.device("cuda")) == torch.bfloat16
+
+
+def test_kv_cache_dtype_names() -> None:
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32) == torch.float16
+    assert resolve_kv_cache_dtype("bf16", torch.float32) == torch.bfloat16
+    with pytest.raises(ValueError, match="unsupported kv cache dtype 'int8'"):
+        resolve_kv_cache_dtype("int8", torch.float32)

@@ -8,12 +8,8 @@ from winnow.models.attention import (
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
-from winnow.models.kv_cache import (
-    allocate_kv_cache,
-    kv_cache_bytes_per_block,
-    resolve_kv_cache_dtype,
-)
-from winnow.models.loader import LoadedModel, load_model
+from winnow.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from winnow.models.loader import LoadedModel, load_model, resolve_kv_cache_dtype
 from winnow.models.tokenizer import ChatTemplateError, Tokenizer
 
 __all__ = [

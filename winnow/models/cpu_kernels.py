@@ -52,7 +52,7 @@ class DecodeLayer(ctypes.Structure):
                 "down_bias",
                 "kcache",
                 "vcache",
-            )  # fmt: skip
+            )
         ),
         ("window", _I64),
     ]

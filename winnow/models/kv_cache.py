@@ -6,19 +6,6 @@ import torch
 
 from winnow.models.config import ModelConfig
 
-KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype: "auto" keeps the model's dtype, else one of KV_CACHE_DTYPES."""
-    if name == "auto":
-        return model_dtype
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(
-            f"unsupported kv cache dtype {name!r}; use auto, {', '.join(KV_CACHE_DTYPES)}"
-        )
-    return KV_CACHE_DTYPES[name]
-
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block costs across all layers (keys and values)."""

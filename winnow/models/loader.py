@@ -109,6 +109,15 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: "auto" keeps the model's dtype, else a dtype named as for --dtype."""
+    if name == "auto":
+        return model_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported kv cache dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors files (sharded via the index, or single); refuses pickles."""
     index = path / "model.safetensors.index.json"
