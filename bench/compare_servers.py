@@ -3,7 +3,8 @@
     .venv/bin/python bench/compare_servers.py --llama-server PATH/TO/llama-server \
         --convert-script PATH/TO/convert_hf_to_gguf.py --runs 3
 
-Every server serves the same demo-large weights (llama.cpp from an f32 GGUF converted with
+Every server serves the same demo weights (`--model demo-large`, or `demo-large-bf16` for the
+same weights stored as bf16; llama.cpp from a GGUF of the checkpoint's dtype converted with
 llama.cpp's own script) on loopback; `winnow bench serve`'s load generator sends the same
 workload to each. All servers stay up and the runs alternate between them, so a drifting machine
 affects each alike. Prints output tok/s at the given concurrency, TTFT and TPOT, single-stream
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -154,7 +156,7 @@ def bench_all(
     return [results[s.name] for s in servers], bandwidths
 
 
-def convert_to_gguf(model_dir: Path, script: Path, out: Path) -> Path:
+def convert_to_gguf(model_dir: Path, script: Path, outtype: str, out: Path) -> Path:
     if not out.exists():
         env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
         subprocess.run(
@@ -163,7 +165,7 @@ def convert_to_gguf(model_dir: Path, script: Path, out: Path) -> Path:
                 str(script),
                 str(model_dir),
                 "--outtype",
-                "f32",
+                outtype,
                 "--outfile",
                 str(out),
             ],
@@ -209,8 +211,10 @@ def main() -> None:
 
     peers = set(args.servers.split(","))
     if "llama.cpp" in peers and args.llama_server and args.convert_script:
+        dtype = json.loads((model_dir / "config.json").read_text())["torch_dtype"]
+        outtype = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
         gguf = convert_to_gguf(
-            model_dir, args.convert_script, log_dir.parent / "demo-large-f32.gguf"
+            model_dir, args.convert_script, outtype, log_dir.parent / f"{args.model}-{outtype}.gguf"
         )
         url = f"http://127.0.0.1:{free_port()}"
         slot_ctx = 2 * (args.input_len + args.output_len) + 64

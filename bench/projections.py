@@ -1,11 +1,13 @@
-"""Winnow's packed fp32 projection kernel vs torch's F.linear on every demo-large projection.
+"""Winnow's packed projection kernel vs torch's F.linear on every demo-large projection.
 
     .venv/bin/python bench/projections.py --runs 7
+    .venv/bin/python bench/projections.py --runs 7 --weight-dtype bfloat16
 
 For each batch size M, times one pass over the model's 33 projections (8 layers of fused QKV,
 output, fused gate/up and down, then the output head) back to back, as a decode step at batch M
 runs them, and prints ms, GFLOP/s and the ratio to F.linear on the same weights in the same run
-(medians of `--runs`).
+(medians of `--runs`). With `--weight-dtype bfloat16` (or float16) the weights are 16-bit values:
+Winnow keeps them in 16-bit panels, F.linear gets them as fp32, the exact computation both do.
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 24, 32, 64, 128])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--weight-dtype", default="float32", choices=["float32", "bfloat16", "float16"]
+    )
     args = parser.parse_args()
     if not cpu_kernels.available():
         raise SystemExit("the CPU kernels are not available on this machine")
-    weights = [torch.randn(n, k) for n, k in SHAPES]
-    packed = [cpu_kernels.pack_weight(w) for w in weights]
-    print(f"{torch.get_num_threads()} threads; {sum(w.numel() for w in weights) * 4 / 1e6:.0f} MB")
+    dtype = getattr(torch, args.weight_dtype)
+    weights = [torch.randn(n, k).to(dtype).float() for n, k in SHAPES]
+    packed = [cpu_kernels.pack_weight(w.to(dtype)) for w in weights]
+    megabytes = sum(p.numel() * p.element_size() for p in packed) / 1e6
+    print(f"{torch.get_num_threads()} threads; {args.weight_dtype} panels, {megabytes:.0f} MB")
     print(
         f"{'M':>5} {'winnow ms':>10} {'GFLOP/s':>8} {'F.linear ms':>12} {'GFLOP/s':>8} {'ratio':>6}"
     )

@@ -258,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_serve_parser(commands)
     _add_bench_parser(commands)
     demo = commands.add_parser("demo-model", help="build the built-in demo model (no network)")
-    demo.add_argument("name", nargs="?", default="demo", choices=["demo", "demo-large"])
+    demo_names = ["demo", "demo-large", "demo-large-bf16"]  # literal: no torch import to parse
+    demo.add_argument("name", nargs="?", default="demo", choices=demo_names)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "info").upper(),

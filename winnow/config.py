@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 class EngineConfig:
     """How the engine loads the model and spends time and memory.
 
-    `model` is a local Hugging Face directory, a hub id, or "demo" / "demo-large".
+    `model` is a local Hugging Face directory, a hub id, or a demo name ("demo", "demo-large",
+    "demo-large-bf16").
     `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
     KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
     sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.

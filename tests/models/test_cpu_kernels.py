@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers
 
 from tests.models.helpers import ARCHITECTURES, PagedRunner, make_hf_model, save_hf_model
-from winnow.models import AttentionMetadata, cpu_kernels, load_model
+from winnow.models import AttentionMetadata, cpu_kernels, llama, load_model
 from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
 from winnow.models.packed_linear import PackedLinear
 from winnow.models.rope import apply_rope
@@ -52,6 +52,26 @@ def test_linear_matches_f_linear(isa: None, threads: int, m: int, k: int, n: int
     torch.testing.assert_close(cpu_kernels.linear(x, packed, n, None), F.linear(x, weight), **close)
     got = cpu_kernels.linear(x, packed, n, bias)
     torch.testing.assert_close(got, F.linear(x, weight, bias), **close)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 7, 13, 32])
+@pytest.mark.parametrize(("k", "n"), [(3, 17), (257, 40), (600, 33)])
+def test_16_bit_panels_give_the_fp32_panels_results(
+    isa: None, threads: int, dtype: torch.dtype, m: int, k: int, n: int
+) -> None:
+    """Panels of fp16/bf16 weights are widened exactly on load and summed in the same order as
+    fp32 panels of the same values: the results are bit for bit the same."""
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    half, full = cpu_kernels.pack_weight(weight), cpu_kernels.pack_weight(weight.float())
+    assert half.dtype == dtype and half.shape == full.shape
+    for b in (None, bias):
+        assert torch.equal(cpu_kernels.linear(x, half, n, b), cpu_kernels.linear(x, full, n, b))
+    close = {"atol": 1e-4, "rtol": 1e-5}
+    torch.testing.assert_close(cpu_kernels.linear(x, half, n, None), x @ weight.float().T, **close)
 
 
 def test_linear_reads_a_strided_input(isa: None) -> None:
@@ -189,6 +209,7 @@ def test_model_with_kernels_matches_without(
     assert isinstance(native.model.lm_head, PackedLinear)
     assert native.model.norm.use_cpu_kernels and native.model.layers[0].mlp.use_cpu_kernels
     assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert native.model.lm_head.packed.dtype == torch.float32  # random fp32 weights
     runners = [PagedRunner(native), PagedRunner(plain)]
     prompts = [("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]
     steps = [prompts] + [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2)]
@@ -263,3 +284,31 @@ def test_half_precision_kv_cache(
             # a first chunk attends to its own fresh keys; later ones read the rounded cache
             assert torch.equal(a, c) == (seq not in started)
             started.add(seq)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_16_bit_checkpoint_keeps_16_bit_panels(
+    arch: str, dtype: torch.dtype, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> None:
+    """A 16-bit checkpoint loads as fp32 on the CPU; its projections and head are packed back
+    into 16-bit panels (every weight holds exactly), and prefill and decode steps give the same
+    logits, bit for bit, as the same model packed in fp32."""
+    model = make_hf_model(arch, seed=8).to(dtype)
+    path = save_hf_model(model, tmp_path_factory.mktemp(f"{arch}-16-bit"))
+    half = load_model(str(path))
+    monkeypatch.setattr(llama, "lossless_weight_dtype", lambda weights: torch.float32)
+    full = load_model(str(path))
+    assert half.dtype == full.dtype == torch.float32
+    for loaded, panels in ((half, dtype), (full, torch.float32)):
+        packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+        assert len(packed) == 4 * len(loaded.model.layers) + 1
+        assert all(m.packed.dtype == panels for m in packed)
+        assert loaded.model.decode_stack is not None
+    runners = [PagedRunner(half), PagedRunner(full)]
+    steps = [[("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]]
+    steps += [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2)]
+    for step in steps:
+        got, expected = (runner.step(step) for runner in runners)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)

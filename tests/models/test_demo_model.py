@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from tests.models.helpers import PagedRunner
-from winnow.models import DEMO_MODELS, Tokenizer, build_demo_model, load_model
-from winnow.models.demo import CONTROL_TOKENS, DEMO_SPECS, demo_weights
+from winnow.models import DEMO_MODELS, Tokenizer, build_demo_model, cpu_kernels, load_model
+from winnow.models.demo import CONTROL_TOKENS, DEMO_SPECS, _write_model_dir, demo_weights
 
 
 def test_demo_names() -> None:
-    assert DEMO_MODELS == ("demo", "demo-large")
+    assert DEMO_MODELS == ("demo", "demo-large", "demo-large-bf16")
+    assert DEMO_SPECS["demo-large-bf16"] == replace(DEMO_SPECS["demo-large"], dtype="bfloat16")
+
+
+def test_a_bf16_demo_stores_the_fp32_weights_rounded(tmp_path: Path) -> None:
+    """A demo spec with dtype bfloat16 saves bf16 tensors and declares them in its config; on
+    the CPU it loads as fp32, and where the kernels run its projections keep bf16 panels."""
+    spec = replace(DEMO_SPECS["demo"], dtype="bfloat16")
+    _write_model_dir(tmp_path, spec)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    for name, weight in demo_weights(spec).items():
+        assert stored[name].dtype == torch.bfloat16
+        assert torch.equal(stored[name], weight.to(torch.bfloat16))
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.dtype == torch.float32
+    if cpu_kernels.available():
+        assert loaded.model.lm_head.packed.dtype == torch.bfloat16
 
 
 def test_default_location_honours_cache_env(demo_model_dir: Path, winnow_cache_dir: Path) -> None:

@@ -107,7 +107,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         seqs: list[int] | None,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        readable = kv_cache.dtype in cpu_kernels.KV_TYPES and kv_cache.is_contiguous()
+        readable = kv_cache.dtype in cpu_kernels.ELEMENT_TYPES and kv_cache.is_contiguous()
         if q.dtype != torch.float32 or q.shape[-1] % 8 or not readable:
             return super().decode(q, kv_cache, attn, seqs, sliding_window)
         tokens, rows = _decode_rows(attn, seqs)

@@ -1,8 +1,10 @@
 /* fp32 CPU kernels for the decode loop (x86-64 with AVX2 + FMA), loaded through ctypes.
  *
  * winnow_linear: y[m, n] = x[m, :] . w[n, :] (+ bias[n]) with w packed into panels of 16 output
- *   features, panel p = w[16p : 16p + 16, :] stored k-major ([k][16]), zero rows past n. One
+ *   features, panel p = w[16p : 16p + 16, :] stored k-major ([k][16]), zero rows past n. An fp32
  *   panel row is one 64-byte cache line, so a panel streams linearly. Threads share the panels.
+ *   Panels of fp16 or bf16 elements (a 16-bit checkpoint's weights) are widened to fp32 as they
+ *   are loaded: the same products and sums as fp32 panels of the same values, half the bytes.
  *   Batches stream each 256-deep slice of a panel once and reuse it from L1 for every 6-row tile
  *   of a block of up to 96 rows of x (6 x 16 register tile, 12 accumulators); the next slice is
  *   prefetched into L2 while the first tile runs. A single row (decode at batch 1) is a pure weight
@@ -33,7 +35,7 @@
 #define KC 256
 #define MC 96
 #define MR512 12
-#define PREFETCH_AHEAD 2048 /* floats: how far ahead of a single-row weight stream to prefetch */
+#define PREFETCH_AHEAD 8192 /* bytes: how far ahead of a single-row weight stream to prefetch */
 
 /* Whether winnow_linear takes the AVX-512 path; the loader asks for it where the CPU has it. */
 static int use_avx512 = 0;
@@ -43,6 +45,23 @@ int winnow_use_avx512(int wanted) {
   __builtin_cpu_init();
   use_avx512 = wanted && __builtin_cpu_supports("avx512f");
   return use_avx512;
+}
+
+/* Element types of cache rows (--kv-cache-dtype) and of packed weights (a 16-bit checkpoint's
+ * projections stay 16-bit): fp32, or fp16 / bf16 widened to fp32 on load, exactly. */
+enum { T_F32 = 0, T_F16 = 1, T_BF16 = 2 };
+
+static inline __attribute__((always_inline)) int64_t elem_size(const int type) {
+  return type == T_F32 ? 4 : 2;
+}
+
+/* Elements e .. e + 7 of the row at `row` as fp32. */
+static inline __attribute__((always_inline)) __m256 load8(const char *row, int64_t e,
+                                                          const int type) {
+  if (type == T_F32) return _mm256_loadu_ps((const float *)row + e);
+  __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + e));
+  if (type == T_F16) return _mm256_cvtph_ps(half);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 
 static inline __attribute__((always_inline)) void put_row(__m256 lo, __m256 hi, float *row,
@@ -74,69 +93,81 @@ static inline __attribute__((always_inline)) void put_row(__m256 lo, __m256 hi, 
 #define PUT(i) \
   if (mr > i) put_row(lo##i, hi##i, y + i * ldy, nvalid, accumulate);
 
-/* mr (1..6) rows of x against kc rows of one panel slice; `prefetch` (or NULL): the next slice. */
+/* mr (1..6) rows of x against kc rows of one panel slice of element type wt; `prefetch` (or
+ * NULL): the next slice. */
 static inline __attribute__((always_inline)) void tile(const int mr, int64_t kc, const float *x,
-                                                       int64_t ldx, const float *wp,
-                                                       const float *prefetch, float *y,
+                                                       int64_t ldx, const char *wp,
+                                                       const char *prefetch, float *y,
                                                        int64_t ldy, int64_t nvalid,
-                                                       int accumulate) {
+                                                       int accumulate, const int wt) {
   ROWS(DECLARE)
   for (int64_t k = 0; k < kc; k++) {
-    __m256 b0 = _mm256_load_ps(wp + k * NR), b1 = _mm256_load_ps(wp + k * NR + 8);
-    if (prefetch) _mm_prefetch((const char *)(prefetch + k * NR), _MM_HINT_T1);
+    __m256 b0 = load8(wp, k * NR, wt), b1 = load8(wp, k * NR + 8, wt);
+    if (prefetch) _mm_prefetch(prefetch + k * NR * elem_size(wt), _MM_HINT_T1);
     ROWS(STEP)
   }
   ROWS(PUT)
 }
 
-static void tile_rows(int mr, int64_t kc, const float *x, int64_t ldx, const float *wp,
-                      const float *prefetch, float *y, int64_t ldy, int64_t nvalid,
-                      int accumulate) {
+#define TILE_CASE(r)                                                            \
+  case r:                                                                       \
+    tile(r, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate, wt); \
+    break;
+
+static inline __attribute__((always_inline)) void tile_rows(int mr, int64_t kc, const float *x,
+                                                            int64_t ldx, const char *wp,
+                                                            const char *prefetch, float *y,
+                                                            int64_t ldy, int64_t nvalid,
+                                                            int accumulate, const int wt) {
   switch (mr) {
-    case 6: tile(6, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
-    case 5: tile(5, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
-    case 4: tile(4, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
-    case 3: tile(3, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
-    case 2: tile(2, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
-    default: tile(1, kc, x, ldx, wp, prefetch, y, ldy, nvalid, accumulate); break;
+    TILE_CASE(6) TILE_CASE(5) TILE_CASE(4) TILE_CASE(3) TILE_CASE(2) default: TILE_CASE(1)
   }
 }
 
-/* Prefetch the four cache lines (four panel rows) PREFETCH_AHEAD floats past w; a prefetch never
+/* Prefetch the cache lines that hold `bytes` bytes PREFETCH_AHEAD past w; a prefetch never
  * faults, so running past the last panel is harmless. */
-static inline __attribute__((always_inline)) void prefetch_ahead(const float *w) {
-  for (int line = 0; line < 4; line++)
-    _mm_prefetch((const char *)(w + PREFETCH_AHEAD + line * NR), _MM_HINT_T0);
+static inline __attribute__((always_inline)) void prefetch_ahead(const char *w, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64)
+    _mm_prefetch(w + PREFETCH_AHEAD + line, _MM_HINT_T0);
 }
 
 /* One row of x against a whole panel: 4 k-steps in flight hide the FMA latency. */
-static void gemv_panel(int64_t k, const float *x, const float *wp, float *y, int64_t nvalid) {
+static inline __attribute__((always_inline)) void gemv_panel(int64_t k, const float *x,
+                                                             const char *wp, float *y,
+                                                             int64_t nvalid, const int wt) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   int64_t kk = 0;
   for (; kk + 4 <= k; kk += 4) {
-    const float *w = wp + kk * NR;
-    prefetch_ahead(w);
-    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), _mm256_load_ps(w), a0);
-    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), _mm256_load_ps(w + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 1), _mm256_load_ps(w + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 1), _mm256_load_ps(w + 24), a3);
-    a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 2), _mm256_load_ps(w + 32), a4);
-    a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 2), _mm256_load_ps(w + 40), a5);
-    a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 3), _mm256_load_ps(w + 48), a6);
-    a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 3), _mm256_load_ps(w + 56), a7);
+    const char *w = wp + kk * NR * elem_size(wt);
+    prefetch_ahead(w, 4 * NR * elem_size(wt));
+    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), load8(w, 0, wt), a0);
+    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), load8(w, 8, wt), a1);
+    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 1), load8(w, 16, wt), a2);
+    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 1), load8(w, 24, wt), a3);
+    a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 2), load8(w, 32, wt), a4);
+    a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 2), load8(w, 40, wt), a5);
+    a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 3), load8(w, 48, wt), a6);
+    a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk + 3), load8(w, 56, wt), a7);
   }
   for (; kk < k; kk++) {
-    const float *w = wp + kk * NR;
-    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), _mm256_load_ps(w), a0);
-    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), _mm256_load_ps(w + 8), a1);
+    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), load8(wp, kk * NR, wt), a0);
+    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + kk), load8(wp, kk * NR + 8, wt), a1);
   }
   put_row(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a4, a6)),
           _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(a5, a7)), y, nvalid, 0);
 }
 
-/* ---- AVX-512F: the same packed panels, one 16-float panel row per register ---- */
-
+/* ---- AVX-512F: the same packed panels, one 16-element panel row per register ---- */
 #define AVX512 __attribute__((target("avx512f")))
+
+/* Elements e .. e + 15 of the row at `row` as fp32. */
+static inline __attribute__((always_inline)) AVX512 __m512 load16(const char *row, int64_t e,
+                                                                  const int type) {
+  if (type == T_F32) return _mm512_loadu_ps((const float *)row + e);
+  __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + e));
+  if (type == T_F16) return _mm512_cvtph_ps(half);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
 
 static inline __attribute__((always_inline)) AVX512 void put_row512(__m512 v, float *row,
                                                                     __mmask16 mask,
@@ -159,52 +190,55 @@ static inline __attribute__((always_inline)) AVX512 void put_row512(__m512 v, fl
     if (mask1) put_row512(q##i, y + i * ldy + NR, mask1, accumulate); \
   }
 
-/* mr (1..12) rows of x against kc rows of two panel slices w0, w1 (w1 == w0 and mask1 == 0
- * when there is no second panel); pf0, pf1 (each may be NULL): slices to prefetch into L2. */
+/* mr (1..12) rows of x against kc rows of two panel slices w0, w1 of element type wt (w1 == w0
+ * and mask1 == 0 when there is no second panel); pf0, pf1 (each may be NULL): slices to
+ * prefetch into L2, pf_step bytes per k-step. */
 static inline __attribute__((always_inline)) AVX512 void tile512(
-    const int mr, int64_t kc, const float *x, int64_t ldx, const float *w0, const float *w1,
-    const float *pf0, const float *pf1, float *y, int64_t ldy, __mmask16 mask0, __mmask16 mask1,
-    int accumulate) {
+    const int mr, int64_t kc, const float *x, int64_t ldx, const char *w0, const char *w1,
+    const char *pf0, const char *pf1, int64_t pf_step, float *y, int64_t ldy, __mmask16 mask0,
+    __mmask16 mask1, int accumulate, const int wt) {
   ROWS12(DECLARE512)
   for (int64_t k = 0; k < kc; k++) {
-    __m512 b0 = _mm512_load_ps(w0 + k * NR), b1 = _mm512_load_ps(w1 + k * NR);
-    if (pf0) _mm_prefetch((const char *)(pf0 + k * NR), _MM_HINT_T1);
-    if (pf1) _mm_prefetch((const char *)(pf1 + k * NR), _MM_HINT_T1);
+    __m512 b0 = load16(w0, k * NR, wt), b1 = load16(w1, k * NR, wt);
+    if (pf0) _mm_prefetch(pf0 + k * pf_step, _MM_HINT_T1);
+    if (pf1) _mm_prefetch(pf1 + k * pf_step, _MM_HINT_T1);
     ROWS12(STEP512)
   }
   ROWS12(PUT512)
 }
 
-#define TILE512_CASE(r)                                                                   \
-  case r:                                                                                 \
-    tile512(r, kc, x, ldx, w0, w1, pf0, pf1, y, ldy, mask0, mask1, accumulate); \
+#define TILE512_CASE(r)                                                                       \
+  case r:                                                                                     \
+    tile512(r, kc, x, ldx, w0, w1, pf0, pf1, pf_step, y, ldy, mask0, mask1, accumulate, wt); \
     break;
 
-static AVX512 void tile512_rows(int mr, int64_t kc, const float *x, int64_t ldx, const float *w0,
-                                const float *w1, const float *pf0, const float *pf1, float *y,
-                                int64_t ldy, __mmask16 mask0, __mmask16 mask1, int accumulate) {
+static inline __attribute__((always_inline)) AVX512 void tile512_rows(
+    int mr, int64_t kc, const float *x, int64_t ldx, const char *w0, const char *w1,
+    const char *pf0, const char *pf1, int64_t pf_step, float *y, int64_t ldy, __mmask16 mask0,
+    __mmask16 mask1, int accumulate, const int wt) {
   switch (mr) {
     TILE512_CASE(12) TILE512_CASE(11) TILE512_CASE(10) TILE512_CASE(9) TILE512_CASE(8)
     TILE512_CASE(7) TILE512_CASE(6) TILE512_CASE(5) TILE512_CASE(4) TILE512_CASE(3)
-    TILE512_CASE(2) default: tile512(1, kc, x, ldx, w0, w1, pf0, pf1, y, ldy, mask0, mask1,
-                                     accumulate);
+    TILE512_CASE(2) default: TILE512_CASE(1)
   }
 }
 
-static AVX512 void gemv_panel512(int64_t k, const float *x, const float *wp, float *y,
-                                 __mmask16 mask) {
+static inline __attribute__((always_inline)) AVX512 void gemv_panel512(int64_t k, const float *x,
+                                                                       const char *wp, float *y,
+                                                                       __mmask16 mask,
+                                                                       const int wt) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t kk = 0;
   for (; kk + 4 <= k; kk += 4) {
-    const float *w = wp + kk * NR;
-    prefetch_ahead(w);
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk]), _mm512_load_ps(w), a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 1]), _mm512_load_ps(w + NR), a1);
-    a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 2]), _mm512_load_ps(w + 2 * NR), a2);
-    a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 3]), _mm512_load_ps(w + 3 * NR), a3);
+    const char *w = wp + kk * NR * elem_size(wt);
+    prefetch_ahead(w, 4 * NR * elem_size(wt));
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk]), load16(w, 0, wt), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 1]), load16(w, NR, wt), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 2]), load16(w, 2 * NR, wt), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk + 3]), load16(w, 3 * NR, wt), a3);
   }
   for (; kk < k; kk++)
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk]), _mm512_load_ps(wp + kk * NR), a0);
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[kk]), load16(wp, kk * NR, wt), a0);
   put_row512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), y, mask, 0);
 }
 
@@ -216,73 +250,143 @@ static inline __mmask16 valid_mask(int64_t n, int64_t panel) {
 /* Rows i0..i1 of x against panels p and p + 1 (when it exists). While a slice is computed, the
  * first tile prefetches the next slice of panel p and the second tile that of panel p + 1 (a lone
  * tile prefetches both): two prefetches per k-step in one tile ran out of the core's miss
- * buffers and stalled it (demo-large's projections at 32 rows: 37.4 -> 35.0 ms). */
-static AVX512 void pair_rows512(const float *x, int64_t i0, int64_t i1, int64_t k, int64_t ldx,
-                                const float *wp, int64_t p, int64_t panels, int64_t n, float *y) {
-  const float *w0 = wp + p * k * NR, *w1 = p + 1 < panels ? w0 + k * NR : w0;
+ * buffers and stalled it (demo-large's projections at 32 rows: 37.4 -> 35.0 ms). Slices of
+ * 16-bit panels that several tiles share are widened once into fp32 rows on the stack (widening
+ * in every tile cost 5-8% at 24-128 rows). */
+static inline __attribute__((always_inline)) AVX512 void pair_rows512(
+    const float *x, int64_t i0, int64_t i1, int64_t k, int64_t ldx, const char *wp, int64_t p,
+    int64_t panels, int64_t n, float *y, const int wt) {
+  int64_t panel_bytes = k * NR * elem_size(wt), row_bytes = NR * elem_size(wt);
+  const char *w0 = wp + p * panel_bytes, *w1 = p + 1 < panels ? w0 + panel_bytes : w0;
+  float wide[2 * KC * NR] __attribute__((aligned(64))); /* widened 16-bit slices */
   __mmask16 mask0 = valid_mask(n, p), mask1 = p + 1 < panels ? valid_mask(n, p + 1) : 0;
   for (int64_t k0 = 0; k0 < k; k0 += KC) {
     int64_t kc = k - k0 < KC ? k - k0 : KC;
-    const float *pf0 = NULL, *pf1 = NULL;
+    const char *pf0 = NULL, *pf1 = NULL;
     if (k0 + KC < k) {
-      pf0 = w0 + (k0 + KC) * NR;
-      pf1 = w1 + (k0 + KC) * NR;
+      pf0 = w0 + (k0 + KC) * row_bytes;
+      pf1 = w1 + (k0 + KC) * row_bytes;
     } else if (p + 2 < panels) { /* the start of the next pair */
-      pf0 = wp + (p + 2) * k * NR;
-      pf1 = p + 3 < panels ? pf0 + k * NR : pf0;
+      pf0 = wp + (p + 2) * panel_bytes;
+      pf1 = p + 3 < panels ? pf0 + panel_bytes : pf0;
     }
     int lone = i1 - i0 <= MR512;
+    const char *s0 = w0 + k0 * row_bytes, *s1 = w1 + k0 * row_bytes;
+    int widen = wt != T_F32 && !lone;
+    if (widen) {
+      for (int64_t kk = 0; kk < kc; kk++) {
+        _mm512_store_ps(wide + kk * NR, load16(s0, kk * NR, wt));
+        _mm512_store_ps(wide + (KC + kk) * NR, load16(s1, kk * NR, wt));
+      }
+      s0 = (const char *)wide;
+      s1 = (const char *)(wide + KC * NR);
+    }
     for (int64_t i = i0; i < i1; i += MR512) {
       int mr = i1 - i < MR512 ? (int)(i1 - i) : MR512;
-      const float *first = i == i0 ? pf0 : i == i0 + MR512 ? pf1 : NULL;
-      tile512_rows(mr, kc, x + i * ldx + k0, ldx, w0 + k0 * NR, w1 + k0 * NR, first,
-                   lone ? pf1 : NULL, y + i * n + p * NR, n, mask0, mask1, k0 > 0);
+      const char *first = i == i0 ? pf0 : i == i0 + MR512 ? pf1 : NULL, *second = lone ? pf1 : NULL;
+      float *out = y + i * n + p * NR;
+      if (widen)
+        tile512_rows(mr, kc, x + i * ldx + k0, ldx, s0, s1, first, second, row_bytes, out, n,
+                     mask0, mask1, k0 > 0, T_F32);
+      else
+        tile512_rows(mr, kc, x + i * ldx + k0, ldx, s0, s1, first, second, row_bytes, out, n,
+                     mask0, mask1, k0 > 0, wt);
     }
   }
 }
+
+/* The AVX-512 kernels as functions of their own per weight type: code built for AVX-512 cannot
+ * be inlined into the dispatcher, which must also run on AVX2-only CPUs. */
+#define AVX512_KERNELS(suffix, wt)                                                             \
+  static AVX512 void gemv512_##suffix(int64_t k, const float *x, const char *wp, float *y,     \
+                                      __mmask16 mask) {                                        \
+    gemv_panel512(k, x, wp, y, mask, wt);                                                      \
+  }                                                                                            \
+  static AVX512 void pair512_##suffix(const float *x, int64_t i0, int64_t i1, int64_t k,       \
+                                      int64_t ldx, const char *wp, int64_t p, int64_t panels,  \
+                                      int64_t n, float *y) {                                   \
+    pair_rows512(x, i0, i1, k, ldx, wp, p, panels, n, y, wt);                                  \
+  }
+AVX512_KERNELS(f32, T_F32)
+AVX512_KERNELS(f16, T_F16)
+AVX512_KERNELS(bf16, T_BF16)
+#undef AVX512_KERNELS
 
 static void add_bias(float *y, int64_t ldy, int64_t m, const float *bias, int64_t nvalid) {
   for (int64_t i = 0; i < m; i++)
     for (int64_t j = 0; j < nvalid; j++) y[i * ldy + j] += bias[j];
 }
 
-/* x [m, k] row-major (row stride ldx), packed w (see top), y [m, n] contiguous. Work items are
- * (block of up to MC rows, run of panels), taken from a shared counter so that one thread the OS
- * preempts does not hold up the rest; an MC-row slice of x stays in L2 across the panels. A batch
- * takes runs of 16 panels, so that the prefetch of the next panel pair's first slice lands in the
- * cache of the thread that then reads it (runs of 2: 8-12% slower at 24-32 rows). */
-void winnow_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const float *wp, int64_t n,
-                   const float *bias, float *y, int nthreads) {
+/* Work item `item` of winnow_linear: rows i0..i1 (a block of up to MC rows) against a run of
+ * panels. A batch takes runs of 16 panels, so that the prefetch of the next panel pair's first
+ * slice lands in the cache of the thread that then reads it (runs of 2: 8-12% slower at 24-32
+ * rows); an MC-row slice of x stays in L2 across the panels. */
+static inline __attribute__((always_inline)) void linear_item(int64_t item, const float *x,
+                                                              int64_t m, int64_t k, int64_t ldx,
+                                                              const char *wp, int64_t n,
+                                                              const float *bias, float *y,
+                                                              const int wt) {
   int64_t panels = (n + NR - 1) / NR, run = m == 1 ? 8 : 16, runs = (panels + run - 1) / run;
-  int64_t blocks = (m + MC - 1) / MC;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-  for (int64_t item = 0; item < blocks * runs; item++) {
-    int64_t r = item % runs, i0 = item / runs * MC, i1 = i0 + MC < m ? i0 + MC : m;
-    int64_t end = (r + 1) * run < panels ? (r + 1) * run : panels;
-    for (int64_t p = r * run; p < end; p++) {
-      const float *panel = wp + p * k * NR;
-      int64_t nvalid = n - p * NR < NR ? n - p * NR : NR;
-      float *ycol = y + p * NR;
-      if (use_avx512 && m == 1) {
-        gemv_panel512(k, x, panel, ycol, valid_mask(n, p));
-      } else if (use_avx512) {
-        if ((p - r * run) % 2 == 0) pair_rows512(x, i0, i1, k, ldx, wp, p, panels, n, y);
-      } else if (m == 1) {
-        gemv_panel(k, x, panel, ycol, nvalid);
-      } else {
-        for (int64_t k0 = 0; k0 < k; k0 += KC) {
-          int64_t kc = k - k0 < KC ? k - k0 : KC;
-          const float *next = k0 + KC < k || p + 1 < panels ? panel + (k0 + KC) * NR : NULL;
-          for (int64_t i = i0; i < i1; i += MR) {
-            int mr = i1 - i < MR ? (int)(i1 - i) : MR;
-            tile_rows(mr, kc, x + i * ldx + k0, ldx, panel + k0 * NR, i == i0 ? next : NULL,
-                      ycol + i * n, n, nvalid, k0 > 0);
-          }
+  int64_t r = item % runs, i0 = item / runs * MC, i1 = i0 + MC < m ? i0 + MC : m;
+  int64_t end = (r + 1) * run < panels ? (r + 1) * run : panels;
+  int64_t row_bytes = NR * elem_size(wt), panel_bytes = k * row_bytes;
+  for (int64_t p = r * run; p < end; p++) {
+    const char *panel = wp + p * panel_bytes;
+    int64_t nvalid = n - p * NR < NR ? n - p * NR : NR;
+    float *ycol = y + p * NR;
+    if (use_avx512 && m == 1) {
+      __mmask16 mask = valid_mask(n, p);
+      if (wt == T_F16) gemv512_f16(k, x, panel, ycol, mask);
+      else if (wt == T_BF16) gemv512_bf16(k, x, panel, ycol, mask);
+      else gemv512_f32(k, x, panel, ycol, mask);
+    } else if (use_avx512) {
+      if ((p - r * run) % 2 == 0) {
+        if (wt == T_F16) pair512_f16(x, i0, i1, k, ldx, wp, p, panels, n, y);
+        else if (wt == T_BF16) pair512_bf16(x, i0, i1, k, ldx, wp, p, panels, n, y);
+        else pair512_f32(x, i0, i1, k, ldx, wp, p, panels, n, y);
+      }
+    } else if (m == 1) {
+      gemv_panel(k, x, panel, ycol, nvalid, wt);
+    } else {
+      for (int64_t k0 = 0; k0 < k; k0 += KC) {
+        int64_t kc = k - k0 < KC ? k - k0 : KC;
+        const char *next = k0 + KC < k || p + 1 < panels ? panel + (k0 + KC) * row_bytes : NULL;
+        for (int64_t i = i0; i < i1; i += MR) {
+          int mr = i1 - i < MR ? (int)(i1 - i) : MR;
+          tile_rows(mr, kc, x + i * ldx + k0, ldx, panel + k0 * row_bytes, i == i0 ? next : NULL,
+                    ycol + i * n, n, nvalid, k0 > 0, wt);
         }
       }
-      if (bias) add_bias(ycol + i0 * n, n, i1 - i0, bias + p * NR, nvalid);
     }
+    if (bias) add_bias(ycol + i0 * n, n, i1 - i0, bias + p * NR, nvalid);
   }
+}
+
+/* One parallel loop per weight type, so that each work item's kernels are built for that type
+ * (a type passed into the loop's outlined body would stay a run-time value). Work items come
+ * from a shared counter, so that one thread the OS preempts does not hold up the rest. */
+#define LINEAR_LOOP(suffix, wt)                                                                \
+  static void linear_##suffix(const float *x, int64_t m, int64_t k, int64_t ldx,               \
+                              const char *wp, int64_t n, const float *bias, float *y,          \
+                              int nthreads) {                                                  \
+    int64_t panels = (n + NR - 1) / NR, run = m == 1 ? 8 : 16;                                 \
+    int64_t items = (m + MC - 1) / MC * ((panels + run - 1) / run);                            \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 1)")                    \
+    for (int64_t item = 0; item < items; item++)                                               \
+      linear_item(item, x, m, k, ldx, wp, n, bias, y, wt);                                     \
+  }
+LINEAR_LOOP(f32, T_F32)
+LINEAR_LOOP(f16, T_F16)
+LINEAR_LOOP(bf16, T_BF16)
+#undef LINEAR_LOOP
+
+/* x [m, k] row-major (row stride ldx), packed w (see top) of element type wt (T_F32, T_F16 or
+ * T_BF16), y [m, n] contiguous. */
+void winnow_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const void *wp, int64_t n,
+                   const float *bias, float *y, int nthreads, int wt) {
+  if (wt == T_F16) linear_f16(x, m, k, ldx, wp, n, bias, y, nthreads);
+  else if (wt == T_BF16) linear_bf16(x, m, k, ldx, wp, n, bias, y, nthreads);
+  else linear_f32(x, m, k, ldx, wp, n, bias, y, nthreads);
 }
 
 /* exp on 8 lanes: Cody-Waite range reduction to [-ln2/2, ln2/2], degree-6 polynomial, 2^n by
@@ -321,37 +425,21 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* Key/value cache elements: fp32, or fp16 / bf16 widened to fp32 on load (--kv-cache-dtype). */
-enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
-
-static inline __attribute__((always_inline)) int64_t kv_size(const int type) {
-  return type == KV_F32 ? 4 : 2;
-}
-
-/* Elements e .. e + 7 of the cache row at `row` as fp32. */
-static inline __attribute__((always_inline)) __m256 load_kv(const char *row, int64_t e,
-                                                            const int type) {
-  if (type == KV_F32) return _mm256_loadu_ps((const float *)row + e);
-  __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + e));
-  if (type == KV_F16) return _mm256_cvtph_ps(half);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
 /* row[0 .. n) = x[0 .. n) in the cache's element type, rounded to nearest even (as torch's
  * conversions round, NaN kept a NaN). */
 static void store_kv(char *row, const float *x, int64_t n, const int type) {
-  if (type == KV_F32) {
+  if (type == T_F32) {
     for (int64_t e = 0; e < n; e++) ((float *)row)[e] = x[e];
     return;
   }
   uint16_t *out = (uint16_t *)row;
   int64_t e = 0;
-  if (type == KV_F16)
+  if (type == T_F16)
     for (; e + 8 <= n; e += 8)
       _mm_storeu_si128((__m128i *)(out + e),
                        _mm256_cvtps_ph(_mm256_loadu_ps(x + e), _MM_FROUND_TO_NEAREST_INT));
   for (; e < n; e++) {
-    if (type == KV_F16) {
+    if (type == T_F16) {
       out[e] = (uint16_t)_mm_extract_epi16(
           _mm_cvtps_ph(_mm_set_ss(x[e]), _MM_FROUND_TO_NEAREST_INT), 0);
       continue;
@@ -369,7 +457,7 @@ static inline __attribute__((always_inline)) void score_keys(const float *q,
                                                              int64_t offset, int64_t span,
                                                              int64_t d, float scale, float *scores,
                                                              const int type) {
-  int64_t j = 0, at = offset * kv_size(type);
+  int64_t j = 0, at = offset * elem_size(type);
   for (; j + 8 <= span; j += 8) {
     const char *r0 = rows[j] + at, *r1 = rows[j + 1] + at, *r2 = rows[j + 2] + at,
                *r3 = rows[j + 3] + at, *r4 = rows[j + 4] + at, *r5 = rows[j + 5] + at,
@@ -377,14 +465,14 @@ static inline __attribute__((always_inline)) void score_keys(const float *q,
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
     for (int64_t e = 0; e < d; e += 8) {
       __m256 qv = _mm256_loadu_ps(q + e);
-      c0 = _mm256_fmadd_ps(qv, load_kv(r0, e, type), c0);
-      c1 = _mm256_fmadd_ps(qv, load_kv(r1, e, type), c1);
-      c2 = _mm256_fmadd_ps(qv, load_kv(r2, e, type), c2);
-      c3 = _mm256_fmadd_ps(qv, load_kv(r3, e, type), c3);
-      c4 = _mm256_fmadd_ps(qv, load_kv(r4, e, type), c4);
-      c5 = _mm256_fmadd_ps(qv, load_kv(r5, e, type), c5);
-      c6 = _mm256_fmadd_ps(qv, load_kv(r6, e, type), c6);
-      c7 = _mm256_fmadd_ps(qv, load_kv(r7, e, type), c7);
+      c0 = _mm256_fmadd_ps(qv, load8(r0, e, type), c0);
+      c1 = _mm256_fmadd_ps(qv, load8(r1, e, type), c1);
+      c2 = _mm256_fmadd_ps(qv, load8(r2, e, type), c2);
+      c3 = _mm256_fmadd_ps(qv, load8(r3, e, type), c3);
+      c4 = _mm256_fmadd_ps(qv, load8(r4, e, type), c4);
+      c5 = _mm256_fmadd_ps(qv, load8(r5, e, type), c5);
+      c6 = _mm256_fmadd_ps(qv, load8(r6, e, type), c6);
+      c7 = _mm256_fmadd_ps(qv, load8(r7, e, type), c7);
     }
     __m256 dots = hsum8(c0, c1, c2, c3, c4, c5, c6, c7);
     _mm256_storeu_ps(scores + j, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
@@ -392,7 +480,7 @@ static inline __attribute__((always_inline)) void score_keys(const float *q,
   for (; j < span; j++) {
     __m256 c = _mm256_setzero_ps();
     for (int64_t e = 0; e < d; e += 8)
-      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), load_kv(rows[j] + at, e, type), c);
+      c = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), load8(rows[j] + at, e, type), c);
     scores[j] = hsum(c) * scale;
   }
 }
@@ -430,9 +518,9 @@ static inline __attribute__((always_inline)) void weighted_values(
            b0 = _mm256_loadu_ps(o1s + e), b1 = _mm256_loadu_ps(o1s + e + 8),
            b2 = _mm256_loadu_ps(o1s + e + 16), b3 = _mm256_loadu_ps(o1s + e + 24);
     for (int64_t j = 0; j < span; j++) {
-      const char *v = values + rows[j] * kv_size(type);
-      __m256 v0 = load_kv(v, e, type), v1 = load_kv(v, e + 8, type),
-             v2 = load_kv(v, e + 16, type), v3 = load_kv(v, e + 24, type);
+      const char *v = values + rows[j] * elem_size(type);
+      __m256 v0 = load8(v, e, type), v1 = load8(v, e + 8, type),
+             v2 = load8(v, e + 16, type), v3 = load8(v, e + 24, type);
       __m256 x = _mm256_broadcast_ss(w0 + j), y = _mm256_broadcast_ss(w1s + j);
       a0 = _mm256_fmadd_ps(x, v0, a0);
       a1 = _mm256_fmadd_ps(x, v1, a1);
@@ -457,7 +545,7 @@ static inline __attribute__((always_inline)) void weighted_values(
   for (; e < d; e += 8) {
     __m256 a = _mm256_loadu_ps(o0 + e), b = _mm256_loadu_ps((w1 ? o1 : o0) + e);
     for (int64_t j = 0; j < span; j++) {
-      __m256 v = load_kv(values + rows[j] * kv_size(type), e, type);
+      __m256 v = load8(values + rows[j] * elem_size(type), e, type);
       a = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + j), v, a);
       b = _mm256_fmadd_ps(_mm256_broadcast_ss(w1s + j), v, b);
     }
@@ -526,12 +614,12 @@ static inline __attribute__((always_inline)) void paged_decode(
         int64_t row = (table[pos / block_size] * block_size + offset) * stride;
         for (int64_t r = 0; r < run; r++, pos++) {
           rows[pos - start] = row + r * stride;
-          keys[pos - start] = kcache + (row + r * stride) * kv_size(type);
+          keys[pos - start] = kcache + (row + r * stride) * elem_size(type);
         }
       }
       const float *qi = q + tokens[i] * hq * d;
       /* the part of each cache row this item reads: its kv heads */
-      int64_t elem = kv_size(type), part = kv0 * d * elem, part_bytes = (kv1 - kv0) * d * elem;
+      int64_t elem = elem_size(type), part = kv0 * d * elem, part_bytes = (kv1 - kv0) * d * elem;
       const char *kpart = kcache + part, *vpart = vcache + part;
       int64_t nh = h1 - h0;
       for (int64_t j = 0; j < span; j += 8) /* eight positions stay in L1 for every head */
@@ -562,7 +650,7 @@ static inline __attribute__((always_inline)) void paged_decode(
             prefetch_rows(vpart, rows + j + 8, ahead < 8 ? ahead : 8, elem, part_bytes, h - h0,
                           h - h0 + 1 + pair, nh);
           weighted_values(scores + h * span + j, pair ? scores + (h + 1) * span + j : NULL,
-                          vcache + h / group * d * kv_size(type), rows + j, n, d, oi + h * d,
+                          vcache + h / group * d * elem_size(type), rows + j, n, d, oi + h * d,
                           pair ? oi + (h + 1) * d : NULL, type);
           h += pair;
         }
@@ -574,8 +662,8 @@ static inline __attribute__((always_inline)) void paged_decode(
   }
 }
 
-/* The exported entry: one copy of the kernel per cache element type (`type`: KV_F32, KV_F16 or
- * KV_BF16), so that no element load branches on it. */
+/* The exported entry: one copy of the kernel per cache element type (`type`: T_F32, T_F16 or
+ * T_BF16), so that no element load branches on it. */
 void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, const int64_t *seqs,
                          int64_t batch, const void *kcache, const void *vcache,
                          const int64_t *block_tables, int64_t table_width, const int64_t *seq_lens,
@@ -585,9 +673,9 @@ void winnow_paged_decode(const float *q, float *out, const int64_t *tokens, cons
   paged_decode(q, out, tokens, seqs, batch, kcache, vcache, block_tables, table_width, seq_lens, \
                block_size, hq, hkv, d, window, scale, nthreads, t)
   switch (type) {
-    case KV_F16: PAGED_DECODE(KV_F16); break;
-    case KV_BF16: PAGED_DECODE(KV_BF16); break;
-    default: PAGED_DECODE(KV_F32);
+    case T_F16: PAGED_DECODE(T_F16); break;
+    case T_BF16: PAGED_DECODE(T_BF16); break;
+    default: PAGED_DECODE(T_F32);
   }
 #undef PAGED_DECODE
 }
@@ -675,7 +763,15 @@ void winnow_rope(const float *x, int64_t tokens, int64_t heads, int64_t d, int64
  * none) and its paged cache (keys and values [num_blocks, block_size, hkv, d] each). */
 struct winnow_layer {
   const float *input_norm, *post_norm, *q_norm, *k_norm;
-  const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+  /* packed projections (element type w_type) and their biases */
+  const void *qkv;
+  const float *qkv_bias;
+  const void *o;
+  const float *o_bias;
+  const void *gate_up;
+  const float *gate_up_bias;
+  const void *down;
+  const float *down_bias;
   char *kcache, *vcache;
   int64_t window; /* sliding window, 0: none */
 };
@@ -692,7 +788,8 @@ struct winnow_decode {
   const int64_t *rows;    /* [t] 0, 1, ..., t - 1 */
   const int64_t *block_tables, *seq_lens;
   int64_t table_width;
-  int kv_type; /* KV_F32, KV_F16 or KV_BF16 */
+  int kv_type; /* T_F32, T_F16 or T_BF16 */
+  int w_type;  /* the packed weights' element type */
   int nthreads;
 };
 
@@ -705,15 +802,15 @@ void winnow_decode_layers(const struct winnow_layer *layers, int64_t num_layers,
                           const struct winnow_decode *s) {
   int64_t t = s->t, h = s->hidden_size, d = s->d, half = d / 2, inter = s->intermediate;
   int64_t q_size = s->hq * d, kv_width = s->hkv * d, nqkv = q_size + 2 * kv_width;
-  int64_t slot_bytes = kv_width * kv_size(s->kv_type);
-  int nthreads = s->nthreads;
+  int64_t slot_bytes = kv_width * elem_size(s->kv_type);
+  int nthreads = s->nthreads, wt = s->w_type;
   float *normed = s->scratch, *qkv = normed + t * h, *q = qkv + t * nqkv, *attn = q + t * q_size;
   float *gate_up = attn + t * q_size, *act = gate_up + t * 2 * inter, *proj = act + t * inter;
   float *key = proj + t * h; /* [kv_width]: one token's rotated keys before they are stored */
   for (int64_t l = 0; l < num_layers; l++) {
     const struct winnow_layer *layer = layers + l;
     winnow_rms_norm(s->hidden, t, h, h, layer->input_norm, s->eps, normed, nthreads);
-    winnow_linear(normed, t, h, h, layer->qkv, nqkv, layer->qkv_bias, qkv, nthreads);
+    winnow_linear(normed, t, h, h, layer->qkv, nqkv, layer->qkv_bias, qkv, nthreads, wt);
     for (int64_t i = 0; i < t; i++) {
       float *qi = qkv + i * nqkv, *ki = qi + q_size, *vi = ki + kv_width;
       const float *cos = s->cos + i * half, *sin = s->sin + i * half;
@@ -729,13 +826,13 @@ void winnow_decode_layers(const struct winnow_layer *layers, int64_t num_layers,
     winnow_paged_decode(q, attn, s->rows, s->rows, t, layer->kcache, layer->vcache,
                         s->block_tables, s->table_width, s->seq_lens, s->block_size, s->hq,
                         s->hkv, d, layer->window, s->scale, s->kv_type, nthreads);
-    winnow_linear(attn, t, q_size, q_size, layer->o, h, layer->o_bias, proj, nthreads);
+    winnow_linear(attn, t, q_size, q_size, layer->o, h, layer->o_bias, proj, nthreads, wt);
     add_into(s->hidden, proj, t * h);
     winnow_rms_norm(s->hidden, t, h, h, layer->post_norm, s->eps, normed, nthreads);
     winnow_linear(normed, t, h, h, layer->gate_up, 2 * inter, layer->gate_up_bias, gate_up,
-                  nthreads);
+                  nthreads, wt);
     winnow_silu_mul(gate_up, t, inter, 2 * inter, act, nthreads);
-    winnow_linear(act, t, inter, inter, layer->down, h, layer->down_bias, proj, nthreads);
+    winnow_linear(act, t, inter, inter, layer->down, h, layer->down_bias, proj, nthreads, wt);
     add_into(s->hidden, proj, t * h);
   }
 }

@@ -1,4 +1,4 @@
-"""Build, load and call the fp32 AVX2/AVX-512 kernels in `cpu_kernels.c` (ctypes, no torch headers).
+"""Build, load and call the AVX2/AVX-512 kernels in `cpu_kernels.c` (ctypes, no torch headers).
 
 The C file is compiled once per source version with the system C compiler into
 `$WINNOW_CACHE_DIR/kernels/` and loaded after torch, so that its OpenMP calls use the libgomp
@@ -23,8 +23,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 PANEL = 16  # output features per packed weight panel (one 64-byte row per k)
-# KV cache element types the decode kernels read, and their codes in the C file
-KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# element types of the KV cache rows and packed weights the kernels read, and their codes in the
+# C file (16-bit elements are widened to fp32 on load; the arithmetic is fp32)
+ELEMENT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -73,6 +74,7 @@ class DecodeStep(ctypes.Structure):
         ("seq_lens", _PTR),
         ("table_width", _I64),
         ("kv_type", ctypes.c_int),
+        ("w_type", ctypes.c_int),
         ("nthreads", ctypes.c_int),
     ]
 
@@ -117,7 +119,9 @@ def _library() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("CPU kernels unavailable, using PyTorch ops: %s", detail)
         return None
-    lib.winnow_linear.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_linear.argtypes = [
+        *(_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int)
+    ]
     lib.winnow_linear.restype = None
     lib.winnow_paged_decode.argtypes = [
         *(_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR),
@@ -170,10 +174,11 @@ def _lib() -> ctypes.CDLL:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[n, k] fp32 weight -> [ceil(n/16), k, 16] panels (rows past n zero), the kernel's layout."""
+    """[n, k] weight (fp32, fp16 or bf16) -> [ceil(n/16), k, 16] panels of the same dtype (rows
+    past n zero), the kernel's layout."""
     n, k = weight.shape
     panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
@@ -181,7 +186,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x [m, k] fp32 (unit stride along k) @ packed weight -> [m, n]."""
+    """x [m, k] fp32 (unit stride along k) @ packed weight -> [m, n] fp32."""
     m, k = x.shape
     assert x.dtype == torch.float32 and x.stride(1) == 1 and packed.shape[1] == k
     out = torch.empty(m, n, dtype=torch.float32)
@@ -190,7 +195,7 @@ def linear(
     bias_ptr = None if bias is None else bias.data_ptr()
     _lib().winnow_linear(
         x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n, bias_ptr, out.data_ptr(),
-        torch.get_num_threads(),
+        torch.get_num_threads(), ELEMENT_TYPES[packed.dtype],
     )  # fmt: skip
     return out
 
@@ -208,7 +213,7 @@ def paged_decode(
     """Writes out[i] = attention of q[tokens[i]] over the cached k/v of sequence seqs[i].
 
     q [T, Hq, D] and out [len(tokens), Hq, D] contiguous fp32; kv_cache
-    [2, blocks, block_size, Hkv, D] contiguous, in a dtype of KV_TYPES; block_tables [B, W] and
+    [2, blocks, block_size, Hkv, D] contiguous, in a dtype of ELEMENT_TYPES; block_tables [B, W] and
     seq_lens [B] contiguous int64; window 0 = no sliding window.
     """
     _, hq, d = q.shape
@@ -217,7 +222,7 @@ def paged_decode(
         q.data_ptr(), out.data_ptr(), tokens.data_ptr(), seqs.data_ptr(), tokens.numel(),
         kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), block_size, hq, hkv, d, window,
-        d**-0.5, KV_TYPES[kv_cache.dtype], torch.get_num_threads(),
+        d**-0.5, ELEMENT_TYPES[kv_cache.dtype], torch.get_num_threads(),
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""All decoder layers of a decode-only step in one C call (the packed fp32 CPU model).
+"""All decoder layers of a decode-only step in one C call (the packed CPU model).
 
 At batch 1 the per-op path spends ~2 ms of a ~21 ms step in Python between kernels (module
 calls, views, ctypes argument conversion); here the weights' addresses are gathered once and a
@@ -47,6 +47,9 @@ class DecodeStack:
             eps=layers[0].input_norm.eps,
             scale=first.head_dim**-0.5,
         )
+        packed = first.qkv_proj.packed  # every projection is packed in one dtype
+        assert isinstance(packed, torch.Tensor)
+        self.step.w_type = cpu_kernels.ELEMENT_TYPES[packed.dtype]
         self.layers = (cpu_kernels.DecodeLayer * len(layers))()
         for entry, layer in zip(self.layers, layers, strict=True):
             attn = layer.self_attn
@@ -88,7 +91,7 @@ class DecodeStack:
     ) -> None:
         """hidden [T, hidden] contiguous fp32, one new token per sequence (token i belongs to
         sequence i); cos/sin [T, 1, head_dim / 2]; every cache contiguous, all in one dtype of
-        `cpu_kernels.KV_TYPES`."""
+        `cpu_kernels.ELEMENT_TYPES`."""
         self._point_at(kv_caches)
         tokens = hidden.shape[0]
         scratch = torch.empty(
@@ -120,5 +123,5 @@ class DecodeStack:
             assert cache.is_contiguous() and cache.dtype == kv_caches[0].dtype
             entry.kcache = address
             entry.vcache = cache[1].data_ptr()
-        self.step.kv_type = cpu_kernels.KV_TYPES[kv_caches[0].dtype]
+        self.step.kv_type = cpu_kernels.ELEMENT_TYPES[kv_caches[0].dtype]
         self._caches = addresses

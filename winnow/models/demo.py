@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class DemoSpec:
     tie_word_embeddings: bool
     seed: int
     vocab_size: int = 32768
+    dtype: str = "float32"  # of the saved weights (drawn in fp32, then rounded)
 
     @property
     def num_parameters(self) -> int:
@@ -61,7 +62,18 @@ class DemoSpec:
         )
 
 
-# Both untied: with tied random embeddings the strongest logit is the input token itself, so
+_LARGE = DemoSpec(
+    hidden_size=1024,
+    num_layers=8,
+    num_heads=16,
+    num_kv_heads=8,
+    intermediate_size=2816,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    seed=4321,
+)
+
+# All untied: with tied random embeddings the strongest logit is the input token itself, so
 # greedy decoding would repeat it forever.
 DEMO_SPECS: dict[str, DemoSpec] = {
     "demo": DemoSpec(
@@ -74,16 +86,9 @@ DEMO_SPECS: dict[str, DemoSpec] = {
         tie_word_embeddings=False,
         seed=1234,
     ),
-    "demo-large": DemoSpec(
-        hidden_size=1024,
-        num_layers=8,
-        num_heads=16,
-        num_kv_heads=8,
-        intermediate_size=2816,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        seed=4321,
-    ),
+    "demo-large": _LARGE,
+    # demo-large's weights rounded to bf16, as most published checkpoints are stored
+    "demo-large-bf16": replace(_LARGE, dtype="bfloat16"),
 }
 DEMO_MODELS: tuple[str, ...] = tuple(DEMO_SPECS)
 
@@ -135,7 +140,9 @@ def _write_model_dir(out: Path, spec: DemoSpec) -> None:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n"
     )
-    save_file(demo_weights(spec), str(out / "model.safetensors"), metadata={"format": "pt"})
+    dtype = getattr(torch, spec.dtype)
+    weights = {name: tensor.to(dtype) for name, tensor in demo_weights(spec).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer(out)
     (out / _MARKER).write_text(f"{BUILD_VERSION}\n")
 
@@ -160,7 +167,7 @@ def _hf_config(spec: DemoSpec) -> dict[str, object]:
         "tie_word_embeddings": spec.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": "float32",
+        "torch_dtype": spec.dtype,
     }
 
 

@@ -6,6 +6,7 @@ gate/up matmul per layer; `load_weights` maps HF checkpoint names onto that layo
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -18,8 +19,10 @@ from winnow.models.attention import AttentionBackend, TorchAttentionBackend
 from winnow.models.attention_metadata import AttentionMetadata
 from winnow.models.config import ModelConfig
 from winnow.models.decode_stack import DecodeStack
-from winnow.models.packed_linear import PackedLinear, pack_linears
+from winnow.models.packed_linear import PackedLinear, lossless_weight_dtype, pack_linears
 from winnow.models.rope import RotaryEmbedding, apply_rope
+
+logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -171,13 +174,18 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def pack_for_cpu(self) -> None:
-        """Move every projection and the output head onto the packed fp32 CPU kernel, and norms,
-        RoPE and the MLP activation onto theirs (after loading), and decode-only steps onto the
-        C decoder stack. A tied head gets its own packed copy; embedding lookups keep the
-        original."""
-        pack_linears(self)
+        """Move every projection and the output head onto the packed CPU kernel, and norms, RoPE
+        and the MLP activation onto theirs (after loading), and decode-only steps onto the C
+        decoder stack. The panels are 16-bit when every weight holds exactly in 16 bits (see
+        `lossless_weight_dtype`). A tied head gets its own packed copy; embedding lookups keep
+        the original."""
+        linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        head = [self.embed_tokens.weight] if self.lm_head is None else []
+        weight_dtype = lossless_weight_dtype(linears + head)
+        logger.info("CPU kernels: projection weights packed as %s", weight_dtype)
+        pack_linears(self, weight_dtype)
         if self.lm_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+            self.lm_head = PackedLinear(self.embed_tokens.weight.to(weight_dtype), None)
         for module in self.modules():
             if isinstance(module, RMSNorm | Attention | MLP):
                 module.use_cpu_kernels = True

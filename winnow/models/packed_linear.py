@@ -1,4 +1,4 @@
-"""nn.Linear on fp32 CPU weights repacked for the AVX2 kernel in `cpu_kernels`."""
+"""nn.Linear on CPU weights repacked for the AVX2/AVX-512 kernel in `cpu_kernels`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from winnow.models import cpu_kernels
 
 
 class PackedLinear(nn.Module):
-    """y = x @ weight.T + bias with the weight held only in packed panels."""
+    """y = x @ weight.T + bias (fp32 in and out) with the weight held only in packed panels of
+    its own dtype (fp32, or fp16 / bf16 widened exactly as the kernel loads it)."""
 
     packed: torch.Tensor
     bias: torch.Tensor | None
@@ -30,10 +31,20 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(module: nn.Module) -> None:
-    """Replace every nn.Linear inside `module` (fp32, on the CPU) by a PackedLinear, in place."""
+def pack_linears(module: nn.Module, weight_dtype: torch.dtype) -> None:
+    """Replace every nn.Linear inside `module` (fp32, on the CPU) by a PackedLinear whose panels
+    hold the weight as `weight_dtype`, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child.weight, child.bias))
+            setattr(module, name, PackedLinear(child.weight.to(weight_dtype), child.bias))
         else:
-            pack_linears(child)
+            pack_linears(child, weight_dtype)
+
+
+def lossless_weight_dtype(weights: list[torch.Tensor]) -> torch.dtype:
+    """bf16 or fp16 when every weight holds exactly in it (a 16-bit checkpoint loaded as fp32),
+    else fp32: 16-bit panels then give the fp32 panels' results from half the bytes."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if all(torch.equal(w.to(dtype).float(), w) for w in weights):
+            return dtype
+    return torch.float32
