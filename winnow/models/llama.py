@@ -182,7 +182,8 @@ class LlamaForCausalLM(nn.Module):
         linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         head = [self.embed_tokens.weight] if self.lm_head is None else []
         weight_dtype = lossless_weight_dtype(linears + head)
-        logger.info("CPU kernels: projection weights packed as %s", weight_dtype)
+        dtype_name = str(weight_dtype).removeprefix("torch.")
+        logger.info("CPU kernels: projection weights packed as %s", dtype_name)
         pack_linears(self, weight_dtype)
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight.to(weight_dtype), None)
