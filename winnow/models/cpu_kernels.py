@@ -120,7 +120,8 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("CPU kernels unavailable, using PyTorch ops: %s", detail)
         return None
     lib.winnow_linear.argtypes = [
-        *(_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int)
+        *(_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR),
+        *(ctypes.c_int, ctypes.c_int),  # threads, weight element type
     ]
     lib.winnow_linear.restype = None
     lib.winnow_paged_decode.argtypes = [
