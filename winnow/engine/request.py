@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from winnow.sampling.params import SamplingParams
+from winnow.structured.spec import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class GenerationRequest:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     text_continues_prompt: bool = False
+    grammar: GrammarSpec | None = None
 
 
 class RequestRejected(Exception):
