@@ -12,6 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.models.helpers import PagedRunner, hf_logits, make_hf_model, save_hf_model
+from tests.tolerances import assert_within, logit_tolerance
 from winnow.models import LoadedModel, ModelConfig, load_model, resolve_kv_cache_dtype
 from winnow.models.loader import resolve_dtype, resolve_model_path, safetensors_files
 
@@ -38,7 +39,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     assert len(safetensors_files(tmp_path)) > 2
     tokens = [5, 17, 3, 88, 42, 9]
     (logits,) = PagedRunner(load_model(str(tmp_path))).step([("a", tokens)])
-    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+    assert_within(logits, hf_logits(hf, tokens), logit_tolerance(hf))
 
 
 def test_tied_checkpoint_that_also_stores_lm_head_loads(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_tied_checkpoint_that_also_stores_lm_head_loads(tmp_path: Path) -> None:
     assert loaded.model.lm_head is None
     tokens = [1, 2, 3, 4]
     (logits,) = PagedRunner(loaded).step([("a", tokens)])
-    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+    assert_within(logits, hf_logits(hf, tokens), logit_tolerance(hf))
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -16,9 +16,8 @@ from tests.models.helpers import (
     make_hf_model,
     save_hf_model,
 )
+from tests.tolerances import assert_within, logit_tolerance
 from winnow.models import LoadedModel, load_model
-
-ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
@@ -40,7 +39,7 @@ def test_prefill_matches_hf(pair: tuple[transformers.PreTrainedModel, LoadedMode
     tokens = random_tokens(19, seed=1)
     (logits,) = PagedRunner(ours).step([("a", tokens)])
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=ATOL, rtol=0)
+    assert_within(logits, hf_logits(hf, tokens), logit_tolerance(hf))
 
 
 def test_decode_steps_match_hf(pair: tuple[transformers.PreTrainedModel, LoadedModel]) -> None:
@@ -51,7 +50,7 @@ def test_decode_steps_match_hf(pair: tuple[transformers.PreTrainedModel, LoadedM
     runner.step([("a", tokens[:9])])
     for pos in range(9, len(tokens)):
         (logits,) = runner.step([("a", [tokens[pos]])])
-        torch.testing.assert_close(logits[0], reference[pos], atol=ATOL, rtol=0)
+        assert_within(logits[0], reference[pos], logit_tolerance(hf))
 
 
 def test_mixed_batch_matches_hf(pair: tuple[transformers.PreTrainedModel, LoadedModel]) -> None:
@@ -76,7 +75,7 @@ def test_mixed_batch_matches_hf(pair: tuple[transformers.PreTrainedModel, Loaded
         batch = [(name, steps[step]) for name, steps in plan.items() if steps[step] is not None]
         out = runner.step([(name, seqs[name][a:b]) for name, (a, b) in batch])
         for (name, (a, b)), logits in zip(batch, out, strict=True):
-            torch.testing.assert_close(logits, reference[name][a:b], atol=ATOL, rtol=0)
+            assert_within(logits, reference[name][a:b], logit_tolerance(hf))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

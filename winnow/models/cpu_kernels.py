@@ -29,6 +29,7 @@ ELEMENT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_avx512_in_use = False  # the C side's current choice (winnow_use_avx512 only reports the new one)
 
 
 class DecodeLayer(ctypes.Structure):
@@ -151,8 +152,12 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_decode_layers.restype = None
     lib.winnow_use_avx512.argtypes = [ctypes.c_int]
     lib.winnow_use_avx512.restype = ctypes.c_int
-    isa = "AVX-512" if lib.winnow_use_avx512(1) else "AVX2"
-    logger.info("CPU kernels: %s projections", isa)
+    wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower()
+    if wanted not in ("auto", "avx2", "avx512"):
+        logger.warning("WINNOW_CPU_ISA=%s is not auto, avx2 or avx512: using auto", wanted)
+    global _avx512_in_use
+    _avx512_in_use = bool(lib.winnow_use_avx512(int(wanted != "avx2")))
+    logger.info("CPU kernels: %s projections", "AVX-512" if _avx512_in_use else "AVX2")
     return lib
 
 
@@ -161,10 +166,20 @@ def available() -> bool:
     return _library() is not None
 
 
+def supports_avx512() -> bool:
+    """Whether this CPU can run the AVX-512 projections, whichever ISA is in use now."""
+    lib = _lib()
+    supported = bool(lib.winnow_use_avx512(1))
+    lib.winnow_use_avx512(int(_avx512_in_use))
+    return supported
+
+
 def use_avx512(wanted: bool) -> bool:
-    """Run projections on the AVX-512 kernels (the default where the CPU has AVX-512F) or on
-    the AVX2 ones; returns whether AVX-512 is in use now."""
-    return bool(_lib().winnow_use_avx512(int(wanted)))
+    """Run projections on the AVX-512 kernels (the default where the CPU has AVX-512F, unless
+    WINNOW_CPU_ISA=avx2) or on the AVX2 ones; returns whether AVX-512 is in use now."""
+    global _avx512_in_use
+    _avx512_in_use = bool(_lib().winnow_use_avx512(int(wanted)))
+    return _avx512_in_use
 
 
 def _lib() -> ctypes.CDLL:
