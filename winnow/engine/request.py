@@ -13,7 +13,8 @@ from winnow.structured.spec import GrammarSpec
 class GenerationRequest:
     """`text_continues_prompt`: the output text continues the prompt's text (legacy completions),
     so it is detokenised in the prompt's context (a leading SentencePiece space is kept); a chat
-    reply is a new message and is detokenised on its own."""
+    reply is a new message and is detokenised on its own. `grammar`, when set, constrains every
+    choice's output (response_format, forced tool calls)."""
 
     request_id: str
     prompt_token_ids: list[int]
