@@ -129,6 +129,8 @@ def loc_to_param(loc: Sequence[int | str]) -> str | None:
     The path stops where pydantic starts naming union members (`str`, `list[int]`, `TextPart`)
     or dictionary keys, so that `param` always names a field the client sent.
     """
+    if "[key]" in loc:  # a bad dictionary key: name the dictionary
+        loc = loc[: list(loc).index("[key]") - 1]
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
