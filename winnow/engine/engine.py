@@ -149,6 +149,13 @@ class LLMEngine:
             )
         if params.n > self.config.max_n:
             raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
+        capacity = self.config.max_num_seqs + self.config.max_queue
+        if params.n > capacity:  # would wait for room that never comes: not a 429
+            raise RequestRejected(
+                f"n={params.n} can never be admitted: this server holds at most {capacity} "
+                "sequences, running and queued",
+                param="n",
+            )
         return max_tokens
 
     def add_request(self, request: GenerationRequest) -> None:
