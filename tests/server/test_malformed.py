@@ -1,5 +1,5 @@
-"""The malformed-input matrix (spec/reliability.md): every bad request gets a 4xx with the OpenAI
-error body and the right `param`, nothing reaches a 5xx, and the server keeps serving."""
+"""The malformed-input matrix (docs/errors-and-limits.md): every bad request gets a 4xx with the
+OpenAI error body and the right `param`, nothing reaches a 5xx, and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def nested_schema(depth: int) -> dict[str, Any]:
     return schema
 
 
-# Fields both endpoints take: each case runs against both (spec/sampling.md ranges, types, caps).
+# Fields both endpoints take: each case runs against both (ranges, types, caps).
 SHARED = [
     case
     for cases in (

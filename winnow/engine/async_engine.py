@@ -80,6 +80,8 @@ class AsyncEngine:
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
+        config = self.engine.config
+        self.max_n = min(config.max_n, config.max_num_seqs + config.max_queue)
         self._stats = self.engine.stats()
 
     @classmethod

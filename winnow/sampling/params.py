@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, validated exactly as spec/sampling.md states."""
+"""Per-request sampling parameters and their ranges (docs/errors-and-limits.md lists them)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""OpenAI wire models: what clients send and what Winnow answers (docs/api.md).
+"""OpenAI wire models: what clients send and what Winnow answers.
 
-Request models check shapes and types strictly (no "1" for 1, no 1.0 for an int, no NaN) and
-declare each field's range, so that /openapi.json shows the real API. The ranges of sampling
-fields are `SamplingParams`' own constants, which the engine checks again; limits that depend on
-the model served (context length, vocabulary, max n) are checked by the engine at admission and
-filled into the schema by `winnow.server.openapi`. Unknown fields are ignored.
+Request models check shapes and types strictly (no "1" for 1, no 1.5 for an int, no NaN; 2.0 is
+the integer 2, as JSON Schema has it) and declare each field's range, so that /openapi.json shows
+the real API. The ranges of sampling fields are `SamplingParams`' own constants, which the engine
+checks again; limits that depend on the model served (context length, vocabulary, max n) are
+checked by the engine at admission and filled into the schema by `winnow.server.openapi`.
+docs/errors-and-limits.md lists them all. Unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Annotated, Any, Literal
 
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from winnow.engine.outputs import FinishReason
@@ -31,10 +40,17 @@ from winnow.sampling.params import (
 MAX_TOOLS = 128
 MAX_MESSAGES = 4096
 
-Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
-Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
-Positive = Annotated[int, Field(ge=1, le=INT64_MAX)]
-TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integral = BeforeValidator(_integral)
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), Integral]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX), Integral]
+Positive = Annotated[int, Field(ge=1, le=INT64_MAX), Integral]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX), Integral]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
@@ -166,7 +182,7 @@ class GenerationFields(_Request):
     model: str | None = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Probability | None = None
-    top_k: Annotated[int | None, Field(ge=-1, le=INT64_MAX)] = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), Integral] | None = None
     min_p: Probability | None = None
     xtc_probability: Probability | None = None
     xtc_threshold: Probability | None = None
@@ -202,7 +218,7 @@ class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Positive | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
+    top_logprobs: TopLogprobs | None = None
     tools: Annotated[list[Tool] | None, Field(max_length=MAX_TOOLS)] = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -235,7 +251,7 @@ class CompletionRequest(GenerationFields):
     """Legacy text completions: one prompt, as text or as token ids."""
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
+    logprobs: TopLogprobs | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: Positive | None = None
