@@ -76,7 +76,7 @@ def reference_sample(
         z[j] = z[j] - np.float32(c) * freq - np.float32(c > 0) * pres
     # 2 request constraints
     for j, bias in params.logit_bias.items():
-        z[j] = z[j] + np.float32(min(max(bias, -100.0), 100.0))
+        z[j] = z[j] + np.float32(bias)
     if len(output_ids) < params.min_tokens:
         for j in set(eos_ids) | set(params.stop_token_ids):
             z[j] = -np.inf

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Self
 
 from winnow.config import EngineConfig
-from winnow.engine.engine import EngineStats, LLMEngine
+from winnow.engine.engine import EngineStats, LLMEngine, as_rejection
 from winnow.engine.outputs import RequestOutput
 from winnow.engine.request import EngineDeadError, EngineOverloaded, GenerationRequest
 from winnow.models import Tokenizer, load_model
@@ -80,6 +80,8 @@ class AsyncEngine:
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
+        config = self.engine.config
+        self.max_n = min(config.max_n, config.max_num_seqs + config.max_queue)
         self._stats = self.engine.stats()
 
     @classmethod
@@ -164,6 +166,8 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()
+                for request_id, error in self.engine.take_failures():
+                    self._deliver_request_error(request_id, error)
                 if outputs:
                     self._deliver(outputs)
         except BaseException as exc:
@@ -186,7 +190,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(payload)
                 except Exception as exc:
-                    self._deliver_request_error(payload.request_id, exc)
+                    logger.warning("request %s not admitted: %r", payload.request_id, exc)
+                    self._deliver_request_error(payload.request_id, as_rejection(exc))
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)

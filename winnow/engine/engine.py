@@ -24,6 +24,7 @@ from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.noise import child_seed, random_seed
+from winnow.sampling.params import SamplingParamError
 from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.sampling.text_stream import TextStream
 from winnow.sampling.token_bytes import build_token_bytes, token_text
@@ -42,6 +43,15 @@ class EngineStats:
     kv_blocks_free: int
     kv_blocks_cached: int
     preemptions: int
+
+
+def as_rejection(exc: Exception) -> RequestRejected:
+    """One request's failure as its own 400; the engine itself carries on."""
+    if isinstance(exc, RequestRejected):
+        return exc
+    if isinstance(exc, SamplingParamError):
+        return RequestRejected(exc.message, param=exc.param)
+    return RequestRejected(f"The request cannot be served: {exc!r}")
 
 
 class LLMEngine:
@@ -85,6 +95,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._preemptions = 0
+        self.failures: list[tuple[str, RequestRejected]] = []
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s), max_model_len %d",
             num_blocks,
@@ -130,8 +141,21 @@ class LLMEngine:
                 code="context_length_exceeded",
             )
         max_tokens = params.max_tokens or room
+        if params.min_tokens > max_tokens:
+            raise RequestRejected(
+                f"min_tokens ({params.min_tokens}) leaves no room in the context: at most "
+                f"{max_tokens} tokens can follow this prompt",
+                param="min_tokens",
+            )
         if params.n > self.config.max_n:
             raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
+        capacity = self.config.max_num_seqs + self.config.max_queue
+        if params.n > capacity:  # would wait for room that never comes: not a 429
+            raise RequestRejected(
+                f"n={params.n} can never be admitted: this server holds at most {capacity} "
+                "sequences, running and queued",
+                param="n",
+            )
         return max_tokens
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -207,11 +231,12 @@ class LLMEngine:
             )
         for seq in plan.preempted:
             self._drop_sampler_row(seq)
+        failed = self._add_sampler_rows([item.seq for item in plan.scheduled if item.samples])
+        if failed:
+            plan.scheduled = [i for i in plan.scheduled if i.seq.request.request_id not in failed]
+            pending = {s: d for s, d in pending.items() if s.request.request_id not in failed}
         if plan.scheduled:
             sampling = [item.seq for item in plan.scheduled if item.samples]
-            for seq in sampling:
-                if not seq.has_sampler_row:
-                    self._add_sampler_row(seq)
             logits = self.runner.execute(plan.scheduled)
             for item in plan.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
@@ -230,15 +255,36 @@ class LLMEngine:
             self.block_manager.register(seq.block_table[index], hash_)
             seq.block_hashes.append(hash_)
 
-    def _add_sampler_row(self, seq: Sequence) -> None:
-        self.sampler.add_row(
-            seq.seq_id,
-            seq.request.request.params,
-            seq.seed,
-            seq.prompt_token_ids,
-            seq.output_token_ids,
-        )
-        seq.has_sampler_row = True
+    def _add_sampler_rows(self, seqs: list[Sequence]) -> set[str]:
+        """Give each sequence about to be sampled its sampler row. A request whose row cannot be
+        added (a parameter the sampler cannot hold) is aborted and queued in `failures`, so it
+        ends with its own error and the step goes on without it; returns the failed ids."""
+        failed: set[str] = set()
+        for seq in seqs:
+            request_id = seq.request.request_id
+            if seq.has_sampler_row or request_id in failed:
+                continue
+            try:
+                self.sampler.add_row(
+                    seq.seq_id,
+                    seq.request.request.params,
+                    seq.seed,
+                    seq.prompt_token_ids,
+                    seq.output_token_ids,
+                )
+            except Exception as exc:
+                logger.warning("request %s failed to start sampling", request_id, exc_info=True)
+                failed.add(request_id)
+                self.abort(request_id)
+                self.failures.append((request_id, as_rejection(exc)))
+                continue
+            seq.has_sampler_row = True
+        return failed
+
+    def take_failures(self) -> list[tuple[str, RequestRejected]]:
+        """Requests that failed inside step() since the last call (see _add_sampler_rows)."""
+        failures, self.failures = self.failures, []
+        return failures
 
     def _drop_sampler_row(self, seq: Sequence) -> None:
         if seq.has_sampler_row:

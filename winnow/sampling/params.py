@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, validated exactly as spec/sampling.md states."""
+"""Per-request sampling parameters and their ranges (docs/errors-and-limits.md lists them)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 GREEDY_TEMPERATURE = 1e-5
-MAX_STOP_STRINGS = 16
-MAX_TOP_LOGPROBS = 20
-LOGIT_BIAS_LIMIT = 100.0
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+# Caps on what one request may ask for (docs/errors-and-limits.md); the server's request models
+# declare the same numbers, so /openapi.json shows them.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+MAX_TOP_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class SamplingParamError(ValueError):
@@ -57,6 +62,10 @@ class SamplingParams:
     time_limit_ms: float | None = None
 
     def __post_init__(self) -> None:
+        _check_int64("top_k", self.top_k)
+        _check_int64("n", self.n)
+        _check_int64("max_tokens", self.max_tokens or 0)
+        _check_int64("min_tokens", self.min_tokens)
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         if self.top_k < -1:
@@ -70,9 +79,17 @@ class SamplingParams:
             )
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise SamplingParamError(
+                "logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries"
+            )
         for token_id, bias in self.logit_bias.items():
-            if not math.isfinite(bias):
-                raise SamplingParamError("logit_bias", f"logit_bias[{token_id}] must be finite")
+            if not (math.isfinite(bias) and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+                raise SamplingParamError(
+                    "logit_bias",
+                    f"logit_bias[{token_id}] must be between "
+                    f"{-LOGIT_BIAS_LIMIT:g} and {LOGIT_BIAS_LIMIT:g}",
+                )
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
             raise SamplingParamError("seed", "seed must fit in a signed 64-bit integer")
         if self.n < 1:
@@ -91,7 +108,15 @@ class SamplingParams:
             raise SamplingParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in self.stop):
             raise SamplingParamError("stop", "stop strings must be non-empty")
-        if any(t < 0 for t in self.stop_token_ids):
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise SamplingParamError(
+                "stop", f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters long"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamError(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids"
+            )
+        if any(not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise SamplingParamError("stop_token_ids", "token ids must be non-negative")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise SamplingParamError(
@@ -122,6 +147,11 @@ class SamplingParams:
                 raise SamplingParamError(
                     "stop_token_ids", f"stop token id {token_id} is outside [0, {vocab_size})"
                 )
+
+
+def _check_int64(param: str, value: int) -> None:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise SamplingParamError(param, f"{param} must fit in a signed 64-bit integer")
 
 
 def _check_range(param: str, value: float, low: float, high: float) -> None:

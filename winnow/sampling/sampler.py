@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from winnow.sampling import step_logprobs
-from winnow.sampling.params import LOGIT_BIAS_LIMIT, SamplingParams
+from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
 from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes
 from winnow.sampling.slot_rows import SlotRows
@@ -178,11 +178,8 @@ class Sampler:
         self._seeds_top_k[slot] = torch.tensor([seed, top_k], dtype=torch.int64)
         if flags[REPETITION] or flags[FREQ_PRES]:
             self._history.reset(slot, prompt_token_ids, output_token_ids)
-        limit = LOGIT_BIAS_LIMIT
         self._bias_ids.assign(slot, list(params.logit_bias))
-        self._bias_values.assign(
-            slot, [min(max(v, -limit), limit) for v in params.logit_bias.values()]
-        )
+        self._bias_values.assign(slot, list(params.logit_bias.values()))
         self._ban_ids.assign(slot, ban)
 
     def remove_row(self, key: int) -> None:

@@ -20,6 +20,7 @@ from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
 from winnow.server.errors import ApiError, install_error_handlers, unavailable
 from winnow.server.json_body import require_json_body
+from winnow.server.openapi import install_openapi, served_limits
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
     ChatCompletion,
@@ -111,6 +112,7 @@ def build_app(
             raise unavailable()
         return {"status": "ok"}
 
+    install_openapi(app, served_limits(engine, config))
     # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_keys:

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from winnow.engine.request import EngineDeadError, EngineOverloaded, RequestRejected
 from winnow.sampling.params import SamplingParamError
@@ -129,6 +130,8 @@ def loc_to_param(loc: Sequence[int | str]) -> str | None:
     The path stops where pydantic starts naming union members (`str`, `list[int]`, `TextPart`)
     or dictionary keys, so that `param` always names a field the client sent.
     """
+    if "[key]" in loc:  # a bad dictionary key: name the dictionary
+        loc = loc[: list(loc).index("[key]") - 1]
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
@@ -180,17 +183,44 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_disconnect(request: Request, exc: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("The server had an error processing the request.", "server_error"),
-            status_code=500,
-        )
-
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     for engine_exc in ENGINE_ERRORS:
         app.add_exception_handler(engine_exc, on_engine_error)
     app.add_exception_handler(ClientDisconnected, on_disconnect)
-    app.add_exception_handler(Exception, on_unexpected)
+    app.add_middleware(UnexpectedErrorMiddleware)
+
+
+class UnexpectedErrorMiddleware:
+    """A 500 with the OpenAI error body for an exception no handler claims, logged once.
+
+    Starlette's own handler for `Exception` re-raises after answering, so that the server logs
+    the traceback a second time; this one answers and swallows it. It sits inside the request-id
+    middleware, so the log line names the request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = scope.get("state", {}).get("request_id", "-")
+            logger.exception(
+                "request %s: unhandled error on %s %s", request_id, scope["method"], scope["path"]
+            )
+            if not started:
+                body = error_body("The server had an error processing the request.", "server_error")
+                await JSONResponse(body, status_code=500)(scope, receive, send)

@@ -1,7 +1,11 @@
-"""OpenAI wire models: what clients send and what Winnow answers (spec/api.md).
+"""OpenAI wire models: what clients send and what Winnow answers.
 
-Request models check shapes and types only (strictly: no "1" for 1, no 1.0 for an int); the
-numeric ranges of sampling fields live in one place, `SamplingParams`. Unknown fields are ignored.
+Request models check shapes and types strictly (no "1" for 1, no 1.5 for an int, no NaN; 2.0 is
+the integer 2, as JSON Schema has it) and declare each field's range, so that /openapi.json shows
+the real API. The ranges of sampling fields are `SamplingParams`' own constants, which the engine
+checks again; limits that depend on the model served (context length, vocabulary, max n) are
+checked by the engine at admission and filled into the schema by `winnow.server.openapi`.
+docs/errors-and-limits.md lists them all. Unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -10,16 +14,53 @@ from typing import Annotated, Any, Literal
 
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from winnow.engine.outputs import FinishReason
+from winnow.sampling.params import (
+    INT64_MAX,
+    INT64_MIN,
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+)
 
 MAX_TOOLS = 128
+MAX_MESSAGES = 4096
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integral = BeforeValidator(_integral)
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), Integral]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX), Integral]
+Positive = Annotated[int, Field(ge=1, le=INT64_MAX), Integral]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX), Integral]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+# A logit_bias key spells a token id in decimal.
+TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,18})$")]
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 def _omitted_when_none(**kwargs: Any) -> Any:
@@ -139,28 +180,30 @@ class GenerationFields(_Request):
     """Fields shared by chat and text completions: the model, sampling, stopping, streaming."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | list[int] | None = None
-    n: int | None = None
-    max_tokens: int | None = None
-    min_tokens: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: int | list[int] | None = Field(
-        default=None, validation_alias=AliasChoices("stop_token_ids", "eos_token")
-    )
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Probability | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), Integral] | None = None
+    min_p: Probability | None = None
+    xtc_probability: Probability | None = None
+    xtc_threshold: Probability | None = None
+    repetition_penalty: Annotated[float | None, Field(gt=0.0)] = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: Annotated[
+        dict[TokenIdKey, Bias] | None, Field(max_length=MAX_LOGIT_BIAS_ENTRIES)
+    ] = None
+    seed: Int64 | list[Int64] | None = None
+    n: Positive | None = None
+    max_tokens: Positive | None = None
+    min_tokens: Count | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: (
+        TokenId | Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
+    ) = Field(default=None, validation_alias=AliasChoices("stop_token_ids", "eos_token"))
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     logprobs_mode: Literal["raw", "processed"] | None = None
-    time_limit: float | None = Field(default=None, description="milliseconds")
+    time_limit: Annotated[float | None, Field(gt=0.0, description="milliseconds")] = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Accepted and ignored: they have no meaning for a self-hosted server.
@@ -172,10 +215,10 @@ class GenerationFields(_Request):
 
 
 class ChatCompletionRequest(GenerationFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Positive | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: Annotated[list[Tool] | None, Field(max_length=MAX_TOOLS)] = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -207,11 +250,11 @@ class ChatCompletionRequest(GenerationFields):
 class CompletionRequest(GenerationFields):
     """Legacy text completions: one prompt, as text or as token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: TopLogprobs | None = None
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Positive | None = None
 
 
 class TokenizeRequest(_Request):
@@ -220,7 +263,9 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool = True
-    messages: Annotated[list[ChatMessage] | None, Field(min_length=1)] = None
+    messages: Annotated[list[ChatMessage] | None, Field(min_length=1, max_length=MAX_MESSAGES)] = (
+        None
+    )
     tools: Annotated[list[Tool] | None, Field(max_length=MAX_TOOLS)] = None
     chat_template_kwargs: dict[str, Any] | None = None
     system_prompt: str | None = None
@@ -228,7 +273,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ---------------------------------------------------------------------------------------------
