@@ -90,7 +90,11 @@ class AsyncEngine:
                 dtype=config.dtype,
                 device=config.device,
                 trust_remote_code=config.trust_remote_code,
+                chat_template=config.chat_template,
                 cpu_kernels_enabled=config.cpu_kernels,
+                tokenizer=config.tokenizer,
+                revision=config.revision,
+                download_dir=config.download_dir,
             )
             return LLMEngine(loaded, config)
 

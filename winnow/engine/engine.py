@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._preemptions = 0
+        # --seed: unseeded requests draw their seeds from this generator, so a restarted server
+        # that is sent the same requests in the same order answers the same.
+        self._seed_source = None if config.seed is None else random.Random(config.seed)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s), max_model_len %d",
             num_blocks,
@@ -132,6 +136,11 @@ class LLMEngine:
         max_tokens = params.max_tokens or room
         if params.n > self.config.max_n:
             raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
+        if params.top_logprobs > self.config.max_logprobs:
+            raise RequestRejected(
+                f"top_logprobs must be at most {self.config.max_logprobs} on this server",
+                param="top_logprobs",
+            )
         return max_tokens
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -139,7 +148,7 @@ class LLMEngine:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
         max_tokens = self.validate(request)
         params = request.params
-        seed = params.seed if params.seed is not None else random_seed()
+        seed = params.seed if params.seed is not None else self._draw_seed()
         deadline = (
             request.arrival_time + params.time_limit_ms / 1000.0
             if params.time_limit_ms is not None
@@ -163,6 +172,11 @@ class LLMEngine:
         self.requests[request.request_id] = state
         for seq in state.sequences:
             self.scheduler.add(seq)
+
+    def _draw_seed(self) -> int:
+        if self._seed_source is None:
+            return random_seed()
+        return self._seed_source.getrandbits(63)
 
     @staticmethod
     def _choice_seed(choice_seeds: tuple[int, ...], seed: int, index: int, n: int) -> int:
