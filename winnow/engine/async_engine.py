@@ -126,6 +126,11 @@ class AsyncEngine:
     def is_dead(self) -> bool:
         return self._dead_error is not None
 
+    @property
+    def admission_capacity(self) -> int:
+        """Sequences that may be in flight at once, running and queued."""
+        return self.engine.config.max_num_seqs + self.engine.config.max_queue
+
     def stats(self) -> EngineStats:
         """Counts as of the end of the last engine step."""
         return self._stats
@@ -135,8 +140,7 @@ class AsyncEngine:
         if self._dead_error is not None or not self.is_ready:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(request)
-        config = self.engine.config
-        if self._sequences_in_flight + request.params.n > config.max_num_seqs + config.max_queue:
+        if self._sequences_in_flight + request.params.n > self.admission_capacity:
             raise EngineOverloaded("the admission queue is full")
         stream = RequestStream(request.request_id, request.params.n)
         self._streams[request.request_id] = stream

@@ -205,7 +205,7 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    """Legacy text completions: one prompt, as text or as token ids."""
+    """Legacy text completions: a prompt (text or token ids) or a list of prompts."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
