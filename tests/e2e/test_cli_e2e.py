@@ -120,3 +120,22 @@ def test_refused_flags_exit_non_zero_with_the_reason(flags: list[str], reason: s
     )
     assert result.returncode == 2
     assert reason in result.stderr
+
+
+def test_bench_serve_shows_a_progress_bar_and_no_request_log(server: ServerProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "winnow", "bench", "serve", "--base-url", server.base_url]
+        + ["--model", server.model, "--num-prompts", "3", "--concurrency", "3"]
+        + ["--input-len", "4", "--output-len", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Requests: 100%" in result.stderr and "3/3" in result.stderr
+    assert "HTTP Request" not in result.stderr + result.stdout
+    assert "completed requests      3" in result.stdout
+
+
+def test_model_load_shows_progress(vllm_style_server: ServerProcess) -> None:
+    assert "Loading weights: 100%" in vllm_style_server.log()

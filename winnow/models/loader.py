@@ -175,7 +175,7 @@ def _with_progress(
     tensors: Iterator[tuple[str, torch.Tensor]], total: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """A progress bar on stderr while the weights load, one step per tensor."""
-    with tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
+    with tqdm(tensors, total=total, desc="Loading weights", unit="tensor") as bar:
         yield from bar
 
 
