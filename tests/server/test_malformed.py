@@ -1,4 +1,4 @@
-"""The malformed-input matrix (spec/reliability.md): every bad request gets a 4xx with the OpenAI
+"""The malformed-input matrix (docs/reliability.md): every bad request gets a 4xx with the OpenAI
 error body and the right `param`, nothing reaches a 5xx, and the server keeps serving."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def raw_case(
 
 
 CASES = [
-    # sampling fields: ranges (spec/sampling.md) and types
+    # sampling fields: ranges (docs/sampling.md) and types
     bad("temperature-negative", "temperature", temperature=-0.1),
     bad("temperature-above-2", "temperature", temperature=2.5),
     bad("temperature-string", "temperature", temperature="hot"),

@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, validated exactly as spec/sampling.md states."""
+"""Per-request sampling parameters, validated exactly as docs/sampling.md states."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenAI wire models: what clients send and what Winnow answers (spec/api.md).
+"""OpenAI wire models: what clients send and what Winnow answers (docs/api.md).
 
 Request models check shapes and types only (strictly: no "1" for 1, no 1.0 for an int); the
 numeric ranges of sampling fields live in one place, `SamplingParams`. Unknown fields are ignored.

@@ -1,4 +1,4 @@
-"""Server-sent events exactly as spec/api.md frames them.
+"""Server-sent events exactly as docs/api.md frames them.
 
 Every event is `data: <one-line JSON>\\n\\n`; keep-alives are `: ping` comments; the stream always
 ends with `data: [DONE]\\n\\n`, after an error event if something failed once the 200 was sent.
