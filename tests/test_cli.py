@@ -58,6 +58,7 @@ def test_a_vllm_command_line_maps_onto_the_configs() -> None:
     assert engine.seed == 1234
     assert engine.max_logprobs == 5
     assert engine.enforce_eager is True
+    assert engine.generation_config == "vllm"
     assert server.uvicorn_log_level == "warning"
     assert server.log_stats is False
     assert args.disable_log_requests is True
@@ -69,6 +70,7 @@ def test_defaults_without_flags() -> None:
     assert (engine.tokenizer, engine.revision, engine.download_dir, engine.seed) == (None,) * 4
     assert engine.enable_prefix_caching is True and engine.enforce_eager is False
     assert engine.max_logprobs == 20
+    assert engine.generation_config == "auto"  # vLLM's default
     assert server.log_stats is True and server.uvicorn_log_level == "info"
 
 
@@ -95,8 +97,7 @@ def test_max_logprobs_minus_one_is_the_api_bound() -> None:
     [
         (("--tensor-parallel-size", "2"), "only 1 is supported"),
         (("-tp", "4"), "only 1 is supported"),
-        (("--generation-config", "auto"), "generation_config.json"),
-        (("--generation-config", "/some/dir"), "only 'vllm'"),
+        (("--generation-config", "/no/such/dir"), "not 'auto', 'vllm' or a folder"),
         (("--max-logprobs", "21"), "at most 20"),
         (("--max-logprobs", "-2"), "must be -1 or 0-20"),
         (("a/b", "--model", "c/d"), "two models given"),
@@ -139,7 +140,7 @@ ENV_VALUES: dict[str, tuple[str, str, str, Any]] = {
     "--num-threads": ("2", "engine", "num_threads", 2),
     "--max-n": ("4", "engine", "max_n", 4),
     "--max-logprobs": ("5", "engine", "max_logprobs", 5),
-    "--generation-config": ("vllm", "args", "generation_config", "vllm"),
+    "--generation-config": ("vllm", "engine", "generation_config", "vllm"),
     "--max-request-bytes": ("1000", "server", "max_request_bytes", 1000),
     "--allowed-origins": (
         "http://a,http://b",

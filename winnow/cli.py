@@ -217,9 +217,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     )
     p.add_argument(
         "--generation-config",
-        default=_env("generation_config", "vllm"),
-        help="'vllm' (the only choice): a field a request omits takes the OpenAI default, "
-        "not the model's generation_config.json",
+        default=_env("generation_config", EngineConfig().generation_config),
+        help="where the defaults of sampling fields a request omits come from: 'auto' the "
+        "model's generation_config.json, 'vllm' OpenAI's defaults, or a folder holding a "
+        "generation_config.json",
     )
     p.add_argument(
         "--max-request-bytes",
@@ -295,12 +296,9 @@ def check_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             f"--tensor-parallel-size {args.tensor_parallel_size}: Winnow runs one model on one "
             "device; only 1 is supported (serve one replica per GPU behind a load balancer)"
         )
-    if args.generation_config != "vllm":
-        parser.error(
-            f"--generation-config {args.generation_config}: Winnow does not read a model's "
-            "generation_config.json sampling defaults; only 'vllm' (a field a request omits "
-            "takes the OpenAI default) is supported"
-        )
+    source = args.generation_config
+    if source not in ("auto", "vllm") and not os.path.isdir(os.path.expanduser(source)):
+        parser.error(f"--generation-config {source}: not 'auto', 'vllm' or a folder")
     if args.max_logprobs == -1:
         args.max_logprobs = API_MAX_TOP_LOGPROBS
     if not 0 <= args.max_logprobs <= API_MAX_TOP_LOGPROBS:
@@ -394,6 +392,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,
+        generation_config=args.generation_config,
     )
     server = ServerConfig(
         host=args.host,

@@ -21,6 +21,8 @@ class EngineConfig:
     `seed` seeds the generator that draws the seeds of requests that bring none (None: random).
     `max_logprobs` caps `top_logprobs` (the `logprobs` count of text completions).
     `enforce_eager` keeps CUDA decode steps out of CUDA graphs.
+    `generation_config` "auto" takes the model's generation_config.json sampling values as the
+    defaults of requests that omit them, "vllm" the OpenAI defaults, or names a folder.
     `kv_cache_dtype` "auto" stores keys/values in the model's dtype; "float16" / "bfloat16"
     halve an fp32 model's cache (twice the tokens in the same memory, half the bytes each decode
     reads) at the cost of rounding every cached key and value.
@@ -50,6 +52,7 @@ class EngineConfig:
     seed: int | None = None
     max_logprobs: int = 20
     enforce_eager: bool = False
+    generation_config: str = "auto"
 
 
 @dataclass

@@ -3,10 +3,12 @@ real server process, and refused flags stop it before it loads anything."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -37,13 +39,23 @@ def template_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_style_server(
     demo_model_dir: Path, template_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    log_path = tmp_path_factory.mktemp("vllm-style") / "server.log"
+    folder = tmp_path_factory.mktemp("vllm-style")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    log_path = folder / "server.log"
     proc = start_server(
         demo_model_dir,
         log_path,
         *("--model", str(demo_model_dir), "--chat-template", str(template_file)),
         *("--dtype", "float", "--tensor-parallel-size", "1", "--enable-prefix-caching"),
-        *("--max-logprobs", "2", "--seed", "5", "--enforce-eager", "--generation-config", "vllm"),
+        *(
+            "--max-logprobs",
+            "2",
+            "--seed",
+            "5",
+            "--enforce-eager",
+            "--generation-config",
+            str(folder),
+        ),
         *("--uvicorn-log-level", "warning", "--disable-log-requests", "--disable-log-stats"),
         *("--max-model-len", "256", "--num-kv-blocks", "64"),
     )
@@ -99,6 +111,21 @@ def test_max_logprobs_flag_caps_top_logprobs(vllm_style_server: ServerProcess) -
     assert refused.value.body["param"] == "top_logprobs"  # type: ignore[index]
 
 
+def test_generation_config_sets_the_defaults_of_omitted_fields(
+    vllm_style_server: ServerProcess,
+) -> None:
+    client = vllm_style_server.client()
+    fields: dict[str, Any] = {
+        "model": vllm_style_server.model,
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+    }
+    omitted = [client.completions.create(**fields).choices[0].text for _ in range(2)]
+    greedy = client.completions.create(temperature=0, **fields).choices[0].text
+    sampled = client.completions.create(temperature=2, seed=1, **fields).choices[0].text
+    assert omitted == [greedy, greedy] != [sampled, sampled]
+
+
 def test_uvicorn_log_level_silences_access_lines(vllm_style_server: ServerProcess) -> None:
     tokenize(vllm_style_server)
     assert "POST /tokenize" not in vllm_style_server.log()
@@ -108,7 +135,7 @@ def test_uvicorn_log_level_silences_access_lines(vllm_style_server: ServerProces
     ("flags", "reason"),
     [
         (["--tensor-parallel-size", "2"], "only 1 is supported"),
-        (["--generation-config", "auto"], "generation_config.json"),
+        (["--generation-config", "/no/such/dir"], "not 'auto', 'vllm' or a folder"),
     ],
 )
 def test_refused_flags_exit_non_zero_with_the_reason(flags: list[str], reason: str) -> None:

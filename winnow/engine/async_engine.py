@@ -80,6 +80,7 @@ class AsyncEngine:
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
+        self.sampling_defaults = self.engine.sampling_defaults
         self._stats = self.engine.stats()
 
     @classmethod
@@ -95,6 +96,7 @@ class AsyncEngine:
                 tokenizer=config.tokenizer,
                 revision=config.revision,
                 download_dir=config.download_dir,
+                generation_config=config.generation_config,
             )
             return LLMEngine(loaded, config)
 

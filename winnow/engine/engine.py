@@ -25,6 +25,7 @@ from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.noise import child_seed, random_seed
+from winnow.sampling.params import SamplingParamError, SamplingParams
 from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.sampling.text_stream import TextStream
 from winnow.sampling.token_bytes import build_token_bytes, token_text
@@ -54,6 +55,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.config.vocab_size
+        self.sampling_defaults = check_sampling_defaults(loaded.sampling_defaults)
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
@@ -377,3 +379,13 @@ class LLMEngine:
                 )
             )
         return outputs
+
+
+def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
+    """A model's sampling defaults no request could send refuse to start, rather than turn every
+    request that leaves the field out into a 400."""
+    try:
+        SamplingParams(**defaults)  # type: ignore[arg-type]
+    except (SamplingParamError, TypeError) as exc:
+        raise ValueError(f"unusable sampling defaults {defaults}: {exc}") from None
+    return defaults

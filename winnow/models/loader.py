@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from winnow.models.attention import select_attention_backend
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.llama import LlamaForCausalLM
+from winnow.models.sampling_defaults import read_sampling_defaults
 from winnow.models.tokenizer import Tokenizer
 
 _DTYPES = {
@@ -42,6 +43,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def load_model(
@@ -54,11 +56,13 @@ def load_model(
     tokenizer: str | None = None,
     revision: str | None = None,
     download_dir: str | None = None,
+    generation_config: str = "vllm",
 ) -> LoadedModel:
     """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
 
     `tokenizer` (a directory or hub id) replaces the model's own tokenizer files; `revision`
-    and `download_dir` apply to a hub download of the model.
+    and `download_dir` apply to a hub download of the model. `generation_config` says where
+    sampling defaults come from (see read_sampling_defaults).
     An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
     in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
@@ -91,7 +95,8 @@ def load_model(
         trust_remote_code=trust_remote_code,
         model_dir=path,
     )
-    return LoadedModel(module, config, loaded_tokenizer, path, torch_dtype, torch_device)
+    defaults = read_sampling_defaults(generation_config, path)
+    return LoadedModel(module, config, loaded_tokenizer, path, torch_dtype, torch_device, defaults)
 
 
 def resolve_model_path(

@@ -74,6 +74,7 @@ async def create_completion(
             max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
             logprobs=body.logprobs is not None,
             top_logprobs=body.logprobs or 0,
+            defaults=ctx.engine.sampling_defaults,
         )
     prompts = prompt_batch(ctx.engine, body.prompt)
     if len(prompts) * params.n > ctx.engine.admission_capacity:
