@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from winnow.cli import build_parser, check_serve_args, configs, env_name
+from winnow.cli import _configs, build_parser, check_serve_args, env_name
 from winnow.config import EngineConfig, ServerConfig
 
 
@@ -27,7 +27,7 @@ def parse(*argv: str) -> tuple[argparse.Namespace, EngineConfig, ServerConfig]:
     parser, serve = build_parser()
     args = parser.parse_args(["serve", *argv])
     check_serve_args(args, serve)
-    return (args, *configs(args))
+    return (args, *_configs(args))
 
 
 def refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -59,19 +59,19 @@ def test_a_vllm_command_line_maps_onto_the_configs() -> None:
     assert engine.max_logprobs == 5
     assert engine.enforce_eager is True
     assert engine.generation_config == "vllm"
-    assert server.uvicorn_log_level == "warning"
+    assert args.uvicorn_log_level == "warning"
     assert server.log_stats is False
     assert args.disable_log_requests is True
 
 
 def test_defaults_without_flags() -> None:
-    _, engine, server = parse("org/model")
+    args, engine, server = parse("org/model")
     assert engine.model == "org/model"
     assert (engine.tokenizer, engine.revision, engine.download_dir, engine.seed) == (None,) * 4
     assert engine.enable_prefix_caching is True and engine.enforce_eager is False
     assert engine.max_logprobs == 20
     assert engine.generation_config == "auto"  # vLLM's default
-    assert server.log_stats is True and server.uvicorn_log_level == "info"
+    assert server.log_stats is True and args.uvicorn_log_level == "info"
 
 
 @pytest.mark.parametrize("dtype", ["auto", "half", "float16", "bfloat16", "float", "float32"])
@@ -153,7 +153,7 @@ ENV_VALUES: dict[str, tuple[str, str, str, Any]] = {
     "--shutdown-timeout": ("3.5", "server", "shutdown_timeout", 3.5),
     "--trust-remote-code": ("1", "engine", "trust_remote_code", True),
     "--log-level": ("debug", "args", "log_level", "debug"),
-    "--uvicorn-log-level": ("warning", "server", "uvicorn_log_level", "warning"),
+    "--uvicorn-log-level": ("warning", "args", "uvicorn_log_level", "warning"),
     "--disable-log-stats": ("1", "server", "log_stats", False),
     "--disable-log-requests": ("1", "args", "disable_log_requests", True),
 }

@@ -40,7 +40,7 @@ def _env_list(flag: str) -> list[str]:
     return [item for item in os.environ.get(env_name(flag), "").split(",") if item]
 
 
-def _env_bool(flag: str, default: bool = False) -> bool:
+def _env_flag(flag: str, default: bool = False) -> bool:
     raw = os.environ.get(env_name(flag))
     if raw is None:
         return default
@@ -96,7 +96,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--accept-any-model",
         action="store_true",
-        default=_env_bool("accept_any_model"),
+        default=_env_flag("accept_any_model"),
         help="answer whatever `model` a request names instead of 404",
     )
     p.add_argument(
@@ -180,20 +180,20 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
-        default=_env_bool("enable_prefix_caching", engine.enable_prefix_caching),
+        default=_env_flag("enable_prefix_caching", engine.enable_prefix_caching),
         help="reuse the KV blocks of a repeated prompt prefix",
     )
     p.add_argument(
         "--enforce-eager",
         action="store_true",
-        default=_env_bool("enforce_eager"),
+        default=_env_flag("enforce_eager"),
         help="never capture CUDA graphs for decode steps",
     )
     p.add_argument(
         "--no-cpu-kernels",
         dest="cpu_kernels",
         action="store_false",
-        default=not _env_bool("no_cpu_kernels"),
+        default=not _env_flag("no_cpu_kernels"),
         help="fp32 on CPU: use PyTorch's matmul and attention instead of Winnow's AVX2 kernels",
     )
     p.add_argument(
@@ -237,7 +237,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--public-metrics",
         action="store_true",
-        default=_env_bool("public_metrics"),
+        default=_env_flag("public_metrics"),
         help="serve /metrics without the API key",
     )
     p.add_argument(
@@ -254,7 +254,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
-        default=_env_bool("trust_remote_code"),
+        default=_env_flag("trust_remote_code"),
         help="allow a model's own Python code for its config and tokenizer",
     )
     p.add_argument(
@@ -271,14 +271,14 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--disable-log-stats",
         action="store_true",
-        default=_env_bool("disable_log_stats"),
+        default=_env_flag("disable_log_stats"),
         help=f"no periodic stats line (running, waiting, KV cache use) every "
         f"{STATS_INTERVAL_S:g} s",
     )
     p.add_argument(
         "--disable-log-requests",
         action="store_true",
-        default=_env_bool("disable_log_requests"),
+        default=_env_flag("disable_log_requests"),
         help="accepted for vLLM command lines: Winnow never logs request contents",
     )
     return p
@@ -365,7 +365,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
         print(format_summary(summary))
 
 
-def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     """The typed configs of parsed (and checked) `winnow serve` arguments."""
     engine = EngineConfig(
         model=args.model,
@@ -404,13 +404,12 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         allowed_origins=args.allowed_origins,
         public_metrics=args.public_metrics,
         shutdown_timeout=args.shutdown_timeout,
-        uvicorn_log_level=args.uvicorn_log_level,
         log_stats=not args.disable_log_stats,
     )
     return engine, server
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
     """Load the model, serve until stopped; non-zero when the engine died (so Docker restarts)."""
     import uvicorn
 
@@ -425,7 +424,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         app,
         host=server_config.host,
         port=server_config.port,
-        log_level=server_config.uvicorn_log_level,
+        log_level=log_level,
         timeout_graceful_shutdown=int(server_config.shutdown_timeout),
     )
     server = uvicorn.Server(uv_config)
@@ -484,5 +483,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         _bench_serve(args)
         return
     check_serve_args(args, serve_parser)
-    engine_config, server_config = configs(args)
-    sys.exit(serve(engine_config, server_config))
+    engine_config, server_config = _configs(args)
+    sys.exit(serve(engine_config, server_config, args.uvicorn_log_level))

@@ -66,5 +66,4 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     public_metrics: bool = False
     shutdown_timeout: float = 30.0
-    uvicorn_log_level: str = "info"
     log_stats: bool = True

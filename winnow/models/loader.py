@@ -56,7 +56,7 @@ def load_model(
     tokenizer: str | None = None,
     revision: str | None = None,
     download_dir: str | None = None,
-    generation_config: str = "vllm",
+    generation_config: str = "auto",
 ) -> LoadedModel:
     """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
 
