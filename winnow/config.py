@@ -16,6 +16,13 @@ class EngineConfig:
     sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.
     `cpu_kernels` False keeps an fp32 CPU model on PyTorch's matmul and attention.
     `chat_template` is a path to a Jinja file that replaces the model's template.
+    `tokenizer` loads the tokenizer from another directory or hub id; `revision` pins the hub
+    revision of the model and `download_dir` is where hub downloads go (None: the HF cache).
+    `seed` seeds the generator that draws the seeds of requests that bring none (None: random).
+    `max_logprobs` caps `top_logprobs` (the `logprobs` count of text completions).
+    `enforce_eager` keeps CUDA decode steps out of CUDA graphs.
+    `generation_config` "auto" takes the model's generation_config.json sampling values as the
+    defaults of requests that omit them, "vllm" the OpenAI defaults, or names a folder.
     `kv_cache_dtype` "auto" stores keys/values in the model's dtype; "float16" / "bfloat16"
     halve an fp32 model's cache (twice the tokens in the same memory, half the bytes each decode
     reads) at the cost of rounding every cached key and value.
@@ -39,6 +46,13 @@ class EngineConfig:
     max_n: int = 16
     chat_template: str | None = None
     trust_remote_code: bool = False
+    tokenizer: str | None = None
+    revision: str | None = None
+    download_dir: str | None = None
+    seed: int | None = None
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    generation_config: str = "auto"
 
 
 @dataclass
@@ -52,3 +66,4 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     public_metrics: bool = False
     shutdown_timeout: float = 30.0
+    log_stats: bool = True

@@ -1,4 +1,4 @@
-"""A naive reading of spec/sampling.md, one row at a time in plain Python / NumPy (tests only).
+"""A naive reading of docs/sampling.md, one row at a time in plain Python / NumPy (tests only).
 
 Independent of the batched pipeline on purpose: no tensors, no candidate slices, no sorting
 tricks, and its own pure-Python hash. Scaled logits stay float32 (as the spec says); masses are

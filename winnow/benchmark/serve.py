@@ -11,13 +11,13 @@ import asyncio
 import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 WORDS = [
     "time",
@@ -207,16 +207,13 @@ async def run_benchmark(args: BenchArgs, progress: bool = True) -> Summary:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     gate = asyncio.Semaphore(args.concurrency)
-    finished = 0
+    bar = tqdm(total=args.num_prompts, desc="Requests", unit="req", disable=not progress)
 
     async def guarded(client: httpx.AsyncClient, prompt: str, delay: float) -> RequestResult:
-        nonlocal finished
         await asyncio.sleep(delay)
         async with gate:
             result = await one_request(client, args, prompt)
-        finished += 1
-        if progress:
-            print(f"\r{finished}/{args.num_prompts} requests", end="", file=sys.stderr, flush=True)
+        bar.update()
         return result
 
     delays, at = [], 0.0
@@ -232,8 +229,7 @@ async def run_benchmark(args: BenchArgs, progress: bool = True) -> Summary:
             *(guarded(client, p, d) for p, d in zip(prompts, delays, strict=True))
         )
         duration = time.perf_counter() - start
-    if progress:
-        print(file=sys.stderr)
+    bar.close()
     return summarise(list(results), duration)
 
 

@@ -82,6 +82,7 @@ class AsyncEngine:
         self.vocab_size = self.engine.vocab_size
         config = self.engine.config
         self.max_n = min(config.max_n, config.max_num_seqs + config.max_queue)
+        self.sampling_defaults = self.engine.sampling_defaults
         self._stats = self.engine.stats()
 
     @classmethod
@@ -92,7 +93,12 @@ class AsyncEngine:
                 dtype=config.dtype,
                 device=config.device,
                 trust_remote_code=config.trust_remote_code,
+                chat_template=config.chat_template,
                 cpu_kernels_enabled=config.cpu_kernels,
+                tokenizer=config.tokenizer,
+                revision=config.revision,
+                download_dir=config.download_dir,
+                generation_config=config.generation_config,
             )
             return LLMEngine(loaded, config)
 
@@ -124,6 +130,11 @@ class AsyncEngine:
     def is_dead(self) -> bool:
         return self._dead_error is not None
 
+    @property
+    def admission_capacity(self) -> int:
+        """Sequences that may be in flight at once, running and queued."""
+        return self.engine.config.max_num_seqs + self.engine.config.max_queue
+
     def stats(self) -> EngineStats:
         """Counts as of the end of the last engine step."""
         return self._stats
@@ -133,8 +144,7 @@ class AsyncEngine:
         if self._dead_error is not None or not self.is_ready:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(request)
-        config = self.engine.config
-        if self._sequences_in_flight + request.params.n > config.max_num_seqs + config.max_queue:
+        if self._sequences_in_flight + request.params.n > self.admission_capacity:
             raise EngineOverloaded("the admission queue is full")
         stream = RequestStream(request.request_id, request.params.n)
         self._streams[request.request_id] = stream

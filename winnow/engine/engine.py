@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.noise import child_seed, random_seed
-from winnow.sampling.params import SamplingParamError
+from winnow.sampling.params import SamplingParamError, SamplingParams
 from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.sampling.text_stream import TextStream
 from winnow.sampling.token_bytes import build_token_bytes, token_text
@@ -63,6 +64,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.config.vocab_size
+        self.sampling_defaults = check_sampling_defaults(loaded.sampling_defaults)
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
@@ -96,6 +98,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._preemptions = 0
         self.failures: list[tuple[str, RequestRejected]] = []
+        # --seed: unseeded requests draw their seeds from this generator, so a restarted server
+        # that is sent the same requests in the same order answers the same.
+        self._seed_source = None if config.seed is None else random.Random(config.seed)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %s), max_model_len %d",
             num_blocks,
@@ -156,6 +161,11 @@ class LLMEngine:
                 "sequences, running and queued",
                 param="n",
             )
+        if params.top_logprobs > self.config.max_logprobs:
+            raise RequestRejected(
+                f"top_logprobs must be at most {self.config.max_logprobs} on this server",
+                param="top_logprobs",
+            )
         return max_tokens
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -163,7 +173,7 @@ class LLMEngine:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
         max_tokens = self.validate(request)
         params = request.params
-        seed = params.seed if params.seed is not None else random_seed()
+        seed = params.seed if params.seed is not None else self._draw_seed()
         deadline = (
             request.arrival_time + params.time_limit_ms / 1000.0
             if params.time_limit_ms is not None
@@ -187,6 +197,11 @@ class LLMEngine:
         self.requests[request.request_id] = state
         for seq in state.sequences:
             self.scheduler.add(seq)
+
+    def _draw_seed(self) -> int:
+        if self._seed_source is None:
+            return random_seed()
+        return self._seed_source.getrandbits(63)
 
     @staticmethod
     def _choice_seed(choice_seeds: tuple[int, ...], seed: int, index: int, n: int) -> int:
@@ -409,3 +424,13 @@ class LLMEngine:
                 )
             )
         return outputs
+
+
+def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
+    """A model's sampling defaults no request could send refuse to start, rather than turn every
+    request that leaves the field out into a 400."""
+    try:
+        SamplingParams(**defaults)  # type: ignore[arg-type]
+    except (SamplingParamError, TypeError) as exc:
+        raise ValueError(f"unusable sampling defaults {defaults}: {exc}") from None
+    return defaults

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from winnow.models import cpu_kernels
 from winnow.models.attention import select_attention_backend
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.llama import LlamaForCausalLM
+from winnow.models.sampling_defaults import read_sampling_defaults
 from winnow.models.tokenizer import Tokenizer
 
 _DTYPES = {
@@ -30,6 +32,7 @@ _DTYPES = {
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a hub download fetches: configs, safetensors weights, tokenizer files; never pickles.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+_TOKENIZER_PATTERNS = [p for p in _HUB_PATTERNS if p != "*.safetensors"]
 
 
 @dataclass
@@ -40,6 +43,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def load_model(
@@ -49,12 +53,19 @@ def load_model(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     cpu_kernels_enabled: bool = True,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    generation_config: str = "auto",
 ) -> LoadedModel:
     """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
 
+    `tokenizer` (a directory or hub id) replaces the model's own tokenizer files; `revision`
+    and `download_dir` apply to a hub download of the model. `generation_config` says where
+    sampling defaults come from (see read_sampling_defaults).
     An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
     in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
@@ -68,18 +79,34 @@ def load_model(
     with torch.device("meta"):
         module = LlamaForCausalLM(config, select_attention_backend(torch_device, native))
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
-    module.load_weights(iter_safetensors(path))
+    module.load_weights(_with_progress(iter_safetensors(path), count_tensors(path)))
     if native:
         module.pack_for_cpu()
     module.eval()
 
-    tokenizer = Tokenizer.from_pretrained(
-        path, chat_template=chat_template, trust_remote_code=trust_remote_code
+    tokenizer_path = (
+        path
+        if tokenizer is None
+        else resolve_model_path(tokenizer, download_dir=download_dir, patterns=_TOKENIZER_PATTERNS)
     )
-    return LoadedModel(module, config, tokenizer, path, torch_dtype, torch_device)
+    loaded_tokenizer = Tokenizer.from_pretrained(
+        tokenizer_path,
+        chat_template=chat_template,
+        trust_remote_code=trust_remote_code,
+        model_dir=path,
+    )
+    defaults = read_sampling_defaults(generation_config, path)
+    return LoadedModel(module, config, loaded_tokenizer, path, torch_dtype, torch_device, defaults)
 
 
-def resolve_model_path(model: str) -> Path:
+def resolve_model_path(
+    model: str,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    patterns: list[str] = _HUB_PATTERNS,
+) -> Path:
+    """A demo name, a local directory, or a hub id downloaded (only `patterns` files) into
+    `download_dir` (None: the Hugging Face cache) at `revision` (None: the default branch)."""
     if model in DEMO_MODELS:
         return build_demo_model(model)
     local = Path(model).expanduser()
@@ -89,7 +116,11 @@ def resolve_model_path(model: str) -> Path:
         raise FileNotFoundError(f"model {model!r} is neither a model directory nor a hub id")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=model, allow_patterns=_HUB_PATTERNS))
+    return Path(
+        snapshot_download(
+            repo_id=model, revision=revision, cache_dir=download_dir, allow_patterns=patterns
+        )
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,6 +165,23 @@ def safetensors_files(path: Path) -> list[Path]:
             "safetensors only (pickles can run arbitrary code). Convert the checkpoint first."
         )
     raise FileNotFoundError(f"no *.safetensors weights in {path} (winnow loads safetensors only)")
+
+
+def count_tensors(path: Path) -> int:
+    """Tensors in the checkpoint (reads only the safetensors headers)."""
+    total = 0
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            total += len(f.keys())
+    return total
+
+
+def _with_progress(
+    tensors: Iterator[tuple[str, torch.Tensor]], total: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A progress bar on stderr while the weights load, one step per tensor."""
+    with tqdm(tensors, total=total, desc="Loading weights", unit="tensor") as bar:
+        yield from bar
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

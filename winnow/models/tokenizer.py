@@ -30,14 +30,22 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        model_dir: str | Path | None = None,
     ) -> Tokenizer:
-        """Load from a model directory; `chat_template` (Jinja source or a file path) overrides."""
+        """Load from a directory; `chat_template` (Jinja source or a file path) overrides.
+
+        The end-of-sequence ids come from `model_dir`'s configs (default: `path`), so a
+        tokenizer loaded from elsewhere still stops where the model does."""
         path = Path(path)
         hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if chat_template is not None:
             hf.chat_template = _template_source(chat_template)
-        return cls(hf, read_model_eos(path) + read_generation_eos(path))
+        configs = path if model_dir is None else Path(model_dir)
+        return cls(hf, read_model_eos(configs) + read_generation_eos(configs))
 
     @property
     def bos_token_id(self) -> int | None:

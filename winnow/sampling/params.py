@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and their ranges (docs/errors-and-limits.md lists them)."""
+"""Per-request sampling parameters, validated as docs/sampling.md states (docs/errors-and-limits.md
+lists every range)."""
 
 from __future__ import annotations
 

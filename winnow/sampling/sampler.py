@@ -1,4 +1,4 @@
-"""The batched sampler pipeline: spec/sampling.md "Order", applied to a whole batch at once.
+"""The batched sampler pipeline: docs/sampling.md "Order", applied to a whole batch at once.
 
 Per-row parameters live in persistent per-slot device tensors written once by `add_row`; `sample`
 only indexes them with the batch's slots. Which stages run is decided from host-side per-slot

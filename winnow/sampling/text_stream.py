@@ -1,6 +1,6 @@
 """Incremental detokenisation of one generated choice, with stop strings and safe streaming.
 
-Two layers, per spec/sampling.md "Stops" and spec/api.md "Streaming":
+Two layers, per docs/sampling.md "Stops" and docs/api.md "Streaming":
 
 1. `_Detokenizer` turns token ids into text that is final: it decodes only a small window of
    recent pieces and never returns a trailing incomplete UTF-8 character.

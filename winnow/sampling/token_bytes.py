@@ -1,4 +1,4 @@
-"""Per-vocabulary byte table for logprobs (`bytes` and `token` fields, spec/sampling.md).
+"""Per-vocabulary byte table for logprobs (`bytes` and `token` fields, docs/sampling.md).
 
 Built once at start-up from the vocabulary pieces, never by re-encoding decoded text: a token's
 bytes may be part of a UTF-8 character, which no string round trip can represent.

@@ -1,4 +1,4 @@
-"""Truncation stages (spec/sampling.md step 5) as pure, batched tensor functions.
+"""Truncation stages (docs/sampling.md step 5) as pure, batched tensor functions.
 
 top_k, top_p and min_p each keep the tokens whose scaled logit y is at or above a per-row
 threshold, so they are computed on rows sorted in descending order: either a candidate slice from

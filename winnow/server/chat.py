@@ -75,6 +75,7 @@ async def create_chat_completion(
             max_tokens=max_tokens,
             logprobs=bool(body.logprobs),
             top_logprobs=body.top_logprobs or 0,
+            defaults=ctx.engine.sampling_defaults,
         )
     prompt = chat_prompt(
         ctx.engine.tokenizer,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fastapi import Request, Response
 
@@ -12,6 +12,7 @@ from winnow.server.context import SYSTEM_FINGERPRINT, ServerContext, engine_requ
 from winnow.server.errors import ApiError, client_errors
 from winnow.server.generation import Generation, ResponseMeta, collect, finite_logprob, usage
 from winnow.server.params import sampling_params
+from winnow.server.prompt_batch import GenerationBatch
 from winnow.server.prompts import check_token_ids, text_prompt
 from winnow.server.protocol import (
     Completion,
@@ -39,19 +40,26 @@ def check_supported(request: CompletionRequest) -> None:
         raise ApiError(400, "best_of other than n is not supported", param="best_of")
 
 
-def prompt_ids(
+def prompt_batch(
     engine: AsyncEngine, prompt: str | list[str] | list[int] | list[list[int]]
-) -> list[int]:
-    """One prompt, given as text or as token ids (a one-element batch is accepted too)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
+) -> list[list[int]]:
+    """The request's prompts as token ids: one text or token-id list, or a list of either."""
     if isinstance(prompt, str):
-        return text_prompt(engine.tokenizer, prompt)
-    token_ids = [token for token in prompt if isinstance(token, int)]
-    if not token_ids or len(token_ids) != len(prompt):
-        raise ApiError(400, "give exactly one prompt per request", param="prompt")
-    check_token_ids(token_ids, engine.vocab_size, "prompt")
-    return token_ids
+        return [text_prompt(engine.tokenizer, prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt must not be an empty list", param="prompt")
+    if all(isinstance(item, int) for item in prompt):
+        prompt = [cast("list[int]", prompt)]
+    batch: list[list[int]] = []
+    for index, item in enumerate(cast("list[str | list[int]]", prompt)):
+        if isinstance(item, str):
+            batch.append(text_prompt(engine.tokenizer, item))
+            continue
+        if not item:
+            raise ApiError(400, f"prompt {index} has no tokens", param="prompt")
+        check_token_ids(item, engine.vocab_size, "prompt")
+        batch.append(list(item))
+    return batch
 
 
 async def create_completion(
@@ -66,23 +74,35 @@ async def create_completion(
             max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
             logprobs=body.logprobs is not None,
             top_logprobs=body.logprobs or 0,
+            defaults=ctx.engine.sampling_defaults,
         )
-    prompt = prompt_ids(ctx.engine, body.prompt)
+    prompts = prompt_batch(ctx.engine, body.prompt)
+    if len(prompts) * params.n > ctx.engine.admission_capacity:
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompts x n={params.n} choices is more than this server ever "
+            f"admits at once ({ctx.engine.admission_capacity} sequences)",
+            param="prompt",
+        )
     public_id = f"cmpl-{request_id(request)}"
-    with client_errors(_RENAMES):
-        generation = Generation(
+
+    def start(index: int) -> Generation:
+        return Generation(
             ctx.engine,
             engine_request_id(public_id),
-            prompt,
+            prompts[index],
             params,
             metrics=ctx.metrics,
             text_continues_prompt=True,
         )
+
+    with client_errors(_RENAMES):
+        batch = GenerationBatch(start, len(prompts), params.n)
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:
-        builder = CompletionChunkBuilder(meta, include_usage, params.logprobs)
-        return sse_response(generation, sse_body(generation, builder, ctx.keepalive_s))
-    result = await collect(generation, request, params.n)
+        builder = CompletionChunkBuilder(meta, batch, include_usage, params.logprobs)
+        return sse_response(batch, sse_body(batch, builder, ctx.keepalive_s))
+    result = await collect(batch, request, len(prompts) * params.n)
     completion = Completion(
         id=meta.id,
         created=meta.created,
@@ -99,9 +119,18 @@ async def create_completion(
             for choice in result.choices
         ],
         usage=usage(result.final),
-        seed=meta.seed(result.final),
+        seed=response_seed(meta, batch),
     )
     return Response(completion.model_dump_json(), media_type="application/json")
+
+
+def response_seed(meta: ResponseMeta, batch: GenerationBatch) -> int | list[int]:
+    """The request's own seed (list) if it sent one; else the seed each prompt used, as one
+    int for a single prompt or a list in prompt order."""
+    if meta.seeds is not None:
+        return meta.seeds
+    seeds = [seed for seed in batch.seeds if seed is not None]
+    return seeds[0] if len(set(seeds)) == 1 else seeds
 
 
 def legacy_logprobs(positions: list[PositionLogprobs], offset: int) -> CompletionLogprobs:
@@ -125,10 +154,14 @@ def legacy_logprobs(positions: list[PositionLogprobs], offset: int) -> Completio
 
 class CompletionChunkBuilder:
     """Text chunks per choice, then one chunk with empty text and the finish_reason; after every
-    choice finished, the usage chunk if asked for."""
+    choice finished, the usage chunk if asked for. A choice's chunks carry the seed of its
+    prompt; the usage chunk carries the response's seed (see response_seed)."""
 
-    def __init__(self, meta: ResponseMeta, include_usage: bool, logprobs: bool) -> None:
+    def __init__(
+        self, meta: ResponseMeta, batch: GenerationBatch, include_usage: bool, logprobs: bool
+    ) -> None:
         self._meta = meta
+        self._batch = batch
         self._include_usage = include_usage
         self._logprobs = logprobs
         self._offsets: dict[int, int] = {}
@@ -144,7 +177,7 @@ class CompletionChunkBuilder:
                 text = CompletionChoice(
                     index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=None
                 )
-                yield self._chunk(output, [text])
+                yield self._chunk(self._meta.seed(output), [text])
             if delta.finish_reason is not None:
                 finish = CompletionChoice(
                     index=delta.index,
@@ -153,14 +186,17 @@ class CompletionChunkBuilder:
                     finish_reason=delta.finish_reason,
                     stop_reason=delta.stop_reason,
                 )
-                yield self._chunk(output, [finish])
+                yield self._chunk(self._meta.seed(output), [finish])
 
     def closing_chunks(self, final: RequestOutput) -> Iterator[Completion]:
         if self._include_usage:
-            yield self._chunk(final, [], usage(final))
+            yield self._chunk(response_seed(self._meta, self._batch), [], usage(final))
 
     def _chunk(
-        self, output: RequestOutput, choices: list[CompletionChoice], totals: Usage | None = None
+        self,
+        seed: int | list[int],
+        choices: list[CompletionChoice],
+        totals: Usage | None = None,
     ) -> Completion:
         return Completion(
             id=self._meta.id,
@@ -169,5 +205,5 @@ class CompletionChunkBuilder:
             system_fingerprint=SYSTEM_FINGERPRINT,
             choices=choices,
             usage=totals,
-            seed=self._meta.seed(output),
+            seed=seed,
         )

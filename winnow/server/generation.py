@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.requests import Request
 
@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 
 # What -inf (or NaN) logprobs are reported as: JSON has no infinities.
 LOGPROB_FLOOR = -9999.0
+
+
+class OutputSource(Protocol):
+    """What a route consumes: one engine request (Generation) or several seen as one."""
+
+    def outputs(self) -> AsyncIterator[RequestOutput]: ...
+
+    def close(self) -> None: ...
 
 
 class Generation:
@@ -123,7 +131,7 @@ class GenerationResult:
     final: RequestOutput
 
 
-async def collect(generation: Generation, request: Request, n: int) -> GenerationResult:
+async def collect(generation: OutputSource, request: Request, n: int) -> GenerationResult:
     """Run to the end, concatenating each choice's deltas; abort if the client disconnects."""
     choices = [ChoiceResult(i) for i in range(n)]
 

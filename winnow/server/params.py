@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeVar
 
 from winnow.sampling.params import SamplingParams
@@ -15,17 +16,21 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int,
+    defaults: Mapping[str, float],
 ) -> SamplingParams:
-    """The engine's parameters; raises SamplingParamError for a value out of range."""
+    """The engine's parameters; raises SamplingParamError for a value out of range.
+
+    `defaults` (the model's, from --generation-config) replace OpenAI's defaults of the fields
+    a request leaves out."""
     seed = request.seed
     return SamplingParams(
-        temperature=_or(request.temperature, 1.0),
-        top_p=_or(request.top_p, 1.0),
-        top_k=_or(request.top_k, 0),
-        min_p=_or(request.min_p, 0.0),
+        temperature=_or(request.temperature, defaults.get("temperature", 1.0)),
+        top_p=_or(request.top_p, defaults.get("top_p", 1.0)),
+        top_k=_or(request.top_k, int(defaults.get("top_k", 0))),
+        min_p=_or(request.min_p, defaults.get("min_p", 0.0)),
         xtc_probability=_or(request.xtc_probability, 0.0),
         xtc_threshold=_or(request.xtc_threshold, 0.1),
-        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        repetition_penalty=_or(request.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
         frequency_penalty=_or(request.frequency_penalty, 0.0),
         presence_penalty=_or(request.presence_penalty, 0.0),
         logit_bias=_logit_bias(request.logit_bias),

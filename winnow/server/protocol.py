@@ -1,4 +1,4 @@
-"""OpenAI wire models: what clients send and what Winnow answers.
+"""OpenAI wire models: what clients send and what Winnow answers (docs/api.md).
 
 Request models check shapes and types strictly (no "1" for 1, no 1.5 for an int, no NaN; 2.0 is
 the integer 2, as JSON Schema has it) and declare each field's range, so that /openapi.json shows
@@ -248,7 +248,7 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    """Legacy text completions: one prompt, as text or as token ids."""
+    """Legacy text completions: a prompt (text or token ids) or a list of prompts."""
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: TopLogprobs | None = None

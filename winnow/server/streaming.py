@@ -1,4 +1,4 @@
-"""Server-sent events exactly as spec/api.md frames them.
+"""Server-sent events exactly as docs/api.md frames them.
 
 Every event is `data: <one-line JSON>\\n\\n`; keep-alives are `: ping` comments; the stream always
 ends with `data: [DONE]\\n\\n`, after an error event if something failed once the 200 was sent.
@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 
 from winnow.engine.outputs import RequestOutput
 from winnow.server.errors import ENGINE_ERRORS, ApiError, engine_error, error_body
-from winnow.server.generation import Generation
+from winnow.server.generation import OutputSource
 from winnow.server.protocol import GenerationFields
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ async def with_keepalive(source: AsyncIterator[T], interval_s: float) -> AsyncIt
 
 
 async def sse_body(
-    generation: Generation, builder: ChunkBuilder, keepalive_s: float
+    generation: OutputSource, builder: ChunkBuilder, keepalive_s: float
 ) -> AsyncIterator[bytes]:
     """The whole event stream of one request; aborts it if the client goes away mid-stream."""
     try:
@@ -110,7 +110,7 @@ def _stream_error(exc: Exception) -> dict[str, Any]:
     return error_body("The server had an error while streaming the response.", "server_error")
 
 
-def sse_response(generation: Generation, body: AsyncIterator[bytes]) -> StreamingResponse:
+def sse_response(generation: OutputSource, body: AsyncIterator[bytes]) -> StreamingResponse:
     """The closing background task aborts the request even when the client leaves before the
     body generator ever started (then its own `finally` never runs)."""
     return StreamingResponse(
