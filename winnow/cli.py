@@ -38,7 +38,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "model",
         nargs="?",
         default=_env("model", engine.model),
-        help="HF model dir or hub id; default: the built-in demo model",
+        help="HF model dir, hub id, demo model, or smollm2 (default: SmolLM2-135M-Instruct)",
     )
     p.add_argument("--host", default=_env("host", server.host))
     p.add_argument("--port", type=int, default=_env("port", server.port, int))

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from winnow.models import cpu_kernels
 from winnow.models.attention import select_attention_backend
 from winnow.models.config import ModelConfig
+from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.llama import LlamaForCausalLM
 from winnow.models.tokenizer import Tokenizer
@@ -50,7 +51,8 @@ def load_model(
     chat_template: str | None = None,
     cpu_kernels_enabled: bool = True,
 ) -> LoadedModel:
-    """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
+    """Load a local HF directory, the default model's or a demo model's name, or a hub id
+    (downloaded if not a local path).
 
     An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
     in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
@@ -80,6 +82,8 @@ def load_model(
 
 
 def resolve_model_path(model: str) -> Path:
+    if model == DEFAULT_MODEL:
+        return default_model_dir()
     if model in DEMO_MODELS:
         return build_demo_model(model)
     local = Path(model).expanduser()
