@@ -115,7 +115,12 @@ def build_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_keys:
         public = ["/health"] + (["/metrics"] if config.public_metrics else [])
-        app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, public_paths=public)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_keys=config.api_keys,
+            public_paths=public,
+            allowed_origins=config.allowed_origins,
+        )
     app.add_middleware(RequestIdMiddleware)
     if config.allowed_origins:
         app.add_middleware(
