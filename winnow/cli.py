@@ -14,6 +14,9 @@ from winnow.config import EngineConfig, ServerConfig
 
 logger = logging.getLogger("winnow")
 
+# After a drain has ended every request, how long responses get to reach their clients.
+_CLOSE_GRACE_S = 5
+
 
 def _env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
     """Default for a flag from WINNOW_<NAME>; the flag itself wins."""
@@ -128,6 +131,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=_env("shutdown_timeout", server.shutdown_timeout, float),
     )
     p.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        default=_env_flag("allow_special_tokens_in_content"),
+        help="parse control-token text in chat messages as control tokens (lets users fake "
+        "turn boundaries; default: encode it as text)",
+    )
+    p.add_argument(
         "--trust-remote-code", action="store_true", default=_env_flag("trust_remote_code")
     )
     p.add_argument("--log-level", default=_env("log_level", "info"))
@@ -210,28 +220,31 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         allowed_origins=args.allowed_origins,
         public_metrics=args.public_metrics,
         shutdown_timeout=args.shutdown_timeout,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
     )
     return engine, server
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
-    """Load the model, serve until stopped; non-zero when the engine died (so Docker restarts)."""
+    """Bind the port at once (503 "loading" until the model is up), serve until SIGTERM drains
+    the server; non-zero when the engine died or the model failed to load (so Docker restarts)."""
     import uvicorn
 
     from winnow.engine.async_engine import AsyncEngine
     from winnow.server.app import build_app
+    from winnow.server.lifecycle import DrainingServer
 
     logger.info("loading %s", engine_config.model)
-    engine = AsyncEngine.from_config(engine_config)
+    engine = AsyncEngine.from_config(engine_config, wait=False)
     app = build_app(engine, server_config)
     uv_config = uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.port,
         log_level=log_level,
-        timeout_graceful_shutdown=int(server_config.shutdown_timeout),
+        timeout_graceful_shutdown=_CLOSE_GRACE_S,
     )
-    server = uvicorn.Server(uv_config)
+    server = DrainingServer(uv_config, engine, server_config.shutdown_timeout)
 
     async def run() -> None:
         engine.start()
@@ -239,6 +252,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         async def watch_engine() -> None:
             while not engine.is_dead:
                 await asyncio.sleep(0.5)
+            if engine.load_error is not None:
+                logger.error("the model failed to load", exc_info=engine.load_error)
             server.should_exit = True
 
         watcher = asyncio.create_task(watch_engine())

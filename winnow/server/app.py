@@ -18,8 +18,9 @@ from winnow.server.body_limit import BodyLimitMiddleware
 from winnow.server.chat import create_chat_completion
 from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
-from winnow.server.errors import ApiError, install_error_handlers, unavailable
+from winnow.server.errors import ApiError, install_error_handlers
 from winnow.server.json_body import require_json_body
+from winnow.server.lifecycle import HEALTH_PATH, ReadinessGate, health_response
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
     ChatCompletion,
@@ -104,17 +105,17 @@ def build_app(
         """Prometheus text; behind the API key unless --public-metrics."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        """200 while the engine runs; 503 while it loads or after it died."""
-        if not engine.is_ready:
-            raise unavailable()
-        return {"status": "ok"}
+    @app.get(HEALTH_PATH)
+    async def health() -> Response:
+        """200 while the engine runs; 503 with the state while it loads, drains or is dead."""
+        return health_response(engine.state)
 
-    # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, routes.
+    # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, readiness
+    # gate, routes.
+    app.add_middleware(ReadinessGate, engine=engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_keys:
-        public = ["/health"] + (["/metrics"] if config.public_metrics else [])
+        public = [HEALTH_PATH] + (["/metrics"] if config.public_metrics else [])
         app.add_middleware(
             ApiKeyMiddleware,
             api_keys=config.api_keys,
