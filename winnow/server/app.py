@@ -5,6 +5,7 @@ The app does not start the engine; whoever runs it calls `engine.start()` inside
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -78,18 +79,18 @@ def build_app(
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "Give exactly one of 'prompt' and 'messages'.", param="prompt")
         if body.messages is not None:
-            tokens = chat_prompt(
-                engine.tokenizer,
-                body.messages,
+            job = partial(
+                chat_prompt,
+                messages=body.messages,
                 system_prompt=body.system_prompt,
                 tools=body.tools,
                 template_kwargs=body.chat_template_kwargs,
+                special_tokens_in_content=config.allow_special_tokens_in_content,
             )
         else:
             assert body.prompt is not None
-            tokens = text_prompt(
-                engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens
-            )
+            job = partial(text_prompt, text=body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await ctx.tokenizers.run(job)
         return TokenizeResponse(
             count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
         )
@@ -98,7 +99,8 @@ def build_app(
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.resolve_model(body.model)
         check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+        text = await ctx.tokenizers.run(lambda tokenizer: tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=text)
 
     @app.get("/metrics")
     async def metrics() -> Response:
