@@ -23,6 +23,8 @@ KV_CACHE_DTYPES = ["auto", "float32", "float16", "bfloat16"]
 UVICORN_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 API_MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs, which the sampler keeps too
 STATS_INTERVAL_S = 10.0  # vLLM's interval between stats log lines
+# After a drain has ended every request, how long responses get to reach their clients.
+_CLOSE_GRACE_S = 5
 
 
 def env_name(flag: str) -> str:
@@ -253,6 +255,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         help="seconds in-flight requests may run on after SIGTERM",
     )
     p.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        default=_env_flag("allow_special_tokens_in_content"),
+        help="parse control-token text in chat messages as control tokens (lets users fake "
+        "turn boundaries; default: encode it as text)",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         default=_env_flag("trust_remote_code"),
@@ -406,29 +415,32 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         public_metrics=args.public_metrics,
         shutdown_timeout=args.shutdown_timeout,
         log_stats=not args.disable_log_stats,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
     )
     return engine, server
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
-    """Load the model, serve until stopped; non-zero when the engine died (so Docker restarts)."""
+    """Bind the port at once (503 "loading" until the model is up), serve until SIGTERM drains
+    the server; non-zero when the engine died or the model failed to load (so Docker restarts)."""
     import uvicorn
 
     from winnow.engine.async_engine import AsyncEngine
     from winnow.engine.stats_log import log_stats_periodically
     from winnow.server.app import build_app
+    from winnow.server.lifecycle import DrainingServer
 
     logger.info("loading %s", engine_config.model)
-    engine = AsyncEngine.from_config(engine_config)
+    engine = AsyncEngine.from_config(engine_config, wait=False)
     app = build_app(engine, server_config)
     uv_config = uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.port,
         log_level=log_level,
-        timeout_graceful_shutdown=int(server_config.shutdown_timeout),
+        timeout_graceful_shutdown=_CLOSE_GRACE_S,
     )
-    server = uvicorn.Server(uv_config)
+    server = DrainingServer(uv_config, engine, server_config.shutdown_timeout)
 
     async def run() -> None:
         engine.start()
@@ -436,6 +448,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         async def watch_engine() -> None:
             while not engine.is_dead:
                 await asyncio.sleep(0.5)
+            if engine.load_error is not None:
+                logger.error("the model failed to load", exc_info=engine.load_error)
             server.should_exit = True
 
         background = [asyncio.create_task(watch_engine())]

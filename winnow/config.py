@@ -58,6 +58,13 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
+    """How the HTTP side behaves.
+
+    `allow_special_tokens_in_content` parses control-token text in chat messages as control
+    tokens (the old, spoofable behaviour) instead of encoding it as text. `shutdown_timeout` is
+    how long SIGTERM lets running requests finish before they are ended with an error.
+    """
+
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_names: list[str] = field(default_factory=list)
@@ -68,3 +75,4 @@ class ServerConfig:
     public_metrics: bool = False
     shutdown_timeout: float = 30.0
     log_stats: bool = True
+    allow_special_tokens_in_content: bool = False

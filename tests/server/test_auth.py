@@ -119,3 +119,52 @@ async def test_wildcard_origin_never_comes_with_credentials(make_app: AppFactory
         response = await http.get("/v1/models", headers={"Origin": ORIGIN})
     assert response.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in response.headers
+
+
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization",
+}
+
+
+@pytest.mark.parametrize(
+    ("allowed_origins", "headers"),
+    [
+        ([], {}),
+        ([], {"Origin": ORIGIN, **PREFLIGHT}),
+        ([ORIGIN], {"Origin": ORIGIN}),
+        ([ORIGIN], PREFLIGHT),
+    ],
+    ids=["no-cors", "no-cors-preflight", "not-a-preflight", "no-origin"],
+)
+async def test_options_needs_the_key_unless_an_allowed_preflight(
+    make_app: AppFactory, allowed_origins: list[str], headers: dict[str, str]
+) -> None:
+    async with asgi_client(make_app(api_keys=KEYS, allowed_origins=allowed_origins)) as http:
+        refused = await http.options("/v1/chat/completions", headers=headers)
+        keyed = await http.options("/v1/chat/completions", headers={**headers, **bearer(KEYS[0])})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert "allow" not in refused.headers  # the route's methods are not disclosed without a key
+    assert keyed.status_code != 401
+
+
+async def test_wildcard_origins_let_any_preflight_through(make_app: AppFactory) -> None:
+    async with asgi_client(make_app(api_keys=KEYS, allowed_origins=["*"])) as http:
+        response = await http.options(
+            "/v1/completions", headers={"Origin": "https://any.example", **PREFLIGHT}
+        )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
+
+
+async def test_preflight_from_another_origin_is_refused(make_app: AppFactory) -> None:
+    """The CORS layer answers every preflight before authentication; one from an origin not
+    allowed gets no CORS grant and learns nothing about the route."""
+    async with asgi_client(make_app(api_keys=KEYS, allowed_origins=[ORIGIN])) as http:
+        response = await http.options(
+            "/v1/chat/completions", headers={"Origin": "https://evil.example", **PREFLIGHT}
+        )
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+    assert "allow" not in response.headers

@@ -8,17 +8,24 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Self
+from typing import Literal, Self
 
 from winnow.config import EngineConfig
 from winnow.engine.engine import EngineStats, LLMEngine, as_rejection
 from winnow.engine.outputs import RequestOutput
-from winnow.engine.request import EngineDeadError, EngineOverloaded, GenerationRequest
+from winnow.engine.request import (
+    EngineDeadError,
+    EngineDraining,
+    EngineOverloaded,
+    GenerationRequest,
+)
 from winnow.models import Tokenizer, load_model
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+
+EngineState = Literal["loading", "ready", "draining", "dead"]
 
 
 class RequestStream:
@@ -58,9 +65,14 @@ class AsyncEngine:
     thread ever runs an OpenMP parallel region: once two threads own worker pools, libgomp
     counts more threads than cores and stops letting idle workers spin, and every region of a
     decode step then waits for a futex wake-up (+15% per batch-1 step on 2 cores).
+
+    With `wait=False` the constructor returns while the model loads, so a server can answer
+    (503, "loading") meanwhile; `tokenizer` and the limits exist once `state` leaves "loading".
     """
 
-    def __init__(self, build: Callable[[], LLMEngine], model_name: str) -> None:
+    def __init__(
+        self, build: Callable[[], LLMEngine], model_name: str, *, wait: bool = True
+    ) -> None:
         self.model_name = model_name
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
@@ -68,25 +80,20 @@ class AsyncEngine:
         self._built = threading.Event()
         self._started = threading.Event()
         self._stopping = threading.Event()
+        self._draining = False
         self._dead_error: BaseException | None = None
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._thread_main, args=(build,), name="winnow-engine", daemon=True
         )
         self._thread.start()
-        self._built.wait()
-        if self._build_error is not None:
-            raise self._build_error
-        self.tokenizer: Tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.vocab_size = self.engine.vocab_size
-        config = self.engine.config
-        self.max_n = min(config.max_n, config.max_num_seqs + config.max_queue)
-        self.sampling_defaults = self.engine.sampling_defaults
-        self._stats = self.engine.stats()
+        if wait:
+            self._built.wait()
+            if self._build_error is not None:
+                raise self._build_error
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+    def from_config(cls, config: EngineConfig, *, wait: bool = True) -> AsyncEngine:
         def build() -> LLMEngine:
             loaded = load_model(
                 config.model,
@@ -102,7 +109,7 @@ class AsyncEngine:
             )
             return LLMEngine(loaded, config)
 
-        return cls(build, config.model)
+        return cls(build, config.model, wait=wait)
 
     def start(self) -> None:
         """Start stepping (once); call from inside the running event loop."""
@@ -124,11 +131,46 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self._started.is_set() and self._thread.is_alive() and not self.is_dead
+        """Built, stepping, and not shutting down."""
+        return (
+            self._built.is_set()
+            and self._started.is_set()
+            and self._thread.is_alive()
+            and not self.is_dead
+            and not self._draining
+        )
 
     @property
     def is_dead(self) -> bool:
-        return self._dead_error is not None
+        """The engine loop died, or the model failed to load."""
+        return self._dead_error is not None or self._build_error is not None
+
+    @property
+    def state(self) -> EngineState:
+        if self.is_dead:
+            return "dead"
+        if self._draining:
+            return "draining"
+        return "ready" if self.is_ready else "loading"
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._build_error
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Admitted requests not finished yet (loop thread)."""
+        return len(self._streams)
+
+    def begin_drain(self) -> None:
+        """Admit nothing more; requests in flight go on (loop thread)."""
+        self._draining = True
+
+    def end_in_flight(self) -> None:
+        """End every request in flight with EngineDraining and abort it (loop thread)."""
+        for request_id in list(self._streams):
+            self._commands.put(("abort", request_id))
+        self._fail_all(EngineDraining("the server is shutting down"))
 
     @property
     def admission_capacity(self) -> int:
@@ -141,7 +183,9 @@ class AsyncEngine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError."""
-        if self._dead_error is not None or not self.is_ready:
+        if self._draining:
+            raise EngineDraining("the server is shutting down")
+        if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(request)
         if self._sequences_in_flight + request.params.n > self.admission_capacity:
@@ -158,6 +202,13 @@ class AsyncEngine:
     def _thread_main(self, build: Callable[[], LLMEngine]) -> None:
         try:
             self.engine = build()
+            self.tokenizer: Tokenizer = self.engine.tokenizer
+            self.max_model_len = self.engine.max_model_len
+            self.vocab_size = self.engine.vocab_size
+            config = self.engine.config
+            self.max_n = min(config.max_n, config.max_num_seqs + config.max_queue)
+            self.sampling_defaults = self.engine.sampling_defaults
+            self._stats = self.engine.stats()
         except BaseException as exc:
             self._build_error = exc
             return

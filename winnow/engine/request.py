@@ -40,3 +40,7 @@ class EngineOverloaded(Exception):
 
 class EngineDeadError(Exception):
     """The engine loop died; in-flight requests end with an error event."""
+
+
+class EngineDraining(EngineDeadError):
+    """The server is shutting down: no new requests, and the ones left at the deadline end."""

@@ -107,8 +107,9 @@ def resolve_model_path(
     download_dir: str | None = None,
     patterns: list[str] = _HUB_PATTERNS,
 ) -> Path:
-    """The default model's name, a demo name, a local directory, or a hub id downloaded (only `patterns` files) into
-    `download_dir` (None: the Hugging Face cache) at `revision` (None: the default branch)."""
+    """The default model's name, a demo name, a local directory, or a hub id downloaded (only
+    `patterns` files) into `download_dir` (None: the Hugging Face cache) at `revision` (None:
+    the default branch)."""
     if model == DEFAULT_MODEL:
         return default_model_dir()
     if model in DEMO_MODELS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -10,6 +11,7 @@ import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from winnow.models.config import read_generation_eos, read_model_eos
+from winnow.models.content_encoding import ContentEncoder, ContentMarks, ContentSpanError
 
 
 class ChatTemplateError(ValueError):
@@ -27,6 +29,7 @@ class Tokenizer:
                 eos.append(token_id)
         self.eos_token_ids: list[int] = eos
         self.vocab_size: int = len(hf)
+        self._content = ContentEncoder(hf)
 
     @classmethod
     def from_pretrained(
@@ -46,6 +49,10 @@ class Tokenizer:
             hf.chat_template = _template_source(chat_template)
         configs = path if model_dir is None else Path(model_dir)
         return cls(hf, read_model_eos(configs) + read_generation_eos(configs))
+
+    def copy(self) -> Tokenizer:
+        """An independent copy, for another thread (fast tokenizers are not re-entrant)."""
+        return Tokenizer(copy.deepcopy(self.hf), self.eos_token_ids)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -88,10 +95,26 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        *,
+        special_tokens_in_content: bool = False,
     ) -> list[int]:
-        """Prompt token ids for a chat; the template itself supplies BOS and control tokens."""
+        """Prompt token ids for a chat; the template itself supplies BOS and control tokens.
+
+        Text in messages and tools that spells a control token is encoded as text, so a client
+        cannot fake a turn boundary; `special_tokens_in_content` parses it as control tokens.
+        """
         text = self.render_chat_text(messages, tools, template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        if special_tokens_in_content or not self._content.spells_control_token([messages, tools]):
+            return self.encode(text, add_special_tokens=False)
+        marks = ContentMarks(self._content)
+        marked = self.render_chat_text(marks.wrap(messages), marks.wrap(tools), template_kwargs)
+        try:
+            return self._content.encode(text, marks.spans(marked, text))
+        except ContentSpanError as exc:
+            raise ChatTemplateError(
+                f"messages contain control-token text that this chat template does not let the "
+                f"server keep as plain text ({exc}); remove it from the messages"
+            ) from exc
 
 
 def _template_source(chat_template: str) -> str:

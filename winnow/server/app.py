@@ -5,6 +5,7 @@ The app does not start the engine; whoever runs it calls `engine.start()` inside
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -18,8 +19,9 @@ from winnow.server.body_limit import BodyLimitMiddleware
 from winnow.server.chat import create_chat_completion
 from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
-from winnow.server.errors import ApiError, install_error_handlers, unavailable
+from winnow.server.errors import ApiError, install_error_handlers
 from winnow.server.json_body import require_json_body
+from winnow.server.lifecycle import HEALTH_PATH, ReadinessGate, health_response
 from winnow.server.openapi import install_openapi, served_limits
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
@@ -78,18 +80,18 @@ def build_app(
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "Give exactly one of 'prompt' and 'messages'.", param="prompt")
         if body.messages is not None:
-            tokens = chat_prompt(
-                engine.tokenizer,
-                body.messages,
+            job = partial(
+                chat_prompt,
+                messages=body.messages,
                 system_prompt=body.system_prompt,
                 tools=body.tools,
                 template_kwargs=body.chat_template_kwargs,
+                special_tokens_in_content=config.allow_special_tokens_in_content,
             )
         else:
             assert body.prompt is not None
-            tokens = text_prompt(
-                engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens
-            )
+            job = partial(text_prompt, text=body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await ctx.tokenizers.run(job)
         return TokenizeResponse(
             count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
         )
@@ -98,26 +100,32 @@ def build_app(
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.resolve_model(body.model)
         check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+        text = await ctx.tokenizers.run(lambda tokenizer: tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=text)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text; behind the API key unless --public-metrics."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        """200 while the engine runs; 503 while it loads or after it died."""
-        if not engine.is_ready:
-            raise unavailable()
-        return {"status": "ok"}
+    @app.get(HEALTH_PATH)
+    async def health() -> Response:
+        """200 while the engine runs; 503 with the state while it loads, drains or is dead."""
+        return health_response(engine.state)
 
-    install_openapi(app, served_limits(engine, config))
-    # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, routes.
+    install_openapi(app, lambda: served_limits(engine, config))
+    # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, readiness
+    # gate, routes.
+    app.add_middleware(ReadinessGate, engine=engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_keys:
-        public = ["/health"] + (["/metrics"] if config.public_metrics else [])
-        app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, public_paths=public)
+        public = [HEALTH_PATH] + (["/metrics"] if config.public_metrics else [])
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_keys=config.api_keys,
+            public_paths=public,
+            allowed_origins=config.allowed_origins,
+        )
     app.add_middleware(RequestIdMiddleware)
     if config.allowed_origins:
         app.add_middleware(

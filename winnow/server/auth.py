@@ -24,13 +24,23 @@ def _digest(key: str) -> bytes:
 class ApiKeyMiddleware:
     """Requires `Authorization: Bearer <key>` on every route but `public_paths`.
 
-    CORS preflights (OPTIONS) pass: browsers never send credentials on them.
+    OPTIONS needs the key like any method, with one exception: a CORS preflight (an OPTIONS with
+    `Origin` and `Access-Control-Request-Method`) from one of `allowed_origins`, because browsers
+    never send credentials on a preflight. With no allowed origins, CORS is off and no OPTIONS
+    passes without the key.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str], public_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: Iterable[str],
+        public_paths: Iterable[str],
+        allowed_origins: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self._digests = [_digest(key) for key in api_keys]
         self._public_paths = frozenset(public_paths)
+        self._allowed_origins = frozenset(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" or self._exempt(scope):
@@ -52,9 +62,17 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
     def _exempt(self, scope: Scope) -> bool:
-        return scope["type"] == "http" and (
-            scope["method"] == "OPTIONS" or scope["path"] in self._public_paths
-        )
+        if scope["type"] != "http":
+            return False
+        if scope["path"] in self._public_paths:
+            return True
+        return scope["method"] == "OPTIONS" and self._allowed_preflight(Headers(scope=scope))
+
+    def _allowed_preflight(self, headers: Headers) -> bool:
+        origin = headers.get("origin")
+        if origin is None or "access-control-request-method" not in headers:
+            return False
+        return "*" in self._allowed_origins or origin in self._allowed_origins
 
     def _known(self, token: str) -> bool:
         digest = _digest(token)

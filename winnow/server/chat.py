@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from fastapi import Request, Response
 
@@ -77,12 +78,15 @@ async def create_chat_completion(
             top_logprobs=body.top_logprobs or 0,
             defaults=ctx.engine.sampling_defaults,
         )
-    prompt = chat_prompt(
-        ctx.engine.tokenizer,
-        body.messages,
-        system_prompt=body.system_prompt,
-        tools=None if body.tool_choice == "none" else body.tools,
-        template_kwargs=body.chat_template_kwargs,
+    prompt = await ctx.tokenizers.run(
+        partial(
+            chat_prompt,
+            messages=body.messages,
+            system_prompt=body.system_prompt,
+            tools=None if body.tool_choice == "none" else body.tools,
+            template_kwargs=body.chat_template_kwargs,
+            special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
+        )
     )
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):

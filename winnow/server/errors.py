@@ -17,7 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from winnow.engine.request import EngineDeadError, EngineOverloaded, RequestRejected
+from winnow.engine.request import (
+    EngineDeadError,
+    EngineDraining,
+    EngineOverloaded,
+    RequestRejected,
+)
 from winnow.sampling.params import SamplingParamError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,8 @@ def engine_error(exc: Exception, renames: Mapping[str, str] | None = None) -> Ap
             "The server is at capacity; retry shortly.",
             headers={"Retry-After": str(RETRY_AFTER_OVERLOADED_S)},
         )
+    if isinstance(exc, EngineDraining):
+        return unavailable(SHUTTING_DOWN)
     if isinstance(exc, EngineDeadError):
         return unavailable()
     raise TypeError(f"not an engine error: {exc!r}")
@@ -116,12 +123,11 @@ def client_errors(renames: Mapping[str, str] | None = None) -> Iterator[None]:
         raise engine_error(exc, renames) from exc
 
 
-def unavailable() -> ApiError:
-    return ApiError(
-        503,
-        "The engine is not running.",
-        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
-    )
+SHUTTING_DOWN = "The server is shutting down; retry the request."
+
+
+def unavailable(message: str = "The engine is not running.") -> ApiError:
+    return ApiError(503, message, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
 
 
 def loc_to_param(loc: Sequence[int | str]) -> str | None:

@@ -5,6 +5,7 @@ vocabulary, max n, model names) filled into the request schemas."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,13 +70,14 @@ class ServedLimits:
     public_paths: list[str]  # reachable without the API key; empty when there is no key
 
 
-def install_openapi(app: FastAPI, limits: ServedLimits) -> None:
-    """Replace FastAPI's generated document with the corrected one (built once, on first use)."""
+def install_openapi(app: FastAPI, limits: Callable[[], ServedLimits]) -> None:
+    """Replace FastAPI's generated document with the corrected one, built on first use (the
+    served limits exist once the model has loaded)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            _correct(schema, limits)
+            _correct(schema, limits())
             app.openapi_schema = schema
         return app.openapi_schema
 

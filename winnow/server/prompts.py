@@ -67,8 +67,12 @@ def chat_prompt(
     system_prompt: str | None = None,
     tools: list[Tool] | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    special_tokens_in_content: bool = False,
 ) -> list[int]:
-    """Render the chat template; a template that rejects the conversation is the client's 400."""
+    """Render the chat template; a template that rejects the conversation is the client's 400.
+
+    Control-token text in the messages is encoded as text unless `special_tokens_in_content`.
+    """
     for key in template_kwargs or ():
         if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
             raise ApiError(
@@ -77,7 +81,10 @@ def chat_prompt(
     tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
     try:
         return tokenizer.render_chat(
-            template_messages(messages, system_prompt), tool_dicts, template_kwargs
+            template_messages(messages, system_prompt),
+            tool_dicts,
+            template_kwargs,
+            special_tokens_in_content=special_tokens_in_content,
         )
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
