@@ -127,9 +127,8 @@ class NamedToolChoice(_Request):
 
 
 class JsonSchemaFormat(_Request):
-    """`response_format.json_schema`. The schema itself is checked when it is compiled (the
-    server's `structured_output`), so every problem with it is reported against response_format.
-    """
+    """`response_format.json_schema`. The schema itself is checked when it is compiled
+    (`winnow.server.response_format`), so every problem with it names response_format."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: str | None = None
