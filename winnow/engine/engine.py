@@ -243,8 +243,9 @@ class LLMEngine:
             for seq in sampling:
                 if not seq.has_sampler_row:
                     self._add_sampler_row(seq)
-            bitmasks = self._grammar_bitmasks(sampling)
             logits = self.runner.execute(plan.scheduled)
+            # after the forward is queued: on an accelerator the masks are filled meanwhile
+            bitmasks = self._grammar_bitmasks(sampling)
             for item in plan.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 self._register_full_blocks(item.seq)
