@@ -11,6 +11,7 @@ from winnow.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from winnow.sampling.text_stream import TextStream
+    from winnow.structured.backend import CompiledGrammar, GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -39,6 +40,8 @@ class Sequence:
     num_cached_prompt_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     has_sampler_row: bool = False
+    # the grammar's matcher, while the sequence has a sampler row (rebuilt after preemption)
+    matcher: GrammarMatcher | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -72,6 +75,7 @@ class RequestState:
     seed: int
     max_tokens: int
     deadline: float | None
+    grammar: CompiledGrammar | None = None
     sequences: list[Sequence] = field(default_factory=list)
 
     @property

@@ -33,17 +33,12 @@ from winnow.server.protocol import (
     TopLogprob,
     Usage,
 )
+from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
 
 
 def check_supported(request: ChatCompletionRequest) -> None:
     """Cross-field rules and features that are valid OpenAI but not served (yet)."""
-    if request.response_format is not None and request.response_format.type != "text":
-        raise ApiError(
-            400,
-            f"response_format '{request.response_format.type}' is not supported yet",
-            param="response_format",
-        )
     choice = request.tool_choice
     if choice is None or choice in ("none", "auto"):
         return
@@ -88,10 +83,16 @@ async def create_chat_completion(
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
         )
     )
+    grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):
         generation = Generation(
-            ctx.engine, engine_request_id(public_id), prompt, params, metrics=ctx.metrics
+            ctx.engine,
+            engine_request_id(public_id),
+            prompt,
+            params,
+            metrics=ctx.metrics,
+            grammar=grammar,
         )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:

@@ -21,6 +21,7 @@ from winnow.server.protocol import (
     CompletionRequest,
     Usage,
 )
+from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -84,6 +85,7 @@ async def create_completion(
             f"admits at once ({ctx.engine.admission_capacity} sequences)",
             param="prompt",
         )
+    grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"cmpl-{request_id(request)}"
 
     def start(index: int) -> Generation:
@@ -94,6 +96,7 @@ async def create_completion(
             params,
             metrics=ctx.metrics,
             text_continues_prompt=True,
+            grammar=grammar,
         )
 
     with client_errors(_RENAMES):

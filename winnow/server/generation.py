@@ -21,6 +21,8 @@ from winnow.sampling.params import SamplingParams
 from winnow.server.errors import ClientDisconnected
 from winnow.server.metrics import ServerMetrics
 from winnow.server.protocol import PromptTokensDetails, Usage
+from winnow.structured.backend import CompiledGrammar
+from winnow.structured.spec import GrammarSpec
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine, RequestStream
@@ -51,13 +53,21 @@ class Generation:
         *,
         metrics: ServerMetrics,
         text_continues_prompt: bool = False,
+        grammar: tuple[GrammarSpec, CompiledGrammar] | None = None,
     ) -> None:
+        """`grammar`: the request's constraint and its compiled form (see response_format)."""
         self._engine = engine
         self._metrics = metrics
         request = GenerationRequest(
-            request_id, prompt, params, text_continues_prompt=text_continues_prompt
+            request_id,
+            prompt,
+            params,
+            text_continues_prompt=text_continues_prompt,
+            grammar=grammar[0] if grammar is not None else None,
         )
-        self._stream: RequestStream = engine.submit(request)
+        self._stream: RequestStream = engine.submit(
+            request, grammar[1] if grammar is not None else None
+        )
         self._started = time.monotonic()
         self._seen_token = False
         self.finished = False
