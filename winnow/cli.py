@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from winnow.config import EngineConfig, ServerConfig
+from winnow.structured.tool_formats import TOOL_FORMAT_NAMES
 
 logger = logging.getLogger("winnow")
 
@@ -130,7 +131,28 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trust-remote-code", action="store_true", default=_env_flag("trust_remote_code")
     )
+    _add_tool_flags(p, server)
     p.add_argument("--log-level", default=_env("log_level", "info"))
+
+
+def _add_tool_flags(p: argparse.ArgumentParser, server: ServerConfig) -> None:
+    """vLLM's tool flags; auto tool choice is on unless --no-enable-auto-tool-choice."""
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_FORMAT_NAMES,
+        default=_env("tool_call_parser", server.tool_call_parser),
+        help="tool-call format (default: detected from the chat template)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=_env(
+            "enable_auto_tool_choice",
+            server.enable_auto_tool_choice,
+            lambda raw: raw.lower() in ("1", "true", "yes", "on"),
+        ),
+        help='parse tool calls for tool_choice "auto"',
+    )
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -210,6 +232,8 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         allowed_origins=args.allowed_origins,
         public_metrics=args.public_metrics,
         shutdown_timeout=args.shutdown_timeout,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     return engine, server
 

@@ -43,6 +43,10 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
+    """`tool_call_parser` names the tool-call format ("hermes", "llama3_json", "mistral");
+    None detects it from the chat template. `enable_auto_tool_choice` False answers
+    tool_choice "auto" with a 400, as vLLM does without its flag."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_names: list[str] = field(default_factory=list)
@@ -52,3 +56,5 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     public_metrics: bool = False
     shutdown_timeout: float = 30.0
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = True

@@ -80,6 +80,7 @@ def build_app(
             tokens = chat_prompt(
                 engine.tokenizer,
                 body.messages,
+                tool_format=ctx.tool_format,
                 system_prompt=body.system_prompt,
                 tools=body.tools,
                 template_kwargs=body.chat_template_kwargs,

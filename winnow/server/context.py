@@ -13,6 +13,7 @@ from winnow import __version__
 from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
 from winnow.server.metrics import ServerMetrics
+from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -27,9 +28,13 @@ class ServerContext:
     keepalive_s: float
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
+    tool_format: ToolFormat = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.engine, self.served_names[0])
+        tokenizer = self.engine.tokenizer
+        name = self.config.tool_call_parser or detect_tool_format(tokenizer.chat_template)
+        self.tool_format = tool_format(name, tokenizer.special_token_id)
 
     @property
     def served_names(self) -> list[str]:

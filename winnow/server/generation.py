@@ -21,6 +21,7 @@ from winnow.sampling.params import SamplingParams
 from winnow.server.errors import ClientDisconnected
 from winnow.server.metrics import ServerMetrics
 from winnow.server.protocol import PromptTokensDetails, Usage
+from winnow.structured.spec import GrammarSpec
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine, RequestStream
@@ -43,11 +44,16 @@ class Generation:
         *,
         metrics: ServerMetrics,
         text_continues_prompt: bool = False,
+        grammar: GrammarSpec | None = None,
     ) -> None:
         self._engine = engine
         self._metrics = metrics
         request = GenerationRequest(
-            request_id, prompt, params, text_continues_prompt=text_continues_prompt
+            request_id,
+            prompt,
+            params,
+            text_continues_prompt=text_continues_prompt,
+            grammar=grammar,
         )
         self._stream: RequestStream = engine.submit(request)
         self._started = time.monotonic()
@@ -102,6 +108,7 @@ class ResponseMeta:
 class ChoiceResult:
     index: int
     text_parts: list[str] = field(default_factory=list)
+    token_id_parts: list[list[int]] = field(default_factory=list)  # per delta, like text_parts
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -133,6 +140,7 @@ async def collect(generation: Generation, request: Request, n: int) -> Generatio
             for delta in output.choices:
                 choice = choices[delta.index]
                 choice.text_parts.append(delta.text)
+                choice.token_id_parts.append(delta.token_ids)
                 choice.logprobs.extend(delta.logprobs or ())
                 if delta.finish_reason is not None:
                     choice.finish_reason = delta.finish_reason
