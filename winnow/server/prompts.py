@@ -83,6 +83,22 @@ def _template_call(call: ToolCall, param: str) -> dict[str, Any]:
     }
 
 
+def template_inputs(
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    tool_format: ToolFormat,
+    system_prompt: str | None = None,
+    tools: list[Tool] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and tools the chat template gets. A template that knows no tools gets
+    them (and earlier tool turns) written into the messages as text instead."""
+    tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    rendered = template_messages(messages, system_prompt)
+    if not template_reads_tools(tokenizer.chat_template):
+        return with_tools_in_prompt(rendered, tool_dicts, tool_format), None
+    return rendered, tool_dicts
+
+
 def chat_prompt(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
@@ -92,18 +108,13 @@ def chat_prompt(
     tools: list[Tool] | None = None,
     template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Render the chat template; a template that rejects the conversation is the client's 400.
-    A template that knows no tools gets them (and earlier tool turns) written in as text."""
+    """Render the chat template; a template that rejects the conversation is the client's 400."""
     for key in template_kwargs or ():
         if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
             raise ApiError(
                 400, f"chat_template_kwargs may not set '{key}'", param="chat_template_kwargs"
             )
-    tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
-    rendered = template_messages(messages, system_prompt)
-    if not template_reads_tools(tokenizer.chat_template):
-        rendered = with_tools_in_prompt(rendered, tool_dicts, tool_format)
-        tool_dicts = None
+    rendered, tool_dicts = template_inputs(tokenizer, messages, tool_format, system_prompt, tools)
     try:
         return tokenizer.render_chat(rendered, tool_dicts, template_kwargs)
     except ChatTemplateError as exc:
