@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from winnow.config import EngineConfig
@@ -23,10 +25,14 @@ from winnow.engine.request import GenerationRequest, RequestRejected
 from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
+from winnow.sampling.bitmask import TokenMasks, words_for
 from winnow.sampling.noise import child_seed, random_seed
 from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.sampling.text_stream import TextStream
 from winnow.sampling.token_bytes import build_token_bytes, token_text
+from winnow.structured.backend import CompiledGrammar, GrammarBackend
+from winnow.structured.llguidance_backend import LLGuidanceBackend
+from winnow.structured.spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,11 @@ class LLMEngine:
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
         self.token_bytes = build_token_bytes(loaded.tokenizer.hf)
+        self._grammar_backend: GrammarBackend | None = None
+        self._grammar_backend_lock = threading.Lock()
+        self._bitmask_buffer = np.empty(
+            (config.max_num_seqs, words_for(self.vocab_size)), dtype=np.int32
+        )
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._preemptions = 0
@@ -134,10 +145,30 @@ class LLMEngine:
             raise RequestRejected(f"n must be at most {self.config.max_n}", param="n")
         return max_tokens
 
-    def add_request(self, request: GenerationRequest) -> None:
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """Built on first use (it indexes the whole vocabulary); any thread may ask."""
+        with self._grammar_backend_lock:
+            if self._grammar_backend is None:
+                self._grammar_backend = LLGuidanceBackend(
+                    self.tokenizer.hf, self.vocab_size, sorted(self.eos_token_ids)
+                )
+            return self._grammar_backend
+
+    def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a request's grammar (GrammarError if it cannot be enforced). Any thread may
+        call it, and the server does, off the engine thread, before it submits the request."""
+        return self.grammar_backend.compile(spec)
+
+    def add_request(
+        self, request: GenerationRequest, grammar: CompiledGrammar | None = None
+    ) -> None:
+        """`grammar`: `request.grammar` compiled already; compiled here when missing."""
         if request.request_id in self.requests:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
         max_tokens = self.validate(request)
+        if request.grammar is not None and grammar is None:
+            grammar = self.compile_grammar(request.grammar)
         params = request.params
         seed = params.seed if params.seed is not None else random_seed()
         deadline = (
@@ -145,7 +176,7 @@ class LLMEngine:
             if params.time_limit_ms is not None
             else None
         )
-        state = RequestState(request, seed, max_tokens, deadline)
+        state = RequestState(request, seed, max_tokens, deadline, grammar)
         for index in range(params.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids),
@@ -212,12 +243,14 @@ class LLMEngine:
             for seq in sampling:
                 if not seq.has_sampler_row:
                     self._add_sampler_row(seq)
+            bitmasks = self._grammar_bitmasks(sampling)
             logits = self.runner.execute(plan.scheduled)
             for item in plan.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 self._register_full_blocks(item.seq)
             if sampling:
-                result = self.sampler.sample(logits, [seq.seq_id for seq in sampling])
+                keys = [seq.seq_id for seq in sampling]
+                result = self.sampler.sample(logits, keys, bitmasks)
                 self._append_tokens(sampling, result, pending)
         return self._collect(pending)
 
@@ -230,7 +263,23 @@ class LLMEngine:
             self.block_manager.register(seq.block_table[index], hash_)
             seq.block_hashes.append(hash_)
 
+    def _grammar_bitmasks(self, sampling: list[Sequence]) -> TokenMasks | None:
+        """The next-token bitmasks of the sequences with a grammar, or None if none has one."""
+        constrained = [
+            (row, seq.matcher) for row, seq in enumerate(sampling) if seq.matcher is not None
+        ]
+        if not constrained:
+            return None
+        rows = [row for row, _ in constrained]
+        matchers = [matcher for _, matcher in constrained]
+        self.grammar_backend.fill_bitmasks(matchers, self._bitmask_buffer)
+        bits = torch.from_numpy(self._bitmask_buffer[: len(rows)]).to(self.sampler.device)
+        return TokenMasks(np.array(rows, dtype=np.int64), bits)
+
     def _add_sampler_row(self, seq: Sequence) -> None:
+        grammar = seq.request.grammar
+        if grammar is not None and seq.matcher is None:  # new, or resumed after preemption
+            seq.matcher = grammar.new_matcher(seq.output_token_ids)
         self.sampler.add_row(
             seq.seq_id,
             seq.request.request.params,
@@ -244,6 +293,7 @@ class LLMEngine:
         if seq.has_sampler_row:
             self.sampler.remove_row(seq.seq_id)
             seq.has_sampler_row = False
+        seq.matcher = None
 
     def _append_tokens(
         self, seqs: list[Sequence], result: SamplerOutput, pending: dict[Sequence, PendingDelta]
@@ -255,6 +305,8 @@ class LLMEngine:
         for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
             params = seq.request.request.params
             seq.output_token_ids.append(token_id)
+            if seq.matcher is not None and not seq.matcher.consume(token_id):
+                logger.error("sequence %d: token %d breaks its grammar", seq.seq_id, token_id)
             delta = pending.setdefault(seq, PendingDelta())
             delta.token_ids.append(token_id)
             if params.logprobs and logprobs is not None:
@@ -270,6 +322,8 @@ class LLMEngine:
                     )
                 )
             self._check_stop(seq, token_id, delta)
+            if not seq.is_finished and seq.matcher is not None and seq.matcher.is_finished:
+                self._finish(seq, delta, "stop", None)
 
     def _position_logprobs(
         self, token_id: int, logprob: float, top_ids: list[int], top_logprobs: list[float]

@@ -11,6 +11,7 @@ from winnow.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from winnow.sampling.text_stream import TextStream
+    from winnow.structured.backend import CompiledGrammar, GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -39,6 +40,9 @@ class Sequence:
     num_cached_prompt_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     has_sampler_row: bool = False
+    matcher: GrammarMatcher | None = (
+        None  # while it has a sampler row, if the request has a grammar
+    )
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -72,6 +76,7 @@ class RequestState:
     seed: int
     max_tokens: int
     deadline: float | None
+    grammar: CompiledGrammar | None = None
     sequences: list[Sequence] = field(default_factory=list)
 
     @property

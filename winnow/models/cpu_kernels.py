@@ -88,7 +88,17 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _build(target: Path) -> None:
+def build_library(source: Path, prefix: str) -> Path:
+    """The shared library compiled from `source` (built once per source version into the kernel
+    cache, named `prefix_<digest>.so`); raises OSError, RuntimeError or CalledProcessError."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{prefix}_{digest}.so"
+    if not target.exists():
+        _build(source, target)
+    return target
+
+
+def _build(source: Path, target: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -96,7 +106,7 @@ def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            [compiler, *_FLAGS, str(source), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -109,12 +119,8 @@ def _library() -> ctypes.CDLL | None:
     if not _cpu_supported():
         logger.info("CPU kernels off: this CPU has no AVX2/FMA")
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"winnow_cpu_{digest}.so"
     try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(build_library(_SOURCE, "winnow_cpu")))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("CPU kernels unavailable, using PyTorch ops: %s", detail)

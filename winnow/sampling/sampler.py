@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from winnow.sampling import step_logprobs
+from winnow.sampling.bitmask import TokenMasks, apply_bitmask
 from winnow.sampling.params import LOGIT_BIAS_LIMIT, SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
 from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes
@@ -191,12 +192,19 @@ class Sampler:
 
     # ------------------------------------------------------------------ step
 
-    def sample(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput:
-        """One token per row of `logits` [B, V] (rows in `keys` order); advances each row."""
-        plain = self._plain_argmax(logits, keys)
-        if plain is not None:
-            return plain
-        step = self._prepare(logits, keys)
+    def sample(
+        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
+    ) -> SamplerOutput:
+        """One token per row of `logits` [B, V] (rows in `keys` order); advances each row.
+
+        `bitmasks`: grammar bitmasks for some rows (end of stage 2), which win over the min_tokens
+        ban: a row's grammar alone decides whether it may end.
+        """
+        if bitmasks is None or bitmasks.rows.size == 0:
+            plain = self._plain_argmax(logits, keys)
+            if plain is not None:
+                return plain
+        step = self._prepare(logits, keys, bitmasks)
         self._routes.choose(step)
         if step.lp is not None:
             step_logprobs.fill(step, logits, np.arange(len(keys)))
@@ -216,13 +224,15 @@ class Sampler:
         self._record(step)
         return self._output(step, host)
 
-    def processed_logits(self, logits: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+    def processed_logits(
+        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
+    ) -> torch.Tensor:
         """Each row's processed distribution, without advancing any row (tests, debugging).
 
         Sampled rows: y = z / T with every token the truncation stages removed set to -inf.
         Greedy rows: z itself (penalties, bias and bans at temperature 1), as logprobs use.
         """
-        step = self._prepare(logits, keys)
+        step = self._prepare(logits, keys, bitmasks)
         self._routes.choose(step)
         values = step_logprobs.processed_values(step, np.arange(len(keys)))
         flagged = step.flagged()
@@ -260,7 +270,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ stages 1-2
 
-    def _prepare(self, logits: torch.Tensor, keys: Sequence[int]) -> Step:
+    def _prepare(
+        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
+    ) -> Step:
         """Plan the step on the host, then copy the logits in (by route) and apply stages 1-2."""
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
@@ -283,10 +295,16 @@ class Sampler:
         }
         wants = flags[:, LOGPROBS]
         out_len = self._out_len[host_slots]
+        work_row = np.empty(batch, dtype=np.int64)
+        work_row[order] = np.arange(batch)
+        below_min_tokens = out_len < self._min_tokens[host_slots]
+        constrained = np.zeros(batch, dtype=bool)
+        if bitmasks is not None:
+            constrained[work_row[bitmasks.rows]] = True
         masks = {
             "penalised": flags[:, REPETITION] | flags[:, FREQ_PRES],
             "bias": flags[:, BIAS],
-            "banned": flags[:, MIN_TOKENS] & (out_len < self._min_tokens[host_slots]),
+            "banned": flags[:, MIN_TOKENS] & below_min_tokens & ~constrained,
             "raw": wants & ~flags[:, PROCESSED],
             "processed": wants & flags[:, PROCESSED],
         }
@@ -294,6 +312,8 @@ class Sampler:
         arrays = [host_slots, self._prompt_len[host_slots] + out_len]
         arrays += [self._history.output.lengths[host_slots], order]
         arrays += [np.flatnonzero(masks[name]) for name in names]
+        if bitmasks is not None:
+            arrays.append(work_row[bitmasks.rows])
         uploaded = self._upload(arrays)
         slots, positions, history_cols, order_t = uploaded[:4]
         subsets = {name: Subset(arrays[4 + i], uploaded[4 + i]) for i, name in enumerate(names)}
@@ -321,7 +341,8 @@ class Sampler:
         if wants.any():
             step_logprobs.start(step, min(int(self._num_top_logprobs[host_slots].max()), vocab))
         self._penalise(step)
-        # grammar bitmask (response_format / forced tools) goes here: z masked to -inf
+        if bitmasks is not None:  # the end of stage 2: the grammar bitmask
+            apply_bitmask(z, uploaded[-1], bitmasks.bits)
         return step
 
     def _load_logits(
