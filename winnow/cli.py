@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from winnow.config import EngineConfig, ServerConfig
+from winnow.structured.tool_formats import TOOL_FORMAT_NAMES
 
 logger = logging.getLogger("winnow")
 
@@ -291,6 +292,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         default=_env_flag("disable_log_requests"),
         help="accepted for vLLM command lines: Winnow never logs request contents",
     )
+    _add_tool_flags(p, server)
     return p
 
 
@@ -316,6 +318,26 @@ def check_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             f"--max-logprobs {args.max_logprobs}: must be -1 or 0-{API_MAX_TOP_LOGPROBS} "
             f"(the API returns at most {API_MAX_TOP_LOGPROBS} top logprobs)"
         )
+
+
+def _add_tool_flags(p: argparse.ArgumentParser, server: ServerConfig) -> None:
+    """vLLM's tool flags; auto tool choice is on unless --no-enable-auto-tool-choice."""
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_FORMAT_NAMES,
+        default=_env("tool_call_parser", server.tool_call_parser),
+        help="tool-call format (default: detected from the chat template)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=_env(
+            "enable_auto_tool_choice",
+            server.enable_auto_tool_choice,
+            lambda raw: raw.lower() in ("1", "true", "yes", "on"),
+        ),
+        help='parse tool calls for tool_choice "auto"',
+    )
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -416,6 +438,8 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         shutdown_timeout=args.shutdown_timeout,
         log_stats=not args.disable_log_stats,
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     return engine, server
 

@@ -63,6 +63,9 @@ class ServerConfig:
     `allow_special_tokens_in_content` parses control-token text in chat messages as control
     tokens (the old, spoofable behaviour) instead of encoding it as text. `shutdown_timeout` is
     how long SIGTERM lets running requests finish before they are ended with an error.
+    `tool_call_parser` names the tool-call format ("hermes", "llama3_json", "mistral"); None
+    detects it from the chat template. `enable_auto_tool_choice` False answers tool_choice
+    "auto" with a 400, as vLLM does without its flag.
     """
 
     host: str = "127.0.0.1"
@@ -76,3 +79,5 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     log_stats: bool = True
     allow_special_tokens_in_content: bool = False
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = True

@@ -198,8 +198,8 @@ async def test_tools_reach_the_chat_template(client: httpx.AsyncClient) -> None:
     with_tools = await prompt_tokens(client, tools=[WEATHER_TOOL])
     with_auto = await prompt_tokens(client, tools=[WEATHER_TOOL], tool_choice="auto")
     with_none = await prompt_tokens(client, tools=[WEATHER_TOOL], tool_choice="none")
-    assert with_tools == with_auto > without
-    assert with_none == without
+    # "none" still shows the model its tools (as OpenAI and vLLM do); it only parses no calls
+    assert with_tools == with_auto == with_none > without
 
 
 async def test_multi_turn_tool_use_is_accepted(client: httpx.AsyncClient) -> None:

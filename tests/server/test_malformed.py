@@ -288,7 +288,20 @@ CASES = [
         tools=[TOOL],
         tool_choice={"type": "function", "function": {"name": "missing"}},
     ),
-    bad("tool-choice-required-not-supported", "tool_choice", tools=[TOOL], tool_choice="required"),
+    bad("tool-choice-required-without-tools", "tool_choice", tool_choice="required"),
+    bad(
+        "tool-call-arguments-not-json",
+        "messages[1].tool_calls[0].function.arguments",
+        messages=[
+            *USER,
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{x"}}
+                ],
+            },
+        ],
+    ),
     bad("tool-choice-unknown-string", "tool_choice", tool_choice="sometimes"),
     bad(
         "response-format-schema-unenforceable",

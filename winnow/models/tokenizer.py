@@ -58,6 +58,16 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
 
+    @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        return template if isinstance(template, str) else None
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of an added/special token spelled `text`, if the vocabulary has one."""
+        token_id = self.hf.get_added_vocab().get(text)
+        return None if token_id is None else int(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 

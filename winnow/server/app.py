@@ -83,6 +83,7 @@ def build_app(
             job = partial(
                 chat_prompt,
                 messages=body.messages,
+                tool_format=ctx.tool_format,
                 system_prompt=body.system_prompt,
                 tools=body.tools,
                 template_kwargs=body.chat_template_kwargs,

@@ -7,10 +7,11 @@ from functools import partial
 
 from fastapi import Request, Response
 
-from winnow.engine.outputs import PositionLogprobs, RequestOutput
+from winnow.engine.outputs import ChoiceDelta, PositionLogprobs, RequestOutput
 from winnow.server.context import SYSTEM_FINGERPRINT, ServerContext, engine_request_id, request_id
-from winnow.server.errors import ApiError, client_errors
+from winnow.server.errors import client_errors
 from winnow.server.generation import (
+    ChoiceResult,
     Generation,
     GenerationResult,
     ResponseMeta,
@@ -28,37 +29,29 @@ from winnow.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFinishReason,
     ChoiceLogprobs,
+    OpeningDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
 from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
-
-
-def check_supported(request: ChatCompletionRequest) -> None:
-    """Cross-field rules and features that are valid OpenAI but not served (yet)."""
-    choice = request.tool_choice
-    if choice is None or choice in ("none", "auto"):
-        return
-    if not isinstance(choice, str):
-        names = {tool.function.name for tool in request.tools or ()}
-        if choice.function.name not in names:
-            raise ApiError(
-                400,
-                f"tool_choice names function '{choice.function.name}', which is not in tools",
-                param="tool_choice",
-            )
-    raise ApiError(
-        400, "tool_choice 'required' or a named function is not supported yet", param="tool_choice"
-    )
+from winnow.server.tool_calls import (
+    ToolPlan,
+    event_delta,
+    finish_reason,
+    parse_reply,
+    plan_tools,
+)
+from winnow.structured.tool_parser import CallOpened, ToolCallParser
 
 
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, ctx: ServerContext
 ) -> Response:
-    check_supported(body)
+    tools = plan_tools(body, ctx.tool_format, auto_enabled=ctx.config.enable_auto_tool_choice)
     include_usage = usage_chunk_wanted(body)
     model = ctx.resolve_model(body.model)
     max_tokens: int | None = body.max_tokens
@@ -77,13 +70,17 @@ async def create_chat_completion(
         partial(
             chat_prompt,
             messages=body.messages,
+            tool_format=ctx.tool_format,
             system_prompt=body.system_prompt,
-            tools=None if body.tool_choice == "none" else body.tools,
+            tools=body.tools,
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
         )
     )
-    grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
+    if tools.grammar is not None:  # forced tool calls win over response_format
+        grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")
+    else:
+        grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):
         generation = Generation(
@@ -96,31 +93,47 @@ async def create_chat_completion(
         )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:
-        builder = ChatChunkBuilder(meta, include_usage)
+        builder = ChatChunkBuilder(meta, include_usage, tools)
         return sse_response(generation, sse_body(generation, builder, ctx.keepalive_s))
     result = await collect(generation, request, params.n)
-    completion = chat_completion(meta, result, params.logprobs)
+    completion = chat_completion(meta, result, params.logprobs, tools)
     return Response(completion.model_dump_json(), media_type="application/json")
 
 
-def chat_completion(meta: ResponseMeta, result: GenerationResult, logprobs: bool) -> ChatCompletion:
+def chat_completion(
+    meta: ResponseMeta, result: GenerationResult, logprobs: bool, tools: ToolPlan
+) -> ChatCompletion:
     return ChatCompletion(
         id=meta.id,
         created=meta.created,
         model=meta.model,
         system_fingerprint=SYSTEM_FINGERPRINT,
         choices=[
-            ChatChoice(
-                index=choice.index,
-                message=AssistantMessage(content=choice.text),
-                logprobs=chat_logprobs(choice.logprobs) if logprobs else None,
-                finish_reason=choice.final_reason,
-                stop_reason=choice.stop_reason,
-            )
+            chat_choice(choice, chat_logprobs(choice.logprobs) if logprobs else None, tools)
             for choice in result.choices
         ],
         usage=usage(result.final),
         seed=meta.seed(result.final),
+    )
+
+
+def chat_choice(
+    choice: ChoiceResult, logprobs: ChoiceLogprobs | None, tools: ToolPlan
+) -> ChatChoice:
+    parser = tools.parser()
+    if parser is None:
+        message = AssistantMessage(content=choice.text)
+        reason: ChatFinishReason = choice.final_reason
+    else:
+        reply = parse_reply(parser, choice.text_parts, choice.token_id_parts)
+        message = AssistantMessage(content=reply.content, tool_calls=reply.tool_calls)
+        reason = finish_reason(choice.final_reason, parser)
+    return ChatChoice(
+        index=choice.index,
+        message=message,
+        logprobs=logprobs,
+        finish_reason=reason,
+        stop_reason=choice.stop_reason,
     )
 
 
@@ -144,35 +157,75 @@ def chat_logprobs(positions: list[PositionLogprobs]) -> ChoiceLogprobs:
 
 
 class ChatChunkBuilder:
-    """Per choice: a role chunk first, then content chunks, then `delta: {}` with the
-    finish_reason; after every choice finished, the usage chunk if asked for."""
+    """Per choice: a role chunk first, then content (or tool-call) chunks, then `delta: {}` with
+    the finish_reason; after every choice finished, the usage chunk if asked for."""
 
-    def __init__(self, meta: ResponseMeta, include_usage: bool) -> None:
+    def __init__(self, meta: ResponseMeta, include_usage: bool, tools: ToolPlan) -> None:
         self._meta = meta
         self._include_usage = include_usage
+        self._tools = tools
         self._started: set[int] = set()
+        self._parsers: dict[int, ToolCallParser] = {}
+        self._held_logprobs: dict[int, list[PositionLogprobs]] = {}
 
     def chunks(self, output: RequestOutput) -> Iterator[ChatCompletionChunk]:
         for delta in output.choices:
-            if delta.index not in self._started:
-                self._started.add(delta.index)
-                role = ChatDelta(role="assistant", content="")
-                yield self._chunk(output, [ChatChunkChoice(index=delta.index, delta=role)])
-            if delta.text or delta.logprobs:
-                content = ChatChunkChoice(
-                    index=delta.index,
-                    delta=ChatDelta(content=delta.text),
-                    logprobs=chat_logprobs(delta.logprobs) if delta.logprobs else None,
-                )
-                yield self._chunk(output, [content])
-            if delta.finish_reason is not None:
-                finish = ChatChunkChoice(
-                    index=delta.index,
-                    delta=ChatDelta(),
-                    finish_reason=delta.finish_reason,
-                    stop_reason=delta.stop_reason,
-                )
-                yield self._chunk(output, [finish])
+            parse = self._tools.parse
+            for choice in self._tool_choices(delta) if parse else self._text_choices(delta):
+                yield self._chunk(output, [choice])
+
+    def _text_choices(self, delta: ChoiceDelta) -> Iterator[ChatChunkChoice]:
+        if delta.index not in self._started:
+            self._started.add(delta.index)
+            yield ChatChunkChoice(index=delta.index, delta=OpeningDelta(content=""))
+        if delta.text or delta.logprobs:
+            yield ChatChunkChoice(
+                index=delta.index,
+                delta=ChatDelta(content=delta.text),
+                logprobs=chat_logprobs(delta.logprobs) if delta.logprobs else None,
+            )
+        if delta.finish_reason is not None:
+            yield ChatChunkChoice(
+                index=delta.index,
+                delta=ChatDelta(),
+                finish_reason=delta.finish_reason,
+                stop_reason=delta.stop_reason,
+            )
+
+    def _tool_choices(self, delta: ChoiceDelta) -> Iterator[ChatChunkChoice]:
+        """Chunks from the choice's parser; the role chunk waits for the first event (its
+        content is null when the reply opens with a call); logprobs ride on the next chunk."""
+        index = delta.index
+        parser = self._parsers.get(index)
+        if parser is None:
+            parser = self._parsers[index] = ToolCallParser(self._tools.fmt, self._tools.max_calls)
+        held = self._held_logprobs.setdefault(index, [])
+        held.extend(delta.logprobs or ())
+        events = parser.feed(delta.text, delta.token_ids)
+        if delta.finish_reason is not None:
+            events.extend(parser.finish())
+        if index not in self._started and (events or delta.finish_reason is not None):
+            self._started.add(index)
+            opens_with_call = bool(events) and isinstance(events[0], CallOpened)
+            content = None if opens_with_call else ""
+            yield ChatChunkChoice(index=index, delta=OpeningDelta(content=content))
+        for event in events:
+            yield ChatChunkChoice(index=index, delta=event_delta(event), logprobs=self._take(index))
+        if delta.finish_reason is not None:
+            yield ChatChunkChoice(
+                index=index,
+                delta=ChatDelta(),
+                logprobs=self._take(index),
+                finish_reason=finish_reason(delta.finish_reason, parser),
+                stop_reason=delta.stop_reason,
+            )
+
+    def _take(self, index: int) -> ChoiceLogprobs | None:
+        held = self._held_logprobs.get(index)
+        if not held:
+            return None
+        self._held_logprobs[index] = []
+        return chat_logprobs(held)
 
     def closing_chunks(self, final: RequestOutput) -> Iterator[ChatCompletionChunk]:
         if self._include_usage:

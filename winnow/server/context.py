@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
 from winnow.server.metrics import ServerMetrics
 from winnow.server.tokenizer_pool import TokenizerPool
+from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -33,6 +35,13 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.engine, self.served_names[0])
         self.tokenizers = TokenizerPool(self.engine)
+
+    @functools.cached_property
+    def tool_format(self) -> ToolFormat:
+        """The model's tool-call format (known once the model has loaded)."""
+        tokenizer = self.engine.tokenizer
+        name = self.config.tool_call_parser or detect_tool_format(tokenizer.chat_template)
+        return tool_format(name, tokenizer.special_token_id)
 
     @property
     def served_names(self) -> list[str]:

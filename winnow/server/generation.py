@@ -120,6 +120,7 @@ class ResponseMeta:
 class ChoiceResult:
     index: int
     text_parts: list[str] = field(default_factory=list)
+    token_id_parts: list[list[int]] = field(default_factory=list)  # per delta, like text_parts
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -151,6 +152,7 @@ async def collect(generation: OutputSource, request: Request, n: int) -> Generat
             for delta in output.choices:
                 choice = choices[delta.index]
                 choice.text_parts.append(delta.text)
+                choice.token_id_parts.append(delta.token_ids)
                 choice.logprobs.extend(delta.logprobs or ())
                 if delta.finish_reason is not None:
                     choice.finish_reason = delta.finish_reason

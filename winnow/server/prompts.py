@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from winnow.models import ChatTemplateError, Tokenizer
 from winnow.server.errors import ApiError
-from winnow.server.protocol import ChatMessage, Tool
+from winnow.server.protocol import ChatMessage, Tool, ToolCall
+from winnow.structured.tool_formats import ToolFormat
+from winnow.structured.tool_prompt import template_reads_tools, with_tools_in_prompt
 
 # Arguments of transformers' apply_chat_template: a request may not set them through
 # chat_template_kwargs (a template from the request, tokenize=True, ...).
@@ -37,7 +40,7 @@ def template_messages(
     """OpenAI messages as the chat template reads them: `developer` becomes `system`, content is
     one string, and `system_prompt` leads (merged into a leading system message if there is one).
     """
-    rendered = [_template_message(message) for message in messages]
+    rendered = [_template_message(message, i) for i, message in enumerate(messages)]
     if system_prompt is not None:
         if rendered[0]["role"] == "system":
             rendered[0]["content"] = f"{system_prompt}\n\n{rendered[0]['content']}"
@@ -46,7 +49,7 @@ def template_messages(
     return rendered
 
 
-def _template_message(message: ChatMessage) -> dict[str, Any]:
+def _template_message(message: ChatMessage, position: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "role": "system" if message.role == "developer" else message.role,
         "content": message.text,
@@ -54,16 +57,53 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
-        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        # templates concatenate content as a string, so a call-only turn's null becomes ""
+        out["content"] = out["content"] or ""
+        out["tool_calls"] = [
+            _template_call(call, f"messages[{position}].tool_calls[{j}].function.arguments")
+            for j, call in enumerate(message.tool_calls)
+        ]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _template_call(call: ToolCall, param: str) -> dict[str, Any]:
+    """A call as templates read it: arguments as a dict (as vLLM hands them over)."""
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, "tool call arguments must be a JSON object", param=param)
+    return {
+        "id": call.id,
+        "type": call.type,
+        "function": {"name": call.function.name, "arguments": arguments},
+    }
+
+
+def template_inputs(
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    tool_format: ToolFormat,
+    system_prompt: str | None = None,
+    tools: list[Tool] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and tools the chat template gets. A template that knows no tools gets
+    them (and earlier tool turns) written into the messages as text instead."""
+    tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    rendered = template_messages(messages, system_prompt)
+    if not template_reads_tools(tokenizer.chat_template):
+        return with_tools_in_prompt(rendered, tool_dicts, tool_format), None
+    return rendered, tool_dicts
 
 
 def chat_prompt(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
     *,
+    tool_format: ToolFormat,
     system_prompt: str | None = None,
     tools: list[Tool] | None = None,
     template_kwargs: dict[str, Any] | None = None,
@@ -78,10 +118,10 @@ def chat_prompt(
             raise ApiError(
                 400, f"chat_template_kwargs may not set '{key}'", param="chat_template_kwargs"
             )
-    tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    rendered, tool_dicts = template_inputs(tokenizer, messages, tool_format, system_prompt, tools)
     try:
         return tokenizer.render_chat(
-            template_messages(messages, system_prompt),
+            rendered,
             tool_dicts,
             template_kwargs,
             special_tokens_in_content=special_tokens_in_content,

@@ -324,17 +324,33 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+# A chat choice also ends with "tool_calls" when the model called tools.
+ChatFinishReason = FinishReason | Literal["tool_calls"]
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class CalledTool(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[CalledTool] | None = _omitted_when_none()
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
     stop_reason: str | int | None = _omitted_when_none(
         description="extension: the stop string, the stop token id, or time_limit"
     )
@@ -351,16 +367,38 @@ class ChatCompletion(BaseModel):
     seed: int | list[int] = Field(description="extension: the seed(s) actually used")
 
 
+class FunctionDelta(BaseModel):
+    """A call's name comes once, in its first delta; later deltas carry argument pieces."""
+
+    name: str | None = _omitted_when_none()
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = _omitted_when_none()
+    type: Literal["function"] | None = _omitted_when_none()
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = _omitted_when_none()
     content: str | None = _omitted_when_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_when_none()
+
+
+class OpeningDelta(BaseModel):
+    """A choice's first delta: content "" before text, null when the reply opens with a call."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: ChatDelta
+    delta: ChatDelta | OpeningDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: str | int | None = _omitted_when_none()
 
 
