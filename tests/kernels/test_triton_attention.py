@@ -230,10 +230,7 @@ def test_prefill_matches_reference(shape: Shape) -> None:
     case = make_case(shape, PREFILL_LENGTHS, seed=5)
     attn = case.attn
     starts = torch.tensor([0, *itertools.accumulate(attn.query_lens)], device=DEVICE)
-    out = paged_prefill(
-        case.q, case.cache, attn.block_tables, starts, attn.seq_lens_tensor,
-        max(attn.query_lens), None,
-    )  # fmt: skip
+    out = paged_prefill(case.q, case.cache, attn.block_tables, starts, attn.seq_lens_tensor, None)
     check(out, case)
 
 

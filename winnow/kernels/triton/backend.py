@@ -56,7 +56,7 @@ class TritonAttentionBackend:
             )
         return paged_prefill(
             q, kv_cache, attn.block_tables, _query_starts(attn), attn.seq_lens_tensor,
-            max(attn.query_lens), sliding_window,
+            sliding_window,
         )  # fmt: skip
 
     def _decode_splits(

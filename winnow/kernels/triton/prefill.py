@@ -2,9 +2,13 @@
 prompts, prompt chunks continuing after a cached prefix, and single-token decodes alike.
 
 The step's new keys/values are already in the cache, so every key (cached prefix and the chunk
-itself) is read in place from the paged cache; nothing is gathered. One program per (sequence,
-tile of BLOCK_Q new tokens, kv head); its tile's rows are BLOCK_Q tokens x the query heads of
-that kv head's group, so a key tile is loaded once for the whole group.
+itself) is read in place from the paged cache; nothing is gathered. One program per (tile of
+BLOCK_Q new tokens of one sequence, kv head); its tile's rows are BLOCK_Q tokens x the query heads
+of that kv head's group, so a key tile is loaded once for the whole group.
+
+The tiles of all sequences are numbered in one flat grid axis: sequence i's tiles start at
+query_starts[i] // BLOCK_Q + i, which bounds the grid by T // BLOCK_Q + B and never by
+B x (longest chunk), however many decodes share the step with one long prompt chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ TILE_ROWS = 64  # query rows (tokens x grouped heads) per program; a power of tw
 
 
 @triton.jit
+def _sequence_of_tile(query_starts_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """Binary search for the last sequence whose first tile is at or before `tile`."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs  # the answer lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_starts_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+        lo = tl.where(first_tile <= tile, mid, lo)
+        hi = tl.where(first_tile <= tile, hi, mid)
+    return lo
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,
     out_ptr,
@@ -35,6 +52,7 @@ def _prefill_kernel(
     block_tables_ptr,
     query_starts_ptr,
     seq_lens_ptr,
+    num_seqs,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -56,12 +74,13 @@ def _prefill_kernel(
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    flat_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _sequence_of_tile(query_starts_ptr, num_seqs, flat_tile, BLOCK_Q)
     q_start = tl.load(query_starts_ptr + seq).to(tl.int32)
     q_len = tl.load(query_starts_ptr + seq + 1).to(tl.int32) - q_start
-    if tile * BLOCK_Q >= q_len:  # the grid covers the longest chunk of the step
+    tile = flat_tile - (q_start // BLOCK_Q + seq)
+    if tile * BLOCK_Q >= q_len:  # the grid's spare tiles
         return
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     cached = seq_len - q_len
@@ -96,7 +115,6 @@ def paged_prefill(
     block_tables: torch.Tensor,
     query_starts: torch.Tensor,
     seq_lens: torch.Tensor,
-    max_query_len: int,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """q [T, Hq, D]: sequence i's new tokens are rows query_starts[i]:query_starts[i + 1], the
@@ -109,9 +127,10 @@ def paged_prefill(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_q = max(1, TILE_ROWS // group_pad)  # rows: TILE_ROWS, or one token's padded group
-    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_q), num_kv_heads)
+    num_seqs = seq_lens.shape[0]
+    grid = (q.shape[0] // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        q, out, kv_cache, block_tables, query_starts, seq_lens,
+        q, out, kv_cache, block_tables, query_starts, seq_lens, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *cache_strides(kv_cache), block_tables.stride(0),
         qk_scale(head_dim), window_arg(sliding_window),
