@@ -213,6 +213,20 @@ def test_decode_matches_reference(shape: Shape) -> None:
         check(paged_decode(case.q, case.cache, tables, lens, None, splits), case)
 
 
+def test_decode_padding_rows_give_zeros() -> None:
+    """Rows of a fixed-size batch beyond its real sequences (length 0) come out as zeros and
+    leave the real rows as they were."""
+    case = make_case(SHAPES[0], DECODE_LENGTHS, seed=8)
+    tables, lens = case.attn.block_tables, case.attn.seq_lens_tensor
+    padded_lens = lens.clone()
+    padded_lens[[0, 2]] = 0
+    for splits in (1, 3):
+        real = paged_decode(case.q, case.cache, tables, lens, None, splits)
+        out = paged_decode(case.q, case.cache, tables, padded_lens, None, splits)
+        assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
+        assert torch.equal(out[[1, 3]], real[[1, 3]])
+
+
 @pytest.mark.parametrize("window", [1, 7, 100])
 def test_decode_sliding_window(window: int) -> None:
     case = make_case(SHAPES[2], DECODE_LENGTHS, seed=4)

@@ -116,10 +116,12 @@ def _merge_splits_kernel(
     split_mask = splits < num_splits
     row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + splits
     lse = tl.load(lse_ptr + row, mask=split_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, 0))
+    top = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
     parts_mask = split_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     parts = tl.load(partial_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=parts_mask)
-    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
     o_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -141,7 +143,8 @@ def paged_decode(
     num_splits: int,
 ) -> torch.Tensor:
     """q [B, Hq, D], one token per sequence (row b is sequence b's newest token, already written
-    to the cache) -> attention output [B, Hq, D] over that sequence's `seq_lens[b]` cached keys."""
+    to the cache) -> attention output [B, Hq, D] over that sequence's `seq_lens[b]` cached keys.
+    A padding row (seq_lens[b] == 0, as a fixed-size batch has) gives zeros."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     if q.stride(-1) != 1:
