@@ -28,11 +28,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model  # noqa: E402
 from winnow.kernels.triton import TritonAttentionBackend  # noqa: E402
-from winnow.kernels.triton.decode import paged_decode, split_count  # noqa: E402
+from winnow.kernels.triton.decode import _decode_kernel, paged_decode, split_count  # noqa: E402
 from winnow.kernels.triton.kv_write import write_kv  # noqa: E402
 from winnow.kernels.triton.prefill import paged_prefill  # noqa: E402
 from winnow.models import load_model  # noqa: E402
@@ -44,6 +44,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 UNIT_ROUNDOFF = {F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}
+
+if INTERPRETED and isinstance(_decode_kernel, triton.JITFunction):
+    raise RuntimeError(
+        "winnow.kernels.triton was imported before TRITON_INTERPRET=1 was set: "
+        "set it in the environment of this test run"
+    )
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,7 @@ def test_model_forward_matches_torch_backend(tmp_path: Path) -> None:
             torch.testing.assert_close(ours, theirs, atol=1e-4 * scale, rtol=0)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="with CUDA the other tests compile every kernel")
 def test_kernels_compile_for_cuda() -> None:
     """The real GPU compiler builds every kernel (the interpreter never compiles them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

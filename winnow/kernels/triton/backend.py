@@ -30,7 +30,9 @@ class TritonAttentionBackend:
     context and the batch size.
     """
 
-    def __init__(self, device: torch.device | str = "cuda", decode_splits: int | None = None):
+    def __init__(
+        self, device: torch.device | str = "cuda", decode_splits: int | None = None
+    ) -> None:
         device = torch.device(device)
         self.decode_splits = decode_splits
         self.target_programs = DEFAULT_TARGET_PROGRAMS
