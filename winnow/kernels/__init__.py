@@ -1,0 +1,1 @@
+"""Kernel backends the model code runs on, chosen once at start-up."""

@@ -1,0 +1,175 @@
+"""Decode attention (one new token per sequence) read in place from the paged KV cache.
+
+One program per (sequence, kv head, context split): it loads the group of query heads that share
+that kv head as the rows of one tile, so each key/value is read once for the whole group (no
+K/V repeat). Long contexts are split over several programs (flash-decoding): each writes its
+normalised partial output and log-sum-exp, and a second kernel merges the splits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from winnow.kernels.triton.launch import (
+    cache_strides,
+    dot_precision,
+    padded,
+    qk_scale,
+    upcast_dot,
+    window_arg,
+)
+from winnow.kernels.triton.tile import attend_range
+
+BLOCK_N = 64  # keys per inner-loop tile
+MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it saves
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    out_ptr,
+    partial_ptr,
+    lse_ptr,
+    cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_block,
+    stride_slot,
+    stride_head,
+    stride_table,
+    qk_scale,
+    window,
+    num_splits,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    lo = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(seq_len, split_lo + per_split)
+
+    group = tl.arange(0, ROWS)
+    heads = kv_head * GROUP + group
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (group < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+    q_pos = tl.full([ROWS], 0, dtype=tl.int32) + seq_len - 1
+
+    acc, row_max, row_sum = attend_range(
+        q, q_pos, split_lo, split_hi, window,
+        cache_ptr, block_tables_ptr + seq.to(tl.int64) * stride_table, kv_head * stride_head,
+        stride_kv, stride_block, stride_slot, qk_scale,
+        ROWS, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    # An empty split (row_sum == 0) stores zeros and a log-sum-exp of -inf: it weighs nothing.
+    safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    if SPLIT:
+        row = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split
+        tl.store(partial_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        lse = tl.where(row_sum > 0, row_max + tl.log2(safe_sum), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=group < GROUP)
+    else:
+        o_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+        tl.store(o_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    num_splits,
+    NUM_HEADS: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """out = sum_s 2^lse_s * partial_s / sum_s 2^lse_s, one program per (sequence, query head)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + splits
+    lse = tl.load(lse_ptr + row, mask=split_mask, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
+    parts_mask = split_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    parts = tl.load(partial_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=parts_mask)
+    total = tl.sum(weights, 0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def split_count(batch: int, num_kv_heads: int, context_len: int, target_programs: int) -> int:
+    """How many splits to cut each context into: enough programs to fill `target_programs`
+    (a few per GPU core), no split shorter than MIN_SPLIT_TOKENS, at most MAX_SPLITS."""
+    wanted = triton.cdiv(target_programs, batch * num_kv_heads)
+    worthwhile = triton.cdiv(context_len, MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, worthwhile, MAX_SPLITS))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sliding_window: int | None,
+    num_splits: int,
+) -> torch.Tensor:
+    """q [B, Hq, D], one token per sequence (row b is sequence b's newest token, already written
+    to the cache) -> attention output [B, Hq, D] over that sequence's `seq_lens[b]` cached keys.
+    A padding row (seq_lens[b] == 0, as a fixed-size batch has) gives zeros."""
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    group = num_heads // num_kv_heads
+    split = num_splits > 1
+    partial = lse = out  # unused without splits
+    if split:
+        partial = q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
+        lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
+    block_d = padded(head_dim)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, out, partial, lse, kv_cache, block_tables, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *cache_strides(kv_cache), block_tables.stride(0),
+        qk_scale(head_dim), window_arg(sliding_window), num_splits,
+        NUM_HEADS=num_heads, GROUP=group, ROWS=padded(group), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PRECISION=dot_precision(q.dtype),
+        UPCAST_DOT=upcast_dot(q.dtype), SPLIT=split,
+    )  # fmt: skip
+    if split:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial, lse, out, out.stride(0), out.stride(1), num_splits,
+            NUM_HEADS=num_heads, SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            HEAD_DIM=head_dim,
+        )  # fmt: skip
+    return out
