@@ -465,7 +465,6 @@ CASES = [
             ("prompt-negative-token", "prompt", {"prompt": [1, -1]}),
             ("prompt-token-over-int64", "prompt", {"prompt": [1, 2**64]}),
             ("prompt-mixed-list", "prompt", {"prompt": ["a", 1]}),
-            ("prompt-two-token-lists", "prompt", {"prompt": [[1, 2], [3]]}),
             ("prompt-nested-deep", "prompt", {"prompt": nested(MAX_JSON_DEPTH + 5)}),
             ("logprobs-negative", "logprobs", {"logprobs": -1}),
             ("logprobs-bool", "logprobs", {"logprobs": True}),

@@ -15,6 +15,8 @@ from winnow.engine.request import EngineDeadError
 from winnow.server.chat import ChatChunkBuilder
 from winnow.server.generation import ResponseMeta
 from winnow.server.streaming import PING, sse_body, with_keepalive
+from winnow.server.tool_calls import ToolPlan
+from winnow.structured.tool_formats import tool_format
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +49,8 @@ class ScriptedGeneration:
 
 
 async def collect_body(generation: ScriptedGeneration, keepalive_s: float = 10.0) -> bytes:
-    builder = ChatChunkBuilder(META, include_usage=False)
+    no_tools = ToolPlan(tool_format("hermes", lambda _: None))
+    builder = ChatChunkBuilder(META, include_usage=False, tools=no_tools)
     body = sse_body(generation, builder, keepalive_s)  # type: ignore[arg-type]
     return b"".join([event async for event in body])
 

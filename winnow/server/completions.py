@@ -83,7 +83,7 @@ async def create_completion(
             400,
             f"{len(prompts)} prompts x n={params.n} choices is more than this server ever "
             f"admits at once ({ctx.engine.admission_capacity} sequences)",
-            param="prompt",
+            param="n" if params.n > ctx.engine.admission_capacity else "prompt",
         )
     grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"cmpl-{request_id(request)}"
