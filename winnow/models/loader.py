@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from winnow.models import cpu_kernels
-from winnow.models.attention import select_attention_backend
+from winnow.kernels import Kernels, select_kernels
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.llama import LlamaForCausalLM
@@ -40,6 +39,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    kernels: Kernels
 
 
 def load_model(
@@ -52,31 +52,26 @@ def load_model(
 ) -> LoadedModel:
     """Load a local HF directory, a demo name, or a hub id (downloaded if not a local path).
 
-    An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
-    in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
+    The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
+    with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
+    be built here)."""
     path = resolve_model_path(model)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    native = (
-        cpu_kernels_enabled
-        and torch_device.type == "cpu"
-        and torch_dtype == torch.float32
-        and cpu_kernels.available()
-    )
+    kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, select_attention_backend(torch_device, native))
+        module = LlamaForCausalLM(config, kernels)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     module.load_weights(iter_safetensors(path))
-    if native:
-        module.pack_for_cpu()
+    module.prepare_kernels()
     module.eval()
 
     tokenizer = Tokenizer.from_pretrained(
         path, chat_template=chat_template, trust_remote_code=trust_remote_code
     )
-    return LoadedModel(module, config, tokenizer, path, torch_dtype, torch_device)
+    return LoadedModel(module, config, tokenizer, path, torch_dtype, torch_device, kernels)
 
 
 def resolve_model_path(model: str) -> Path:
