@@ -82,6 +82,10 @@ class Kernels:
     projections: ProjectionOps
     layers: LayerStack
     description: str
+    # whether a CUDA graph captured once replays decode steps correctly: the attention reads
+    # every length from the metadata's tensors (never its host lists) and its launch shapes
+    # only from tensor shapes, which the graph runner keeps fixed per batch size
+    decode_graphs: bool = False
 
     def prepare(self, model: nn.Module, layers: Iterable[nn.Module]) -> None:
         """Adapt a loaded model's weights to these kernels (once, after loading)."""

@@ -55,6 +55,7 @@ def select_kernels(
         projections=TorchProjections(),
         layers=LayerLoop(),
         description=f"torch reference, {attention_name} attention",
+        decode_graphs=bool(getattr(attention, "cuda_graph_safe", False)),
     )
     return _logged(kernels)
 
