@@ -20,7 +20,8 @@ BLOCK = 16
 
 @pytest.fixture(scope="module", params=["c-kernels", "torch"])
 def loaded(request: pytest.FixtureRequest, demo_model_dir: Path) -> LoadedModel:
-    return load_model(str(demo_model_dir), cpu_kernels_enabled=request.param == "c-kernels")
+    enabled = request.param == "c-kernels"
+    return load_model(str(demo_model_dir), device="cpu", cpu_kernels_enabled=enabled)
 
 
 def test_batch_size_ladder_and_buckets() -> None:
@@ -28,7 +29,7 @@ def test_batch_size_ladder_and_buckets() -> None:
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert graph_batch_sizes(4) == [1, 2, 4]
     assert graph_batch_sizes(1) == [1]
-    model = load_model("demo", cpu_kernels_enabled=False)
+    model = load_model("demo", device="cpu", cpu_kernels_enabled=False)
     caches = allocate_kv_cache(model.config, 4, BLOCK, torch.float32, "cpu")
     graphs = DecodeGraphs(model.model, caches, 20, 8, BLOCK, capture=False)
     buckets = {batch: graphs.bucket(batch) for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17, 20)}
