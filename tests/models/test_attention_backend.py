@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from winnow.models import AttentionMetadata, select_attention_backend
-from winnow.models.attention import TorchAttentionBackend
+from winnow.kernels.torch_attention import TorchAttentionBackend
+from winnow.models import AttentionMetadata
 
 HQ, HKV, D, BLOCK, NUM_BLOCKS = 6, 2, 8, 4, 40
 
@@ -100,10 +100,6 @@ def test_metadata_build() -> None:
     assert attn.seq_lens_tensor.tolist() == [3, 6]
     assert attn.slot_mapping.tolist() == [16, 17, 18, 5]
     assert not attn.is_decode_only
-
-
-def test_select_backend_cpu() -> None:
-    assert isinstance(select_attention_backend("cpu"), TorchAttentionBackend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -19,10 +19,13 @@ from tests.tolerances import (
     linear_tolerance,
     logit_tolerance,
 )
-from winnow.models import AttentionMetadata, cpu_kernels, llama, load_model
-from winnow.models.attention import CpuAttentionBackend, TorchAttentionBackend
-from winnow.models.packed_linear import PackedLinear
-from winnow.models.rope import apply_rope
+from winnow.kernels.cpu import cpu_kernels
+from winnow.kernels.cpu import ops as cpu_ops
+from winnow.kernels.cpu.ops import CpuAttentionBackend, CpuPointwise
+from winnow.kernels.cpu.packed_linear import PackedLinear
+from winnow.kernels.torch_attention import TorchAttentionBackend
+from winnow.kernels.torch_ops import apply_rope
+from winnow.models import AttentionMetadata, load_model
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX2 and a C compiler")
 
@@ -241,7 +244,7 @@ def test_model_with_kernels_matches_without(
     plain = load_model(str(path), cpu_kernels_enabled=False)
     assert isinstance(native.model.layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(native.model.lm_head, PackedLinear)
-    assert native.model.norm.use_cpu_kernels and native.model.layers[0].mlp.use_cpu_kernels
+    assert isinstance(native.kernels.pointwise, CpuPointwise)
     assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
     assert native.model.lm_head.packed.dtype == torch.float32  # random fp32 weights
     runners = [PagedRunner(native), PagedRunner(plain)]
@@ -270,7 +273,7 @@ def test_decode_stack_matches_the_per_op_path(
     hf = make_hf_model(arch, seed=5)
     path = save_hf_model(hf, tmp_path_factory.mktemp(arch))
     stacked, per_op = load_model(str(path)), load_model(str(path))
-    per_op.model.decode_stack = None
+    per_op.kernels.layers.stack = None  # type: ignore[attr-defined]
     calls = []
     run_stack = cpu_kernels.decode_layers
     monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a: calls.append(a) or run_stack(*a))
@@ -338,14 +341,14 @@ def test_16_bit_checkpoint_keeps_16_bit_panels(
     model = make_hf_model(arch, seed=8).to(dtype)
     path = save_hf_model(model, tmp_path_factory.mktemp(f"{arch}-16-bit"))
     half = load_model(str(path))
-    monkeypatch.setattr(llama, "lossless_weight_dtype", lambda weights: torch.float32)
+    monkeypatch.setattr(cpu_ops, "lossless_weight_dtype", lambda weights: torch.float32)
     full = load_model(str(path))
     assert half.dtype == full.dtype == torch.float32
     for loaded, panels in ((half, dtype), (full, torch.float32)):
         packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
         assert len(packed) == 4 * len(loaded.model.layers) + 1
         assert all(m.packed.dtype == panels for m in packed)
-        assert loaded.model.decode_stack is not None
+        assert loaded.kernels.layers.stack is not None  # type: ignore[attr-defined]
     runners = [PagedRunner(half), PagedRunner(full)]
     steps = [[("a", [5, 17, 3, 88, 42, 9, 1]), ("b", [7, 7, 2])]]
     steps += [[("a", [t]), ("b", [t + 1])] for t in (11, 23, 40, 2)]

@@ -12,7 +12,8 @@ import transformers
 from safetensors.torch import load_file
 
 from tests.models.helpers import PagedRunner
-from winnow.models import DEMO_MODELS, Tokenizer, build_demo_model, cpu_kernels, load_model
+from winnow.kernels.cpu import cpu_kernels
+from winnow.models import DEMO_MODELS, Tokenizer, build_demo_model, load_model
 from winnow.models.demo import CONTROL_TOKENS, DEMO_SPECS, _write_model_dir, demo_weights
 
 

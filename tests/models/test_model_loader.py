@@ -120,7 +120,8 @@ def test_resolve_dtype(llama_dir: Path) -> None:
     config = load_model(str(llama_dir)).config
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype("auto", config, cpu) == torch.float32
-    assert resolve_dtype("auto", config, cuda) == (config.torch_dtype or torch.float32)
+    assert config.torch_dtype in (None, torch.float32)
+    assert resolve_dtype("auto", config, cuda) == torch.bfloat16  # fp32 checkpoints run in bf16
     assert resolve_dtype("bfloat16", config, cpu) == torch.bfloat16
     assert resolve_dtype("half", config, cpu) == torch.float16
     with pytest.raises(ValueError, match="unsupported dtype"):
@@ -133,6 +134,10 @@ def test_auto_dtype_on_cuda_follows_config(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "bfloat16"
     config = ModelConfig.from_pretrained(tmp_path)
     assert resolve_dtype("auto", config, torch.device("cuda")) == torch.bfloat16
+    cfg.dtype = "float16"
+    cfg.save_pretrained(str(tmp_path))
+    config = ModelConfig.from_pretrained(tmp_path)
+    assert resolve_dtype("auto", config, torch.device("cuda")) == torch.float16
 
 
 def test_kv_cache_dtype_names() -> None:

@@ -14,6 +14,7 @@ import torch
 
 from winnow.config import EngineConfig
 from winnow.engine.block_manager import BlockManager, block_hash
+from winnow.engine.memory_plan import KVCachePlan, gpu_kv_budget, plan_kv_cache
 from winnow.engine.model_runner import ModelRunner
 from winnow.engine.outputs import (
     ChoiceDelta,
@@ -65,37 +66,29 @@ class LLMEngine:
     """Owns the scheduler, the KV cache and the sampler. Not thread-safe: one thread drives it."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.config = config
+        device = next(loaded.model.parameters()).device
+        self.config = config = config.for_device(device.type)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.config.vocab_size
         self.sampling_defaults = check_sampling_defaults(loaded.sampling_defaults)
-        self.max_model_len = min(
-            config.max_model_len or loaded.config.max_position_embeddings,
-            loaded.config.max_position_embeddings,
-        )
         self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids)
-        device = next(loaded.model.parameters()).device
         kv_dtype = resolve_kv_cache_dtype(
             config.kv_cache_dtype, next(loaded.model.parameters()).dtype
         )
-        num_blocks = self._num_kv_blocks(loaded, device, kv_dtype)
-        pool_tokens = (num_blocks - 1) * config.block_size
-        if pool_tokens < self.max_model_len:
-            logger.warning(
-                "max_model_len %d capped to %d: the KV cache holds no more for one sequence",
-                self.max_model_len,
-                pool_tokens,
-            )
-            self.max_model_len = pool_tokens
+        self.runner = ModelRunner(loaded, config.block_size, kv_dtype)
+        plan = self._plan_kv_cache(loaded, device, kv_dtype)
+        num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
+        self.runner.allocate_kv_cache(num_blocks)
+        if device.type == "cuda" and not config.enforce_eager and loaded.kernels.decode_graphs:
+            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, kv_dtype)
         self.sampler = Sampler(
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
@@ -121,20 +114,47 @@ class LLMEngine:
             self.max_model_len,
         )
 
-    def _num_kv_blocks(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> int:
-        """Blocks that fit the memory budget, capped at what max_num_seqs full contexts need."""
+    def _plan_kv_cache(
+        self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype
+    ) -> KVCachePlan:
+        """Blocks that fit the memory budget (on CUDA measured around a profiling forward of
+        the largest step), capped at what max_num_seqs full contexts need, and the longest
+        sequence they hold."""
         config = self.config
-        if config.num_kv_blocks is not None:
-            return max(2, config.num_kv_blocks)
         per_block = kv_cache_bytes_per_block(loaded.config, config.block_size, dtype)
-        if device.type == "cuda":
+        if config.num_kv_blocks is not None:
+            budget = max(2, config.num_kv_blocks) * per_block
+        elif device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
-            budget = free - total * (1.0 - config.gpu_memory_utilization)
+            peak = self.runner.profile_activation_bytes(
+                config.max_num_batched_tokens, config.max_num_seqs
+            )
+            budget = gpu_kv_budget(total, free, peak, config.gpu_memory_utilization)
+            logger.info(
+                "memory: %.2f GiB of %.2f GiB in use after loading, %.2f GiB peak activations "
+                "(profiled at %d tokens), %.2f GiB left for the KV cache",
+                (total - free) / GIB,
+                total / GIB,
+                peak / GIB,
+                config.max_num_batched_tokens,
+                budget / GIB,
+            )
         else:
-            budget = config.kv_cache_memory_gib * GIB
-        blocks_per_seq = -(-self.max_model_len // config.block_size)
-        cap = config.max_num_seqs * blocks_per_seq + 1
-        return max(2, min(int(budget // per_block), cap))
+            budget = int(config.kv_cache_memory_gib * GIB)
+        plan = plan_kv_cache(
+            budget,
+            per_block,
+            config.block_size,
+            loaded.config.max_position_embeddings,
+            config.max_model_len,
+            config.max_num_seqs if config.num_kv_blocks is None else None,
+        )
+        if plan.capped:
+            wanted = config.max_model_len or loaded.config.max_position_embeddings
+            log = logger.warning if config.max_model_len else logger.info
+            log("max_model_len %d: what the KV cache holds for one sequence (of %d wanted)",
+                plan.max_model_len, wanted)  # fmt: skip
+        return plan
 
     def validate(self, request: GenerationRequest) -> int:
         """Check that the request can ever be served (max_model_len never exceeds the KV pool, so

@@ -5,30 +5,121 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from winnow.engine.decode_graphs import DecodeGraphs
+from winnow.engine.host_staging import HostStaging
 from winnow.engine.scheduler import ScheduledSequence
 from winnow.models import AttentionMetadata, LoadedModel, allocate_kv_cache
 
 
 class ModelRunner:
-    """Owns the KV cache tensors and the forward pass of the loaded model."""
+    """Owns the KV cache tensors and the forward pass of the loaded model.
 
-    def __init__(
-        self, loaded: LoadedModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype
-    ) -> None:
+    The cache is allocated by `allocate_kv_cache` once its size is known (on CUDA after
+    `profile_activation_bytes`); `use_decode_graphs` then routes decode-only steps through
+    `DecodeGraphs`.
+    """
+
+    def __init__(self, loaded: LoadedModel, block_size: int, kv_dtype: torch.dtype) -> None:
         self.model = loaded.model
+        self.model_config = loaded.config
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self.kv_caches: list[torch.Tensor] = []
+        self.decode_graphs: DecodeGraphs | None = None
+        self.staging = HostStaging(self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_cache(
-            loaded.config, num_blocks, block_size, kv_dtype, self.device
+            self.model_config, num_blocks, self.block_size, self.kv_dtype, self.device
+        )
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
+        """Decode-only steps of up to max_num_seqs sequences run through static buffers, and
+        replay CUDA graphs when `capture` (CUDA only), else the same path eagerly."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_num_seqs, max_blocks, self.block_size, capture
         )
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling, vocab] for the sequences whose
         `samples` is true, in scheduled order."""
+        self.staging.begin_step()
+        graphs = self.decode_graphs
+        decode_only = all(item.num_new_tokens == 1 for item in scheduled)
+        if graphs is not None and decode_only and len(scheduled) <= graphs.max_batch:
+            hidden = self._run_decode_graph(graphs, scheduled)
+            sampling = [row for row, item in enumerate(scheduled) if item.samples]
+            if len(sampling) < len(scheduled):
+                hidden = hidden[self.staging.to_device("rows", np.asarray(sampling))]
+            self.staging.end_step()
+            return self.model.compute_logits(hidden)
         input_ids, positions, attn, sample_rows = self._prepare(scheduled)
+        self.staging.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         return self.model.compute_logits(hidden[sample_rows])
+
+    def _run_decode_graph(
+        self, graphs: DecodeGraphs, scheduled: list[ScheduledSequence]
+    ) -> torch.Tensor:
+        """Decode inputs go from pinned host buffers straight into the graphs' static ones."""
+        block_size = self.block_size
+        batch = len(scheduled)
+        token_ids = np.empty(batch, dtype=np.int64)
+        positions = np.empty(batch, dtype=np.int64)
+        width = max(len(item.seq.block_table) for item in scheduled)
+        tables = np.zeros((batch, width), dtype=np.int64)
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            position = seq.num_computed_tokens
+            token_ids[row] = seq.token_ids_slice(position, position + 1)[0]
+            positions[row] = position
+            tables[row, : len(seq.block_table)] = seq.block_table
+        slots = tables[np.arange(batch), positions // block_size] * block_size
+        slots += positions % block_size
+        seq_lens = positions + 1
+        stage = self.staging.to_host
+        return graphs.run(
+            stage("ids", token_ids),
+            stage("positions", positions),
+            stage("slots", slots),
+            stage("tables", tables),
+            stage("seq_lens", seq_lens),
+            seq_lens.tolist(),
+        )
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """CUDA: peak bytes beyond the weights that the largest step takes (num_tokens new
+        tokens over num_seqs fresh sequences, then logits for each sequence), measured by
+        running it on a scratch cache whose own bytes are left out."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        tables, next_block = [], 1
+        for length in lens:
+            blocks = -(-length // self.block_size)
+            tables.append(list(range(next_block, next_block + blocks)))
+            next_block += blocks
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        caches = allocate_kv_cache(
+            self.model_config, next_block, self.block_size, self.kv_dtype, self.device
+        )
+        cache_bytes = sum(cache.numel() * cache.element_size() for cache in caches)
+        attn = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
+        positions = torch.cat([torch.arange(length) for length in lens]).to(self.device)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, caches, attn)
+        last_rows = torch.tensor(lens, device=self.device).cumsum(0) - 1
+        self.model.compute_logits(hidden[last_rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
+        del caches, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     def _prepare(
         self, scheduled: list[ScheduledSequence]
@@ -58,18 +149,16 @@ class ModelRunner:
             num_tokens += item.num_new_tokens
             if item.samples:
                 sample_rows.append(num_tokens - 1)
+        to_device = self.staging.to_device
         attn = AttentionMetadata(
-            slot_mapping=self._to_device(np.concatenate(slot_chunks)),
-            block_tables=self._to_device(block_tables),
-            seq_lens_tensor=self._to_device(np.asarray(seq_lens, dtype=np.int64)),
+            slot_mapping=to_device("slots", np.concatenate(slot_chunks)),
+            block_tables=to_device("tables", block_tables),
+            seq_lens_tensor=to_device("seq_lens", np.asarray(seq_lens, dtype=np.int64)),
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=block_size,
         )
-        input_ids = self._to_device(np.asarray(token_ids, dtype=np.int64))
-        positions_tensor = self._to_device(np.concatenate(position_chunks))
-        rows = self._to_device(np.asarray(sample_rows, dtype=np.int64))
+        input_ids = to_device("ids", np.asarray(token_ids, dtype=np.int64))
+        positions_tensor = to_device("positions", np.concatenate(position_chunks))
+        rows = to_device("rows", np.asarray(sample_rows, dtype=np.int64))
         return input_ids, positions_tensor, attn, rows
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)

@@ -1,11 +1,6 @@
 """models: token ids + positions + a paged KV-cache view -> logits. Knows nothing about requests."""
 
-from winnow.models.attention import (
-    AttentionBackend,
-    TorchAttentionBackend,
-    select_attention_backend,
-)
-from winnow.models.attention_metadata import AttentionMetadata
+from winnow.kernels import AttentionMetadata
 from winnow.models.config import ModelConfig
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
@@ -14,17 +9,14 @@ from winnow.models.tokenizer import ChatTemplateError, Tokenizer
 
 __all__ = [
     "DEMO_MODELS",
-    "AttentionBackend",
     "AttentionMetadata",
     "ChatTemplateError",
     "LoadedModel",
     "ModelConfig",
     "Tokenizer",
-    "TorchAttentionBackend",
     "allocate_kv_cache",
     "build_demo_model",
     "kv_cache_bytes_per_block",
     "load_model",
     "resolve_kv_cache_dtype",
-    "select_attention_backend",
 ]

@@ -6,7 +6,6 @@ gate/up matmul per layer; `load_weights` maps HF checkpoint names onto that layo
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 
@@ -14,37 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from winnow.models import cpu_kernels
-from winnow.models.attention import AttentionBackend, TorchAttentionBackend
-from winnow.models.attention_metadata import AttentionMetadata
+from winnow.kernels import AttentionMetadata, Kernels, reference_kernels
 from winnow.models.config import ModelConfig
-from winnow.models.decode_stack import DecodeStack
-from winnow.models.packed_linear import PackedLinear, lossless_weight_dtype, pack_linears
-from winnow.models.rope import RotaryEmbedding, apply_rope
-
-logger = logging.getLogger(__name__)
+from winnow.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
-
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, kernels: Kernels) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_cpu_kernels:
-            out = cpu_kernels.rms_norm(x, self.weight, self.eps)
-            if out is not None:
-                return out
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.kernels.pointwise.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
-
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -52,13 +38,16 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.sliding_window = config.sliding_window
-        self.backend = backend
+        self.kernels = kernels
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, kernels)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, kernels)
 
     def forward(
         self,
@@ -76,23 +65,16 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        out = self.backend.forward(q, k, v, kv_cache, attn, self.sliding_window)
+        rope = self.kernels.pointwise.rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        out = self.kernels.attention.forward(q, k, v, kv_cache, attn, self.sliding_window)
         return self.o_proj(out.reshape(tokens, self.q_size))
-
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.use_cpu_kernels:
-            out = cpu_kernels.rope(x, cos, sin)
-            if out is not None:
-                return out
-        return apply_rope(x, cos, sin)
 
 
 class MLP(nn.Module):
-    use_cpu_kernels = False  # set per instance by LlamaForCausalLM.pack_for_cpu
-
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
+        self.kernels = kernels
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
@@ -102,21 +84,16 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        hidden = cpu_kernels.silu_mul(gate_up) if self.use_cpu_kernels else None
-        if hidden is None:
-            hidden = F.silu(gate_up[:, : self.intermediate_size])
-            hidden.mul_(gate_up[:, self.intermediate_size :])
-        return self.down_proj(hidden)
+        return self.down_proj(self.kernels.pointwise.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.self_attn = Attention(config, kernels)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.mlp = MLP(config, kernels)
 
     def forward(
         self,
@@ -133,20 +110,19 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
         self.config = config
-        backend = backend or TorchAttentionBackend()
+        self.kernels = kernels = kernels or reference_kernels()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, kernels) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(config)
-        self.decode_stack: DecodeStack | None = None  # set by pack_for_cpu
 
     @torch.inference_mode()
     def forward(
@@ -159,11 +135,7 @@ class LlamaForCausalLM(nn.Module):
         """Flat tokens [T] -> final-norm hidden states [T, hidden]; caches their k/v."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
-        if self.decode_stack is not None and attn.is_decode_only:
-            self.decode_stack.run(hidden, cos, sin, kv_caches, attn)
-            return self.norm(hidden)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, attn)
+        hidden = self.kernels.layers.run(self.layers, hidden, cos, sin, kv_caches, attn)
         return self.norm(hidden)
 
     @torch.inference_mode()
@@ -173,26 +145,9 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def pack_for_cpu(self) -> None:
-        """Move every projection and the output head onto the packed CPU kernel, and norms, RoPE
-        and the MLP activation onto theirs (after loading), and decode-only steps onto the C
-        decoder stack. The panels are 16-bit when every weight holds exactly in 16 bits (see
-        `lossless_weight_dtype`). A tied head gets its own packed copy; embedding lookups keep
-        the original."""
-        linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
-        head = [self.embed_tokens.weight] if self.lm_head is None else []
-        weight_dtype = lossless_weight_dtype(linears + head)
-        dtype_name = str(weight_dtype).removeprefix("torch.")
-        logger.info("CPU kernels: projection weights packed as %s", dtype_name)
-        pack_linears(self, weight_dtype)
-        if self.lm_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight.to(weight_dtype), None)
-        for module in self.modules():
-            if isinstance(module, RMSNorm | Attention | MLP):
-                module.use_cpu_kernels = True
-        layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
-        if DecodeStack.supports(layers):
-            self.decode_stack = DecodeStack(layers)
+    def prepare_kernels(self) -> None:
+        """Let the kernels adapt the loaded weights (e.g. pack projections); once, after loading."""
+        self.kernels.prepare(self, list(self.layers))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the fused layout; all params must be filled."""

@@ -11,8 +11,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from winnow.models import cpu_kernels
-from winnow.models.attention import select_attention_backend
+from winnow.kernels import Kernels, select_kernels
 from winnow.models.config import ModelConfig
 from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
@@ -44,6 +43,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    kernels: Kernels
     sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
@@ -65,25 +65,20 @@ def load_model(
     `tokenizer` (a directory or hub id) replaces the model's own tokenizer files; `revision`
     and `download_dir` apply to a hub download of the model. `generation_config` says where
     sampling defaults come from (see read_sampling_defaults).
-    An fp32 model on a CPU with AVX2 runs its projections and decode attention on the C kernels
-    in `cpu_kernels` unless `cpu_kernels_enabled` is False (or they cannot be built here)."""
+    The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
+    with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
+    be built here)."""
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    native = (
-        cpu_kernels_enabled
-        and torch_device.type == "cpu"
-        and torch_dtype == torch.float32
-        and cpu_kernels.available()
-    )
+    kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, select_attention_backend(torch_device, native))
+        module = LlamaForCausalLM(config, kernels)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     module.load_weights(_with_progress(iter_safetensors(path), count_tensors(path)))
-    if native:
-        module.pack_for_cpu()
+    module.prepare_kernels()
     module.eval()
 
     tokenizer_path = (
@@ -98,7 +93,9 @@ def load_model(
         model_dir=path,
     )
     defaults = read_sampling_defaults(generation_config, path)
-    return LoadedModel(module, config, loaded_tokenizer, path, torch_dtype, torch_device, defaults)
+    return LoadedModel(
+        module, config, loaded_tokenizer, path, torch_dtype, torch_device, kernels, defaults
+    )
 
 
 def resolve_model_path(
@@ -135,10 +132,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """ "auto": the checkpoint's declared dtype on CUDA (float32 if none), float32 on CPU."""
+    """ "auto": on CUDA the checkpoint's dtype when it is 16-bit, else bfloat16 (the GPU's
+    tensor cores run 16-bit; an fp32 checkpoint would double the bytes every step reads);
+    float32 on a CPU."""
     if dtype == "auto":
         if device.type == "cuda":
-            return config.torch_dtype or torch.float32
+            declared = config.torch_dtype
+            return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")

@@ -44,16 +44,3 @@ class RotaryEmbedding:
         if self.scale != 1.0:
             cos, sin = cos * self.scale, sin * self.scale
         return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, head_dim] (any strides) by position; returns a new contiguous tensor."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from winnow.models import cpu_kernels
+from winnow.kernels.cpu import cpu_kernels
 
 
 class PackedLinear(nn.Module):

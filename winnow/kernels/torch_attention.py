@@ -1,4 +1,4 @@
-"""Paged attention backends: write this step's k/v into the block cache, then attend.
+"""The torch reference attention backend: write this step's k/v into the block cache, then attend.
 
 A layer's cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
 (index 0 = keys, 1 = values), in the model's dtype or the one --kv-cache-dtype asks for: new k/v
@@ -11,27 +11,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from winnow.models import cpu_kernels
-from winnow.models.attention_metadata import AttentionMetadata
-
-
-class AttentionBackend(Protocol):
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn: AttentionMetadata,
-        sliding_window: int | None = None,
-    ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] for the step's flat tokens -> output [T, Hq, D]."""
-        ...
+from winnow.kernels.attention_metadata import AttentionMetadata
 
 
 class TorchAttentionBackend:
@@ -92,56 +76,6 @@ class TorchAttentionBackend:
         plan = _decode_plan(attn, seqs, sliding_window, q.dtype)
         rows = q if plan.tokens is None else q.index_select(0, plan.tokens)
         return _decode(rows, kv_cache, plan)
-
-
-class CpuAttentionBackend(TorchAttentionBackend):
-    """TorchAttentionBackend with decodes read in place from the paged cache by a C kernel
-    (fp32 queries, an fp32/fp16/bf16 cache, head_dim a multiple of 8), instead of gathering
-    every block into a batch."""
-
-    def decode(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn: AttentionMetadata,
-        seqs: list[int] | None,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        readable = kv_cache.dtype in cpu_kernels.ELEMENT_TYPES and kv_cache.is_contiguous()
-        if q.dtype != torch.float32 or q.shape[-1] % 8 or not readable:
-            return super().decode(q, kv_cache, attn, seqs, sliding_window)
-        tokens, rows = _decode_rows(attn, seqs)
-        out = torch.empty(tokens.numel(), *q.shape[1:], dtype=q.dtype)
-        cpu_kernels.paged_decode(
-            q.contiguous(), out, tokens, rows, kv_cache, attn.block_tables.contiguous(),
-            attn.seq_lens_tensor.contiguous(), sliding_window or 0,
-        )  # fmt: skip
-        return out
-
-
-def _decode_rows(
-    attn: AttentionMetadata, seqs: list[int] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat token index, sequence index) of each decode, built once per step."""
-    key = ("decode-rows", None if seqs is None else tuple(seqs))
-    if key not in attn.memo:
-        starts = list(itertools.accumulate(attn.query_lens, initial=0))
-        chosen = list(range(len(attn.query_lens))) if seqs is None else seqs
-        tokens = torch.tensor([starts[i] for i in chosen], dtype=torch.long)
-        attn.memo[key] = (tokens, torch.tensor(chosen, dtype=torch.long))
-    rows = attn.memo[key]
-    assert isinstance(rows, tuple)
-    return rows
-
-
-def select_attention_backend(
-    device: torch.device | str, cpu_kernels_enabled: bool = False
-) -> AttentionBackend:
-    """The C decode kernel on a CPU when the caller enables it (it checks availability), else
-    pure PyTorch."""
-    if cpu_kernels_enabled and torch.device(device).type == "cpu":
-        return CpuAttentionBackend()
-    return TorchAttentionBackend()
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

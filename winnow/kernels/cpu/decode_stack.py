@@ -7,16 +7,47 @@ step passes one struct. The kernels and their order are the per-op path's, so th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from winnow.models import cpu_kernels
-from winnow.models.attention_metadata import AttentionMetadata
-from winnow.models.packed_linear import PackedLinear
+from winnow.kernels.attention_metadata import AttentionMetadata
+from winnow.kernels.cpu import cpu_kernels
+from winnow.kernels.cpu.packed_linear import PackedLinear
 
-if TYPE_CHECKING:
-    from winnow.models.llama import DecoderLayer
+
+class _Norm(Protocol):
+    weight: torch.Tensor
+    eps: float
+
+
+class _Attention(Protocol):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_size: int
+    kv_size: int
+    sliding_window: int | None
+    qkv_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: _Norm | None
+    k_norm: _Norm | None
+
+
+class _MLP(Protocol):
+    intermediate_size: int
+    gate_up_proj: nn.Module
+    down_proj: nn.Module
+
+
+class DecoderLayer(Protocol):
+    """What the stack reads of a decoder layer (the models' layers have these attributes)."""
+
+    input_norm: _Norm
+    post_attn_norm: _Norm
+    self_attn: _Attention
+    mlp: _MLP
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
