@@ -31,14 +31,14 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model  # noqa: E402
+from winnow.kernels.attention_metadata import AttentionMetadata  # noqa: E402
+from winnow.kernels.torch_attention import TorchAttentionBackend  # noqa: E402
+from winnow.kernels.torch_attention import write_kv as torch_write_kv  # noqa: E402
 from winnow.kernels.triton import TritonAttentionBackend  # noqa: E402
 from winnow.kernels.triton.decode import _decode_kernel, paged_decode, split_count  # noqa: E402
 from winnow.kernels.triton.kv_write import write_kv  # noqa: E402
 from winnow.kernels.triton.prefill import paged_prefill  # noqa: E402
 from winnow.models import load_model  # noqa: E402
-from winnow.models.attention import TorchAttentionBackend  # noqa: E402
-from winnow.models.attention import write_kv as torch_write_kv  # noqa: E402
-from winnow.models.attention_metadata import AttentionMetadata  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"

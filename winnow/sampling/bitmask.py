@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from winnow.models.cpu_kernels import build_library
+from winnow.kernels.cpu.cpu_kernels import build_library
 
 logger = logging.getLogger(__name__)
 

@@ -6,14 +6,15 @@ imported), which is how the test suite checks it against the torch reference.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 
+from winnow.kernels.attention_metadata import AttentionMetadata
 from winnow.kernels.triton.decode import paged_decode, split_count
 from winnow.kernels.triton.kv_write import write_kv
 from winnow.kernels.triton.prefill import paged_prefill
-from winnow.models.attention_metadata import AttentionMetadata
 
 # Decode programs to aim for when the device does not say how many cores it has.
 DEFAULT_TARGET_PROGRAMS = 256
@@ -33,12 +34,16 @@ class TritonAttentionBackend:
     def __init__(
         self, device: torch.device | str = "cuda", decode_splits: int | None = None
     ) -> None:
-        device = torch.device(device)
+        self.device = torch.device(device)
         self.decode_splits = decode_splits
-        self.target_programs = DEFAULT_TARGET_PROGRAMS
-        if device.type == "cuda":
-            cores = torch.cuda.get_device_properties(device).multi_processor_count
-            self.target_programs = 4 * cores
+
+    @functools.cached_property
+    def target_programs(self) -> int:
+        """Decode programs to aim for: four per GPU core (asked on first use, so choosing this
+        backend touches no GPU)."""
+        if self.device.type != "cuda":
+            return DEFAULT_TARGET_PROGRAMS
+        return 4 * torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def forward(
         self,
