@@ -159,3 +159,14 @@ async def test_a_request_the_sampler_refuses_fails_alone(
     await assert_serves(client)
     stats = engine.stats()
     assert stats.num_requests == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
+async def test_integral_floats_count_as_integers(client: httpx.AsyncClient) -> None:
+    """JSON Schema counts 2.0 as an integer, so the API does too; 2.5 stays a 400."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 3.0, "n": 2.0, "seed": 7.0}
+    response = await client.post(CHAT, json={**body, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 6
+    assert response.json()["seed"] == 7
+    refused = await client.post(CHAT, json={**body, "n": 2.5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"

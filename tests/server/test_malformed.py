@@ -16,6 +16,7 @@ import pytest
 from tests.server.conftest import MAX_MODEL_LEN, MODEL, USER, AppFactory, asgi_client, chat_body
 from winnow.sampling.params import MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS
 from winnow.server.json_body import MAX_JSON_DEPTH
+from winnow.server.protocol import MAX_MESSAGES
 
 pytestmark = pytest.mark.anyio
 
@@ -493,7 +494,8 @@ CASES = [
 
 
 def test_the_matrix_is_large_and_unique() -> None:
-    assert len(CASES) >= 50
+    assert len(CASES) >= 150
+    assert sum(case.path == COMPLETIONS for case in CASES) >= 75
     assert len({case.id for case in CASES}) == len(CASES)
 
 
@@ -589,3 +591,10 @@ async def test_an_unexpected_error_is_one_500_logged_once_with_the_request_id(
     assert str(logged[0].exc_info[1]) == "template exploded"
     monkeypatch.undo()
     assert (await client.post(CHAT, json=chat())).status_code == 200
+
+
+async def test_more_messages_than_the_cap_is_a_400(client: httpx.AsyncClient) -> None:
+    """Under the default body limit (the matrix's smaller one would answer 413 first)."""
+    messages = [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)
+    response = await client.post(CHAT, json=chat(messages=messages))
+    assert_error(response, Case("messages-over-cap", param="messages"))

@@ -118,7 +118,7 @@ class SamplingParams:
                 "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids"
             )
         if any(not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
-            raise SamplingParamError("stop_token_ids", "token ids must be non-negative")
+            raise SamplingParamError("stop_token_ids", "token ids must be between 0 and 2**63-1")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise SamplingParamError(
                 "top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from winnow.config import ServerConfig
 from winnow.sampling.params import INT64_MAX
 from winnow.server.errors import ERROR_TYPES
+from winnow.server.protocol import ChatCompletionChunk, Completion
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -22,7 +24,12 @@ if TYPE_CHECKING:
 ERROR_SCHEMA = "ErrorResponse"
 _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
 _NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Each generation route's streamed chunk model.
+_CHUNKS: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionChunk,
+    "/v1/completions": Completion,
+}
+_GENERATION_ROUTES = tuple(_CHUNKS)
 _REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest")
 _ERROR_DESCRIPTIONS = {
     400: "The request is invalid; `param` names the field.",
@@ -103,12 +110,9 @@ def _correct(schema: dict[str, Any], limits: ServedLimits) -> None:
                 operation["security"] = [{"apiKey": []}]
             if path == "/metrics":
                 responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-            if path in _GENERATION_ROUTES:
+            if path in _CHUNKS:
                 responses["200"]["content"]["text/event-stream"] = {
-                    "schema": {
-                        "type": "string",
-                        "description": "`data: <chunk JSON>` events, ending with `data: [DONE]`",
-                    }
+                    "schema": _sse_event_schema(_CHUNKS[path], schemas)
                 }
     for name in _REQUEST_SCHEMAS:
         _served_limits(schemas[name], limits)
@@ -146,6 +150,28 @@ def _error_statuses(path: str, method: str, limits: ServedLimits) -> list[int]:
     if limits.public_paths and path not in limits.public_paths:
         statuses.append(401)
     return sorted(statuses)
+
+
+def _sse_event_schema(chunk: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """One event of a stream: `data` is a chunk, an error body (a failure after the 200), or the
+    closing `[DONE]`."""
+    chunk_schema = chunk.model_json_schema(
+        ref_template="#/components/schemas/{model}", mode="serialization"
+    )
+    for name, definition in {**chunk_schema.pop("$defs", {}), chunk.__name__: chunk_schema}.items():
+        schemas.setdefault(name, definition)
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"}, _ERROR_REF]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {"contentMediaType": "application/json", "contentSchema": payload},
+            }
+        },
+    }
 
 
 def _error_response(status: int) -> dict[str, Any]:
