@@ -172,7 +172,8 @@ class AsyncEngine:
         return self._stats
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError."""
+        """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError
+        (EngineDraining once a drain began)."""
         if self._draining:
             raise EngineDraining("the server is shutting down")
         if not self.is_ready:

@@ -1,13 +1,13 @@
 """Encoding a rendered chat so that text a client sent can never become a control token.
 
 A chat template renders one string in which its own markers (`[INST]`, `<|im_end|>`, ...) sit next
-to the clients' message text. Encoding that string with special tokens parsed would turn message
+to the clients' message text. Encoding that string with control tokens parsed would turn message
 text that spells a marker into the marker itself, letting a user fake a turn boundary. Tokenizers
 have no notion of "this stretch came from a variable", so this module recovers it: every string in
 the request that spells a control token is wrapped in unique markers, the template is rendered a
 second time, and the marker positions give the content spans of the real rendering. Each stretch
-of text between two of the template's own special tokens that overlaps a content span is then
-encoded with special tokens split (as plain text).
+of text between two of the template's own control tokens that overlaps a content span is then
+encoded with control tokens split (as plain text).
 
 Hand-written because neither transformers nor tokenizers offers span-aware encoding.
 """
