@@ -34,6 +34,7 @@ from winnow.server.protocol import (
     Usage,
 )
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
+from winnow.server.tokenizer_pool import with_tokenizer
 
 
 def check_supported(request: ChatCompletionRequest) -> None:
@@ -77,7 +78,8 @@ async def create_chat_completion(
             logprobs=bool(body.logprobs),
             top_logprobs=body.top_logprobs or 0,
         )
-    prompt = await ctx.tokenizers.run(
+    prompt = await with_tokenizer(
+        ctx.engine.tokenizer,
         partial(
             chat_prompt,
             messages=body.messages,
@@ -85,7 +87,7 @@ async def create_chat_completion(
             tools=None if body.tool_choice == "none" else body.tools,
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
-        )
+        ),
     )
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):

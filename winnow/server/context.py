@@ -13,7 +13,6 @@ from winnow import __version__
 from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
 from winnow.server.metrics import ServerMetrics
-from winnow.server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -28,11 +27,9 @@ class ServerContext:
     keepalive_s: float
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
-    tokenizers: TokenizerPool = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.engine, self.served_names[0])
-        self.tokenizers = TokenizerPool(self.engine)
 
     @property
     def served_names(self) -> list[str]:
