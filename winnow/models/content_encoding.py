@@ -53,11 +53,7 @@ class ContentEncoder:
         }
         self._control_ids = frozenset(control)
         self._control_texts = sorted(set(control.values()), key=len, reverse=True)
-        self._pattern = (
-            re.compile("|".join(map(re.escape, self._control_texts)))
-            if self._control_texts
-            else None
-        )
+        self._pattern = re.compile(_trie_pattern(self._control_texts)) if control else None
         self._splitting: FastTokenizer | None = None
         self._sentinel_id = -1
 
@@ -175,6 +171,28 @@ class ContentMarks:
         if opened is not None or "".join(pieces) != plain:
             raise ContentSpanError("the chat template changes message text")
         return spans
+
+
+def _trie_pattern(words: list[str]) -> str:
+    """A regex matching any of `words`, shaped as their prefix tree: a plain alternation of
+    hundreds of control tokens ("[control_8]", "[control_9]", ...) is tried branch by branch at
+    every "[" of a long message."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+    return _node_pattern(trie)
+
+
+def _node_pattern(node: dict[str, Any]) -> str:
+    ends_here = "" in node
+    branches = [re.escape(char) + _node_pattern(child) for char, child in node.items() if char]
+    if not branches:
+        return ""
+    alternation = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    return f"(?:{alternation})?" if ends_here else alternation
 
 
 def _overlaps(spans: list[Span], start: int, end: int) -> bool:
