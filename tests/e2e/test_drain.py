@@ -18,9 +18,11 @@ import httpx
 
 from winnow.benchmark.process import free_port
 
-SHUTDOWN_TIMEOUT_S = 3.0
-SHORT_TOKENS = 5  # finishes within the shutdown timeout, even on a crowded machine
-LONG_TOKENS = 2000  # cannot finish within it (the demo model's context is 2048)
+SHUTDOWN_TIMEOUT_S = 5.0
+# Lengths spread so that on a slow or a fast machine some stream still runs at SIGTERM and can
+# finish within the shutdown timeout.
+SHORT_TOKENS = [5, 10, 20, 40, 80, 160]
+LONG_TOKENS = 2000  # cannot finish within the timeout (the demo model's context is 2048)
 
 
 @dataclass
@@ -86,12 +88,12 @@ def assert_well_formed(log: StreamLog) -> str:
 
 async def drain_while_streaming(server_url: str, process: subprocess.Popen[bytes]) -> None:
     async with httpx.AsyncClient(base_url=server_url, timeout=60) as http:
-        short = [StreamLog() for _ in range(4)]
-        long = [StreamLog() for _ in range(4)]
+        short = [StreamLog() for _ in SHORT_TOKENS]
+        long = [StreamLog() for _ in range(2)]
+        lengths = [*SHORT_TOKENS, *(LONG_TOKENS for _ in long)]
         streams = [
             asyncio.create_task(read_stream(http, chat(tokens, stream=True), log))
-            for logs, tokens in ((short, SHORT_TOKENS), (long, LONG_TOKENS))
-            for log in logs
+            for log, tokens in zip([*short, *long], lengths, strict=True)
         ]
         blocking = asyncio.create_task(
             http.post("/v1/chat/completions", json=chat(LONG_TOKENS, stream=False))
@@ -112,9 +114,10 @@ async def drain_while_streaming(server_url: str, process: subprocess.Popen[bytes
 
         await asyncio.wait_for(asyncio.gather(*streams), 60)
         ended = await asyncio.wait_for(blocking, 60)
-    assert [assert_well_formed(log) for log in long] == ["error"] * 4
-    assert all(assert_well_formed(log) == "finished" for log in short)
-    # At least one short stream was still running at SIGTERM and was let finish.
+    assert [assert_well_formed(log) for log in long] == ["error", "error"]
+    for log in short:
+        assert_well_formed(log)
+    # At least one shorter stream was still running at SIGTERM and was let finish.
     assert any(log.finished_at is not None and log.finished_at > signalled for log in short)
     assert ended.status_code == 503
     assert ended.json()["error"]["type"] == "service_unavailable"
@@ -124,7 +127,7 @@ def wait_ready_seeing_loading(url: str, process: subprocess.Popen[bytes]) -> lis
     """Poll from the moment the port binds until /health is 200; returns what another route
     answered while /health said "loading"."""
     loading: list[httpx.Response] = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a crowded machine can take minutes to import torch
     while time.monotonic() < deadline and process.poll() is None:
         try:
             health = httpx.get(url + "/health", timeout=5)
@@ -142,7 +145,7 @@ def wait_ready_seeing_loading(url: str, process: subprocess.Popen[bytes]) -> lis
 
 def test_loading_then_serving_then_a_sigterm_drain(demo_model_dir: Path, tmp_path: Path) -> None:
     """The port answers 503 "loading" before the model is ready (and other routes 503 +
-    Retry-After); SIGTERM while 8 streams run lets the short ones finish, ends the rest with an
+    Retry-After); SIGTERM while 8 streams run lets those that can finish, ends the rest with an
     error event and `[DONE]`, refuses new requests meanwhile, and exits 0."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -1,13 +1,13 @@
 """Encoding a rendered chat so that text a client sent can never become a control token.
 
 A chat template renders one string in which its own markers (`[INST]`, `<|im_end|>`, ...) sit next
-to the clients' message text. Encoding that string with special tokens parsed would turn message
+to the clients' message text. Encoding that string with control tokens parsed would turn message
 text that spells a marker into the marker itself, letting a user fake a turn boundary. Tokenizers
 have no notion of "this stretch came from a variable", so this module recovers it: every string in
 the request that spells a control token is wrapped in unique markers, the template is rendered a
 second time, and the marker positions give the content spans of the real rendering. Each stretch
-of text between two of the template's own special tokens that overlaps a content span is then
-encoded with special tokens split (as plain text).
+of text between two of the template's own control tokens that overlaps a content span is then
+encoded with control tokens split (as plain text).
 
 Hand-written because neither transformers nor tokenizers offers span-aware encoding.
 """
@@ -53,11 +53,7 @@ class ContentEncoder:
         }
         self._control_ids = frozenset(control)
         self._control_texts = sorted(set(control.values()), key=len, reverse=True)
-        self._pattern = (
-            re.compile("|".join(map(re.escape, self._control_texts)))
-            if self._control_texts
-            else None
-        )
+        self._pattern = re.compile(_trie_pattern(self._control_texts)) if control else None
         self._splitting: FastTokenizer | None = None
         self._sentinel_id = -1
 
@@ -175,6 +171,28 @@ class ContentMarks:
         if opened is not None or "".join(pieces) != plain:
             raise ContentSpanError("the chat template changes message text")
         return spans
+
+
+def _trie_pattern(words: list[str]) -> str:
+    """A regex matching any of `words`, shaped as their prefix tree: a plain alternation of
+    hundreds of control tokens ("[control_8]", "[control_9]", ...) is tried branch by branch at
+    every "[" of a long message."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+    return _node_pattern(trie)
+
+
+def _node_pattern(node: dict[str, Any]) -> str:
+    ends_here = "" in node
+    branches = [re.escape(char) + _node_pattern(child) for char, child in node.items() if char]
+    if not branches:
+        return ""
+    alternation = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    return f"(?:{alternation})?" if ends_here else alternation
 
 
 def _overlaps(spans: list[Span], start: int, end: int) -> bool:

@@ -37,6 +37,7 @@ from winnow.server.protocol import (
     TokenizeResponse,
 )
 from winnow.server.request_id import RequestIdMiddleware
+from winnow.server.tokenizer_pool import with_tokenizer
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
@@ -92,7 +93,7 @@ def build_app(
         else:
             assert body.prompt is not None
             job = partial(text_prompt, text=body.prompt, add_special_tokens=body.add_special_tokens)
-        tokens = await ctx.tokenizers.run(job)
+        tokens = await with_tokenizer(engine.tokenizer, job)
         return TokenizeResponse(
             count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
         )
@@ -101,7 +102,7 @@ def build_app(
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.resolve_model(body.model)
         check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
-        text = await ctx.tokenizers.run(lambda tokenizer: tokenizer.decode(body.tokens))
+        text = await with_tokenizer(engine.tokenizer, lambda own: own.decode(body.tokens))
         return DetokenizeResponse(prompt=text)
 
     @app.get("/metrics")

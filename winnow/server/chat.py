@@ -38,6 +38,7 @@ from winnow.server.protocol import (
 )
 from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
+from winnow.server.tokenizer_pool import with_tokenizer
 from winnow.server.tool_calls import (
     ToolPlan,
     event_delta,
@@ -66,7 +67,8 @@ async def create_chat_completion(
             top_logprobs=body.top_logprobs or 0,
             defaults=ctx.engine.sampling_defaults,
         )
-    prompt = await ctx.tokenizers.run(
+    prompt = await with_tokenizer(
+        ctx.engine.tokenizer,
         partial(
             chat_prompt,
             messages=body.messages,
@@ -75,7 +77,7 @@ async def create_chat_completion(
             tools=body.tools,
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
-        )
+        ),
     )
     if tools.grammar is not None:  # forced tool calls win over response_format
         grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from fastapi import Request, Response
 
 from winnow.engine.outputs import PositionLogprobs, RequestOutput
+from winnow.models import Tokenizer
 from winnow.server.context import SYSTEM_FINGERPRINT, ServerContext, engine_request_id, request_id
 from winnow.server.errors import ApiError, client_errors
 from winnow.server.generation import Generation, ResponseMeta, collect, finite_logprob, usage
@@ -23,13 +25,14 @@ from winnow.server.protocol import (
 )
 from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
+from winnow.server.tokenizer_pool import with_tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 # Engine-side names -> this endpoint's fields.
 _RENAMES = {"top_logprobs": "logprobs", "messages": "prompt"}
 
 if TYPE_CHECKING:
-    from winnow.engine.async_engine import AsyncEngine
+    pass
 
 
 def check_supported(request: CompletionRequest) -> None:
@@ -42,11 +45,15 @@ def check_supported(request: CompletionRequest) -> None:
 
 
 def prompt_batch(
-    engine: AsyncEngine, prompt: str | list[str] | list[int] | list[list[int]]
+    tokenizer: Tokenizer,
+    *,
+    prompt: str | list[str] | list[int] | list[list[int]],
+    vocab_size: int,
 ) -> list[list[int]]:
-    """The request's prompts as token ids: one text or token-id list, or a list of either."""
+    """The request's prompts as token ids: one text or token-id list, or a list of either.
+    Tokenises, so it runs on a tokenizer worker thread (`with_tokenizer`)."""
     if isinstance(prompt, str):
-        return [text_prompt(engine.tokenizer, prompt)]
+        return [text_prompt(tokenizer, prompt)]
     if not prompt:
         raise ApiError(400, "prompt must not be an empty list", param="prompt")
     if all(isinstance(item, int) for item in prompt):
@@ -54,11 +61,11 @@ def prompt_batch(
     batch: list[list[int]] = []
     for index, item in enumerate(cast("list[str | list[int]]", prompt)):
         if isinstance(item, str):
-            batch.append(text_prompt(engine.tokenizer, item))
+            batch.append(text_prompt(tokenizer, item))
             continue
         if not item:
             raise ApiError(400, f"prompt {index} has no tokens", param="prompt")
-        check_token_ids(item, engine.vocab_size, "prompt")
+        check_token_ids(item, vocab_size, "prompt")
         batch.append(list(item))
     return batch
 
@@ -77,7 +84,8 @@ async def create_completion(
             top_logprobs=body.logprobs or 0,
             defaults=ctx.engine.sampling_defaults,
         )
-    prompts = prompt_batch(ctx.engine, body.prompt)
+    job = partial(prompt_batch, prompt=body.prompt, vocab_size=ctx.engine.vocab_size)
+    prompts = await with_tokenizer(ctx.engine.tokenizer, job)
     if len(prompts) * params.n > ctx.engine.admission_capacity:
         raise ApiError(
             400,

@@ -14,7 +14,6 @@ from winnow import __version__
 from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
 from winnow.server.metrics import ServerMetrics
-from winnow.server.tokenizer_pool import TokenizerPool
 from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
 
 if TYPE_CHECKING:
@@ -30,11 +29,9 @@ class ServerContext:
     keepalive_s: float
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
-    tokenizers: TokenizerPool = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.engine, self.served_names[0])
-        self.tokenizers = TokenizerPool(self.engine)
 
     @functools.cached_property
     def tool_format(self) -> ToolFormat:

@@ -48,7 +48,8 @@ CROSS_FIELD_RULES = {
     "messages carry tool_calls, content is required unless an assistant message has tool calls); "
     "the prompt plus max_tokens must fit the context (code context_length_exceeded)",
     "prompt": "the prompt plus max_tokens must fit the context (code context_length_exceeded); "
-    "one prompt per request; /tokenize takes exactly one of prompt and messages",
+    "prompts x n must fit what the server admits; /tokenize takes exactly one of prompt and "
+    "messages",
     "min_tokens": "at most max_tokens, and at most what fits in the context after the prompt",
     "seed": "a list of seeds has exactly n entries",
     "best_of": "equal to n when given",
@@ -56,9 +57,10 @@ CROSS_FIELD_RULES = {
     "stream_options": "only with stream true",
     "logit_bias": "token ids below the vocabulary size",
     "tools": "function names unique; parameters a valid JSON Schema",
-    "tool_choice": "a named function must be in tools; 'required' and named functions are not "
-    "served yet",
-    "response_format": "json_object and json_schema are not served yet",
+    "tool_choice": "a named function must be in tools; 'required' and a named function need "
+    "tools; 'auto' needs auto tool choice enabled on the server",
+    "response_format": "a JSON schema the grammar cannot enforce (invalid, an unsupported "
+    "keyword, too deep or too large) is refused",
     "chat_template_kwargs": "may not replace the chat template itself",
     "echo": "not served yet",
     "suffix": "not served by this model",

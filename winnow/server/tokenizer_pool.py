@@ -2,39 +2,42 @@
 
 Rendering a long chat and encoding tens of thousands of tokens takes long enough to stall every
 open stream if it runs on the event loop. Fast tokenizers are not re-entrant, so each worker
-thread works on its own copy of the model's tokenizer, made the first time the thread needs it.
+thread works on its own copy of a tokenizer, made the first time the thread needs it and kept
+for as long as the original lives. The pool is shared by every app in the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from winnow.models import Tokenizer
-
-if TYPE_CHECKING:
-    from winnow.engine.async_engine import AsyncEngine
 
 T = TypeVar("T")
 
 TOKENIZER_THREADS = 2
 
+_executor = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="winnow-tokenizer")
+_copies = threading.local()  # per thread: WeakKeyDictionary[original Tokenizer, its copy]
 
-class TokenizerPool:
-    def __init__(self, engine: AsyncEngine, threads: int = TOKENIZER_THREADS) -> None:
-        self._engine = engine
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="winnow-tokenizer")
-        self._local = threading.local()
 
-    async def run(self, job: Callable[[Tokenizer], T]) -> T:
-        """`job(tokenizer)` on a worker thread, with that thread's own tokenizer."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, job)
+async def with_tokenizer(tokenizer: Tokenizer, job: Callable[[Tokenizer], T]) -> T:
+    """`job(copy)` on a worker thread, where `copy` is that thread's own copy of `tokenizer`."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor, _run, tokenizer, job)
 
-    def _call(self, job: Callable[[Tokenizer], T]) -> T:
-        tokenizer: Tokenizer | None = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = self._engine.tokenizer.copy()
-        return job(tokenizer)
+
+def _run(tokenizer: Tokenizer, job: Callable[[Tokenizer], T]) -> T:
+    copies: weakref.WeakKeyDictionary[Tokenizer, Tokenizer] | None = getattr(
+        _copies, "by_original", None
+    )
+    if copies is None:
+        copies = _copies.by_original = weakref.WeakKeyDictionary()
+    own = copies.get(tokenizer)
+    if own is None:
+        own = copies[tokenizer] = tokenizer.copy()
+    return job(own)
