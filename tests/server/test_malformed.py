@@ -216,11 +216,13 @@ CASES = [
         ],
     ),
     bad("tool-choice-unknown-string", "tool_choice", tool_choice="sometimes"),
-    bad("response-format-json-object", "response_format", response_format={"type": "json_object"}),
     bad(
-        "response-format-json-schema",
+        "response-format-schema-unenforceable",
         "response_format",
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+        },
     ),
     bad("response-format-unknown", "response_format.type", response_format={"type": "xml"}),
     bad(

@@ -15,6 +15,8 @@ from winnow.engine.engine import EngineStats, LLMEngine
 from winnow.engine.outputs import RequestOutput
 from winnow.engine.request import EngineDeadError, EngineOverloaded, GenerationRequest
 from winnow.models import Tokenizer, load_model
+from winnow.structured.backend import CompiledGrammar
+from winnow.structured.spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +128,18 @@ class AsyncEngine:
         """Counts as of the end of the last engine step."""
         return self._stats
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError."""
+    def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a grammar for this model (GrammarError if it cannot be enforced). Blocking
+        and thread-safe: call it in a worker thread, then pass the result to `submit`."""
+        return self.engine.compile_grammar(spec)
+
+    def submit(
+        self, request: GenerationRequest, grammar: CompiledGrammar | None = None
+    ) -> RequestStream:
+        """Admit a request or raise RequestRejected / EngineOverloaded / EngineDeadError.
+
+        `grammar`: `request.grammar` compiled by `compile_grammar`, so that the engine thread
+        never compiles."""
         if self._dead_error is not None or not self.is_ready:
             raise EngineDeadError("the engine is not running")
         self.engine.validate(request)
@@ -136,7 +148,7 @@ class AsyncEngine:
             raise EngineOverloaded("the admission queue is full")
         stream = RequestStream(request.request_id, request.params.n)
         self._streams[request.request_id] = stream
-        self._commands.put(("add", request))
+        self._commands.put(("add", (request, grammar)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -182,11 +194,12 @@ class AsyncEngine:
             return
         while True:
             if command == "add":
-                assert isinstance(payload, GenerationRequest)
+                assert isinstance(payload, tuple)
+                request, grammar = payload
                 try:
-                    self.engine.add_request(payload)
+                    self.engine.add_request(request, grammar)
                 except Exception as exc:
-                    self._deliver_request_error(payload.request_id, exc)
+                    self._deliver_request_error(request.request_id, exc)
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)

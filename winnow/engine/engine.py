@@ -243,14 +243,14 @@ class LLMEngine:
             for seq in sampling:
                 if not seq.has_sampler_row:
                     self._add_sampler_row(seq)
-            bitmasks = self._grammar_bitmasks(sampling)
             logits = self.runner.execute(plan.scheduled)
+            # after the forward is queued: on an accelerator the masks are filled meanwhile
+            bitmasks = self._grammar_bitmasks(sampling)
             for item in plan.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 self._register_full_blocks(item.seq)
             if sampling:
-                keys = [seq.seq_id for seq in sampling]
-                result = self.sampler.sample(logits, keys, bitmasks)
+                result = self.sampler.sample(logits, [seq.seq_id for seq in sampling], bitmasks)
                 self._append_tokens(sampling, result, pending)
         return self._collect(pending)
 
@@ -306,7 +306,9 @@ class LLMEngine:
             params = seq.request.request.params
             seq.output_token_ids.append(token_id)
             if seq.matcher is not None and not seq.matcher.consume(token_id):
-                logger.error("sequence %d: token %d breaks its grammar", seq.seq_id, token_id)
+                logger.error(
+                    "sequence %d: token %d breaks its grammar; ending it", seq.seq_id, token_id
+                )
             delta = pending.setdefault(seq, PendingDelta())
             delta.token_ids.append(token_id)
             if params.logprobs and logprobs is not None:

@@ -40,9 +40,8 @@ class Sequence:
     num_cached_prompt_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     has_sampler_row: bool = False
-    matcher: GrammarMatcher | None = (
-        None  # while it has a sampler row, if the request has a grammar
-    )
+    # the grammar's matcher, while the sequence has a sampler row (rebuilt after preemption)
+    matcher: GrammarMatcher | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 

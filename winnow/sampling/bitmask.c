@@ -17,7 +17,6 @@ static inline void mask_span(float *z, uint32_t bits, int64_t count) {
 void winnow_apply_bitmask(float *logits, int64_t logits_stride, const int32_t *masks,
                           int64_t mask_stride, const int64_t *rows, int64_t nrows, int64_t vocab) {
     int64_t full_words = vocab / 32, tail = vocab % 32;
-#pragma omp parallel for schedule(static) if (nrows * vocab >= (1 << 20))
     for (int64_t r = 0; r < nrows; r++) {
         float *z = logits + rows[r] * logits_stride;
         const uint32_t *m = (const uint32_t *)(masks + r * mask_stride);

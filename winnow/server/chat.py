@@ -8,7 +8,7 @@ from fastapi import Request, Response
 
 from winnow.engine.outputs import ChoiceDelta, PositionLogprobs, RequestOutput
 from winnow.server.context import SYSTEM_FINGERPRINT, ServerContext, engine_request_id, request_id
-from winnow.server.errors import ApiError, client_errors
+from winnow.server.errors import client_errors
 from winnow.server.generation import (
     ChoiceResult,
     Generation,
@@ -35,6 +35,7 @@ from winnow.server.protocol import (
     TopLogprob,
     Usage,
 )
+from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
 from winnow.server.tool_calls import (
     ToolPlan,
@@ -46,20 +47,9 @@ from winnow.server.tool_calls import (
 from winnow.structured.tool_parser import CallOpened, ToolCallParser
 
 
-def check_supported(request: ChatCompletionRequest) -> None:
-    """Features that are valid OpenAI but not served (yet)."""
-    if request.response_format is not None and request.response_format.type != "text":
-        raise ApiError(
-            400,
-            f"response_format '{request.response_format.type}' is not supported yet",
-            param="response_format",
-        )
-
-
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, ctx: ServerContext
 ) -> Response:
-    check_supported(body)
     tools = plan_tools(body, ctx.tool_format, auto_enabled=ctx.config.enable_auto_tool_choice)
     include_usage = usage_chunk_wanted(body)
     model = ctx.resolve_model(body.model)
@@ -82,6 +72,11 @@ async def create_chat_completion(
         tools=body.tools,
         template_kwargs=body.chat_template_kwargs,
     )
+    # a forced tool call's grammar wins over response_format: the reply is the call
+    if tools.grammar is not None:
+        grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")
+    else:
+        grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):
         generation = Generation(
@@ -90,7 +85,7 @@ async def create_chat_completion(
             prompt,
             params,
             metrics=ctx.metrics,
-            grammar=tools.grammar,
+            grammar=grammar,
         )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:

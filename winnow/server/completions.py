@@ -20,6 +20,7 @@ from winnow.server.protocol import (
     CompletionRequest,
     Usage,
 )
+from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -68,6 +69,7 @@ async def create_completion(
             top_logprobs=body.logprobs or 0,
         )
     prompt = prompt_ids(ctx.engine, body.prompt)
+    grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
     public_id = f"cmpl-{request_id(request)}"
     with client_errors(_RENAMES):
         generation = Generation(
@@ -77,6 +79,7 @@ async def create_completion(
             params,
             metrics=ctx.metrics,
             text_continues_prompt=True,
+            grammar=grammar,
         )
     meta = ResponseMeta.of(public_id, model, body.seed)
     if body.stream:

@@ -21,6 +21,7 @@ from winnow.sampling.params import SamplingParams
 from winnow.server.errors import ClientDisconnected
 from winnow.server.metrics import ServerMetrics
 from winnow.server.protocol import PromptTokensDetails, Usage
+from winnow.structured.backend import CompiledGrammar
 from winnow.structured.spec import GrammarSpec
 
 if TYPE_CHECKING:
@@ -44,8 +45,9 @@ class Generation:
         *,
         metrics: ServerMetrics,
         text_continues_prompt: bool = False,
-        grammar: GrammarSpec | None = None,
+        grammar: tuple[GrammarSpec, CompiledGrammar] | None = None,
     ) -> None:
+        """`grammar`: the request's constraint and its compiled form (see response_format)."""
         self._engine = engine
         self._metrics = metrics
         request = GenerationRequest(
@@ -53,9 +55,11 @@ class Generation:
             prompt,
             params,
             text_continues_prompt=text_continues_prompt,
-            grammar=grammar,
+            grammar=grammar[0] if grammar is not None else None,
         )
-        self._stream: RequestStream = engine.submit(request)
+        self._stream: RequestStream = engine.submit(
+            request, grammar[1] if grammar is not None else None
+        )
         self._started = time.monotonic()
         self._seen_token = False
         self.finished = False

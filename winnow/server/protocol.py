@@ -126,9 +126,27 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`. The schema itself is checked when it is compiled
+    (`winnow.server.response_format`), so every problem with it names response_format."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, validation_alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "json_schema_missing", "json_schema is required when type is 'json_schema'"
+            )
+        return self
 
 
 class StreamOptions(_Request):
@@ -212,6 +230,7 @@ class CompletionRequest(GenerationFields):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Request):
