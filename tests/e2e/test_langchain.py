@@ -32,7 +32,8 @@ NEEDS_TRAINED_MODEL = {
 @pytest.fixture(autouse=True)
 def winnow_endpoint(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every ChatOpenAI the suite builds (some build their own) talks to the test server."""
-    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url + "/v1")
+    monkeypatch.setenv("OPENAI_API_BASE", server.base_url + "/v1")  # ChatOpenAI's variable
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url + "/v1")  # the SDK's
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     yield
 
