@@ -33,10 +33,14 @@ WEATHER = FunctionSpec(
     },
 )
 CLOCK = FunctionSpec("get_time")  # no parameters: takes an empty object
-FUNCTIONS = [WEATHER, CLOCK]
+# additionalProperties left out: only the declared parameters are admitted all the same
+CALENDAR_PARAMETERS = {"type": "object", "properties": {"day": {"type": "integer"}}}
+CALENDAR = FunctionSpec("get_date", CALENDAR_PARAMETERS)
+FUNCTIONS = [WEATHER, CLOCK, CALENDAR]
 SCHEMAS = {
     "get_weather": WEATHER.parameters,
     "get_time": {"type": "object", "additionalProperties": False},
+    "get_date": {**CALENDAR_PARAMETERS, "additionalProperties": False},
 }
 
 
@@ -110,6 +114,7 @@ def test_each_format_accepts_its_own_calls(
         pytest.param([("get_weather", WEATHER_ARGS[:-1] + ', "x": 1}')], id="additionalProperties"),
         pytest.param([("get_weather", '{"city": "Oslo",  "unit": "celsius"}')], id="padding"),
         pytest.param([("get_time", '{"a": 1}')], id="arguments-to-a-parameterless-function"),
+        pytest.param([("get_date", '{"day": 1, "x": 2}')], id="undeclared-parameter"),
     ],
 )
 def test_invalid_calls_are_refused(

@@ -79,7 +79,8 @@ async def create_chat_completion(
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
         ),
     )
-    if tools.grammar is not None:  # forced tool calls win over response_format
+    # a forced tool call's grammar wins over response_format: the reply is the call
+    if tools.grammar is not None:
         grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")
     else:
         grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
@@ -162,7 +163,9 @@ class ChatChunkBuilder:
     """Per choice: a role chunk first, then content (or tool-call) chunks, then `delta: {}` with
     the finish_reason; after every choice finished, the usage chunk if asked for."""
 
-    def __init__(self, meta: ResponseMeta, include_usage: bool, tools: ToolPlan) -> None:
+    def __init__(
+        self, meta: ResponseMeta, include_usage: bool, tools: ToolPlan | None = None
+    ) -> None:
         self._meta = meta
         self._include_usage = include_usage
         self._tools = tools
@@ -172,7 +175,7 @@ class ChatChunkBuilder:
 
     def chunks(self, output: RequestOutput) -> Iterator[ChatCompletionChunk]:
         for delta in output.choices:
-            parse = self._tools.parse
+            parse = self._tools is not None and self._tools.parse
             for choice in self._tool_choices(delta) if parse else self._text_choices(delta):
                 yield self._chunk(output, [choice])
 
@@ -200,6 +203,7 @@ class ChatChunkBuilder:
         index = delta.index
         parser = self._parsers.get(index)
         if parser is None:
+            assert self._tools is not None
             parser = self._parsers[index] = ToolCallParser(self._tools.fmt, self._tools.max_calls)
         held = self._held_logprobs.setdefault(index, [])
         held.extend(delta.logprobs or ())

@@ -3,7 +3,9 @@ model's own format, each call's arguments held to its function's JSON schema.
 
 The grammar is llguidance's Lark dialect: `%json {schema}` embeds a schema. Whitespace inside the
 arguments is fixed to `, ` and `: ` (what the formats' own examples use), so a model cannot pad
-them with spaces until max_tokens.
+them with spaces until max_tokens. The arguments object admits only the declared parameters unless
+the schema says `additionalProperties` itself (as OpenAI's strict mode does): a function takes the
+parameters it declares, and a small model otherwise invents keys.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ def forced_call_grammar(
     rules = ["call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
     for i, function in enumerate(functions):
         head = f'{{"name": {json.dumps(function.name)}, "{fmt.arguments_key}": '
-        schema = {**(function.parameters or NO_PARAMETERS), "x-guidance": JSON_LAYOUT}
+        schema = {**_closed(function.parameters or NO_PARAMETERS), "x-guidance": JSON_LAYOUT}
         rules.append(f"call_{i}: {_literal(head)} arguments_{i} {_literal('}')}")
         rules.append(f"arguments_{i}: %json {json.dumps(schema)}")
     return GrammarSpec(kind="lark", source="\n".join([_start_rule(fmt, parallel), *rules]) + "\n")
+
+
+def _closed(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    if "properties" in schema and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
 
 
 def _start_rule(fmt: ToolFormat, parallel: bool) -> str:
