@@ -10,6 +10,11 @@ workload to each. All servers stay up and the runs alternate between them, so a 
 affects each alike. Prints output tok/s at the given concurrency, TTFT and TPOT, single-stream
 tok/s and decode tok/s, ratios, and single-stream decode as a fraction of the memory-bandwidth
 roofline. Servers whose binary is not given are skipped.
+
+`--baseline-source DIR` adds a second Winnow, run from another checkout (`git worktree add DIR
+REV`), to compare two revisions of Winnow on the same machine in the same run:
+
+    .venv/bin/python bench/compare_servers.py --servers none --baseline-source ../old --runs 5
 """
 
 from __future__ import annotations
@@ -186,6 +191,11 @@ def main() -> None:
         default="llama.cpp,transformers",
         help="peers to run beside winnow (comma-separated: llama.cpp, transformers)",
     )
+    parser.add_argument(
+        "--baseline-source",
+        type=Path,
+        help="a checkout of another Winnow revision, served beside this one as 'winnow@base'",
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
@@ -204,11 +214,18 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     servers = []
 
-    url = f"http://127.0.0.1:{free_port()}"
-    command = [str(bin_dir / "winnow"), "serve", str(model_dir), "--port", url.rsplit(":", 1)[1]]
-    command += ["--served-model-name", "bench", "--max-num-seqs", str(args.concurrency)]
-    command += ["--kv-cache-dtype", args.kv_cache_dtype]
-    servers.append(Server("winnow", [*command, "--log-level", "warning"], url, "bench"))
+    def winnow_server(name: str, launcher: list[str]) -> Server:
+        url = f"http://127.0.0.1:{free_port()}"
+        command = [*launcher, "serve", str(model_dir), "--port", url.rsplit(":", 1)[1]]
+        command += ["--served-model-name", "bench", "--max-num-seqs", str(args.concurrency)]
+        command += ["--kv-cache-dtype", args.kv_cache_dtype, "--log-level", "warning"]
+        return Server(name, command, url, "bench")
+
+    servers.append(winnow_server("winnow", [str(bin_dir / "winnow")]))
+    if args.baseline_source:
+        source = f"PYTHONPATH={args.baseline_source.resolve()}"
+        launcher = ["env", source, sys.executable, "-m", "winnow"]
+        servers.append(winnow_server("winnow@base", launcher))
 
     peers = set(args.servers.split(","))
     if "llama.cpp" in peers and args.llama_server and args.convert_script:

@@ -1,4 +1,4 @@
-"""A real `winnow serve` process on a free loopback port, serving the demo model."""
+"""Real `winnow serve` processes on free loopback ports: the demo model, and the default model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from tests.conftest import USER_CACHE_ROOT
 from winnow.benchmark.process import free_port, wait_healthy
+from winnow.models.default_model import DEFAULT_MODEL
 
 STARTUP_TIMEOUT_S = 120
 
@@ -37,26 +39,23 @@ class ServerProcess:
 
 
 def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> ServerProcess:
+    return launch(["serve", str(model_dir), "--served-model-name", "demo", *extra_args], log_path)
+
+
+def launch(
+    serve_args: list[str], log_path: Path, model: str = "demo", env: dict[str, str] | None = None
+) -> ServerProcess:
+    """`python -m winnow SERVE_ARGS --port FREE`, waited for until healthy."""
     port = free_port()
+    command = [sys.executable, "-m", "winnow", *serve_args, "--port", str(port)]
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "winnow",
-                "serve",
-                str(model_dir),
-                "--port",
-                str(port),
-                "--served-model-name",
-                "demo",
-                *extra_args,
-            ],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", "demo", process, log_path)
+    server = ServerProcess(f"http://127.0.0.1:{port}", model, process, log_path)
     try:
         wait_healthy(server.base_url, process, timeout_s=STARTUP_TIMEOUT_S)
     except RuntimeError as exc:
@@ -79,5 +78,20 @@ def server(
 ) -> Iterator[ServerProcess]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     proc = start_server(demo_model_dir, log_path, "--max-num-seqs", "16")
+    yield proc
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """`winnow serve` with no model, as a user starts it: the default SmolLM2-135M-Instruct, from
+    the user's cache where the `smollm2_dir` fixture converted it."""
+    log_path = tmp_path_factory.mktemp("real-model") / "server.log"
+    serve_args = ["serve", "--max-model-len", "1024", "--max-num-seqs", "8"]
+    serve_args += ["--kv-cache-memory", "0.25"]
+    env = {"WINNOW_CACHE_DIR": str(USER_CACHE_ROOT)}
+    proc = launch(serve_args, log_path, DEFAULT_MODEL, env)
     yield proc
     stop_server(proc)

@@ -6,10 +6,6 @@ WINNOW_CACHE_DIR pointing at the user's cache where the `smollm2_dir` fixture co
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import USER_CACHE_ROOT
-from tests.e2e.conftest import STARTUP_TIMEOUT_S, ServerProcess, stop_server
-from winnow.benchmark.process import free_port, wait_healthy
+from tests.e2e.conftest import ServerProcess
 from winnow.models.default_model import DEFAULT_MODEL
 from winnow.sampling.token_bytes import build_token_bytes
 
@@ -41,22 +35,8 @@ POEM = [{"role": "user", "content": "Write a one-line poem about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("real-model") / "server.log"
-    command = [sys.executable, "-m", "winnow", "serve", "--port", str(port)]
-    command += ["--max-model-len", "1024", "--max-num-seqs", "8", "--kv-cache-memory", "0.25"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WINNOW_CACHE_DIR": str(USER_CACHE_ROOT)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    proc = ServerProcess(f"http://127.0.0.1:{port}", DEFAULT_MODEL, process, log_path)
-    try:
-        wait_healthy(proc.base_url, process, timeout_s=STARTUP_TIMEOUT_S)
-    except RuntimeError as exc:
-        process.kill()
-        raise RuntimeError(f"{exc}:\n{proc.log()}") from exc
-    yield proc
-    stop_server(proc)
+def server(smollm2_server: ServerProcess) -> ServerProcess:
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

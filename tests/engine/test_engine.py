@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engine.helpers import run_all
 from winnow.config import EngineConfig
 from winnow.engine.engine import LLMEngine
 from winnow.engine.request import GenerationRequest, RequestRejected
@@ -38,17 +39,6 @@ def workload(count: int = 8) -> list[GenerationRequest]:
         )
         for i in range(count)
     ]
-
-
-def run_all(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for request in requests:
-        engine.add_request(request)
-    while engine.has_work:
-        for output in engine.step():
-            for choice in output.choices:
-                tokens[output.request_id].extend(choice.token_ids)
-    return tokens
 
 
 @pytest.fixture(scope="module")

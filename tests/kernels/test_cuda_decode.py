@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engine.helpers import run_all
 from winnow.config import EngineConfig
 from winnow.engine.engine import LLMEngine
 from winnow.engine.request import GenerationRequest
@@ -14,17 +15,6 @@ from winnow.models import load_model
 from winnow.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def run_all(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for request in requests:
-        engine.add_request(request)
-    while engine.has_work:
-        for output in engine.step():
-            for choice in output.choices:
-                tokens[output.request_id].extend(choice.token_ids)
-    return tokens
 
 
 def test_cuda_graphs_give_the_eager_tokens(demo_model_dir: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engine.helpers import run_all
 from winnow.config import EngineConfig
 from winnow.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
 from winnow.engine.engine import LLMEngine
@@ -36,17 +37,6 @@ def test_batch_size_ladder_and_buckets() -> None:
     assert buckets == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 20, 20: 20}
     with pytest.raises(ValueError, match="exceeds"):
         graphs.bucket(21)
-
-
-def run_all(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for request in requests:
-        engine.add_request(request)
-    while engine.has_work:
-        for output in engine.step():
-            for choice in output.choices:
-                tokens[output.request_id].extend(choice.token_ids)
-    return tokens
 
 
 def test_graph_path_gives_the_plain_paths_tokens(loaded: LoadedModel) -> None:

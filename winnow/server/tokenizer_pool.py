@@ -9,6 +9,8 @@ for as long as the original lives. The pool is shared by every app in the proces
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,8 +22,22 @@ from winnow.models import Tokenizer
 T = TypeVar("T")
 
 TOKENIZER_THREADS = 2
+# Scheduler niceness of the worker threads: on a host with few cores a long prompt's encoding
+# competes with the engine's decode threads for CPU; the running streams win.
+WORKER_NICENESS = 10
 
-_executor = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="winnow-tokenizer")
+
+def _start_worker() -> None:
+    # tokenizers encodes on its own thread pool (rayon) unless told not to; without it the work
+    # runs on this thread, which releases the GIL all the same and carries the niceness below.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.platform == "linux":  # elsewhere setpriority would renice the whole process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+
+
+_executor = ThreadPoolExecutor(
+    TOKENIZER_THREADS, thread_name_prefix="winnow-tokenizer", initializer=_start_worker
+)
 _copies = threading.local()  # per thread: WeakKeyDictionary[original Tokenizer, its copy]
 
 
