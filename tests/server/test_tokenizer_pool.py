@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from winnow.models import Tokenizer
-from winnow.server.tokenizer_pool import WORKER_NICENESS, with_tokenizer
+from winnow.server.tokenizer_pool import MAX_NICENESS, WORKER_NICENESS, with_tokenizer
 
 pytestmark = pytest.mark.anyio
 
@@ -41,5 +41,5 @@ async def test_workers_yield_the_cpu_to_the_engine(tokenizer: Tokenizer) -> None
     def niceness(_: Tokenizer) -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    assert await with_tokenizer(tokenizer, niceness) == min(ours + WORKER_NICENESS, 19)
+    assert await with_tokenizer(tokenizer, niceness) == min(ours + WORKER_NICENESS, MAX_NICENESS)
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"

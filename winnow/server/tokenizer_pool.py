@@ -22,9 +22,10 @@ from winnow.models import Tokenizer
 T = TypeVar("T")
 
 TOKENIZER_THREADS = 2
-# Scheduler niceness of the worker threads: on a host with few cores a long prompt's encoding
-# competes with the engine's decode threads for CPU; the running streams win.
+# Niceness the worker threads add to the process's: on a host with few cores a long prompt's
+# encoding competes with the engine's decode threads for CPU; the running streams win.
 WORKER_NICENESS = 10
+MAX_NICENESS = 19
 
 
 def _start_worker() -> None:
@@ -32,7 +33,9 @@ def _start_worker() -> None:
     # runs on this thread, which releases the GIL all the same and carries the niceness below.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if sys.platform == "linux":  # elsewhere setpriority would renice the whole process
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+        thread = threading.get_native_id()
+        niceness = os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS
+        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, MAX_NICENESS))
 
 
 _executor = ThreadPoolExecutor(
