@@ -97,3 +97,21 @@ async def test_keepalive_does_not_cancel_the_pending_item() -> None:
 
     items = [item async for item in with_keepalive(slow(), 0.05)]
     assert items[-2:] == [1, 2] and items[:-2] and set(items[:-2]) == {None}
+
+
+# Every character str.splitlines() breaks at: \n and \r JSON escapes, the rest it may not.
+SPLITLINES_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+async def test_every_event_is_one_line_for_line_splitting_clients() -> None:
+    """Model text holding any character that str.splitlines() breaks at (httpx's iter_lines,
+    many hand-written SSE readers) still arrives as one `data:` line per event, and the text
+    decodes back exactly."""
+    text = "a" + "b".join(SPLITLINES_BREAKS) + "c"
+    raw = await collect_body(ScriptedGeneration(output(text, finished=True)))
+    lines = [line for line in raw.decode().splitlines() if line]  # what httpx's iter_lines does
+    assert all(line.startswith("data: ") for line in lines), lines
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == text
+    assert lines[-1] == "data: [DONE]"

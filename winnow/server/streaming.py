@@ -29,6 +29,13 @@ MEDIA_TYPE = "text/event-stream"
 
 T = TypeVar("T")
 
+# Characters that JSON leaves raw inside strings but that str.splitlines() (and so httpx's
+# iter_lines, and many hand-written SSE readers) takes for line breaks: written as \u escapes,
+# every event stays one line for every client. JSON escapes all other control characters itself.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans(
+    {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
 
 class ChunkBuilder(Protocol):
     """Turns engine deltas into the response's chunk objects (chat or text completion)."""
@@ -50,12 +57,12 @@ def usage_chunk_wanted(request: GenerationFields) -> bool:
 
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
-    """One data event; JSON escapes newlines inside strings, so the payload is one line."""
+    """One data event on one line, whatever the client counts as a line break."""
     if isinstance(payload, BaseModel):
         text = payload.model_dump_json()
     else:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return b"data: " + text.encode() + b"\n\n"
+    return b"data: " + text.translate(_LINE_BREAKS_JSON_KEEPS).encode() + b"\n\n"
 
 
 async def with_keepalive(source: AsyncIterator[T], interval_s: float) -> AsyncIterator[T | None]:
