@@ -63,7 +63,10 @@ def stream_problem(events: list[str], n: int) -> str | None:
         return f"not ended by one [DONE]: {events[-2:]}"
     finished = set()
     for event in events[:-1]:
-        chunk = json.loads(event)
+        try:
+            chunk = json.loads(event)
+        except json.JSONDecodeError:
+            return f"not one JSON event per line: {event[:200]!r}"
         if "error" in chunk:
             return f"error event: {event}"
         for choice in chunk["choices"]:
