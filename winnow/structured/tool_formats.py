@@ -17,7 +17,7 @@ import secrets
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -72,7 +72,8 @@ class ToolFormat:
         return self.separator.join(objects)
 
 
-TOOL_FORMAT_NAMES = ("hermes", "llama3_json", "mistral")
+ToolFormatName = Literal["hermes", "llama3_json", "mistral"]
+TOOL_FORMAT_NAMES: tuple[ToolFormatName, ...] = get_args(ToolFormatName)
 DEFAULT_TOOL_FORMAT = "hermes"
 
 

@@ -1,0 +1,39 @@
+"""What one request may ask for: the API's bounds, in one place.
+
+The request models (`winnow.server.protocol`, which /openapi.json shows), `SamplingParams` (which
+checks them again for callers that skip the HTTP layer), the command line and the docs
+(docs/errors-and-limits.md, docs/sampling.md) all take these numbers from here. The defaults of
+sampling fields a request leaves out live on `SamplingParams` alone; the limits that depend on the
+model served (context length, vocabulary, `--max-n`) are checked by the engine at admission.
+It imports nothing from Winnow, so every room may import it.
+"""
+
+from __future__ import annotations
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+TEMPERATURE_MAX = 2.0
+PENALTY_MAX = 2.0  # frequency_penalty and presence_penalty lie in [-PENALTY_MAX, PENALTY_MAX]
+LOGIT_BIAS_LIMIT = 100.0  # each bias lies in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound; --max-logprobs may only lower it
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+MAX_TOOLS = 128
+MAX_MESSAGES = 4096
+
+# The logprob reported for a token the sampler ruled out (-inf is not JSON), as OpenAI reports it.
+LOGPROB_FLOOR = -9999.0
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served as asked: answered with a 400 whose body names `param`
+    (the request field at fault) and `code` (a machine-readable reason, or None)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
