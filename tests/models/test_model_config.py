@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -22,7 +19,7 @@ def test_llama_fields() -> None:
     assert config.architecture == "llama"
     assert (config.hidden_size, config.num_layers, config.num_heads) == (64, 3, 4)
     assert (config.num_kv_heads, config.head_dim, config.intermediate_size) == (2, 16, 96)
-    assert config.vocab_size == 500 and config.eos_token_ids == [2]
+    assert config.vocab_size == 500
     assert not (config.qkv_bias or config.o_bias or config.qk_norm or config.tie_word_embeddings)
     assert config.rope_type == "default" and config.rope_theta == 10000.0
     assert config.sliding_window is None
@@ -46,13 +43,6 @@ def test_mistral_sliding_window() -> None:
     assert config.architecture == "mistral" and config.sliding_window == 128
     hf_full = transformers.MistralConfig(**SMALL, sliding_window=None)
     assert ModelConfig.from_hf_config(hf_full).sliding_window is None
-
-
-def test_eos_ids_merge_config_and_generation_config(tmp_path: Path) -> None:
-    transformers.LlamaConfig(**SMALL, eos_token_id=[7, 8]).save_pretrained(str(tmp_path))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [8, 9]}))
-    config = ModelConfig.from_pretrained(tmp_path)
-    assert config.eos_token_ids == [7, 8, 9]
 
 
 def test_llama3_rope_scaling_matches_transformers() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.sampling.reference_sampler import reference_sample
-from winnow.sampling.logprob_ops import LOGPROB_FLOOR
+from winnow.limits import LOGPROB_FLOOR
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.sampler import Sampler
 

@@ -14,9 +14,13 @@ import httpx
 import pytest
 
 from tests.server.conftest import MAX_MODEL_LEN, MODEL, USER, AppFactory, asgi_client, chat_body
-from winnow.sampling.params import MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_STRING_CHARS, MAX_STOP_TOKEN_IDS
+from winnow.limits import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_MESSAGES,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_TOKEN_IDS,
+)
 from winnow.server.json_body import MAX_JSON_DEPTH
-from winnow.server.protocol import MAX_MESSAGES
 
 pytestmark = pytest.mark.anyio
 

@@ -26,6 +26,7 @@ from winnow.engine.outputs import (
 from winnow.engine.request import GenerationRequest, RequestRejected
 from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
+from winnow.limits import InvalidRequest
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.bitmask import TokenMasks, words_for
 from winnow.sampling.noise import child_seed, random_seed
@@ -53,12 +54,10 @@ class EngineStats:
     preemptions: int
 
 
-def as_rejection(exc: Exception) -> RequestRejected:
+def as_rejection(exc: Exception) -> InvalidRequest:
     """One request's failure as its own 400; the engine itself carries on."""
-    if isinstance(exc, RequestRejected):
+    if isinstance(exc, InvalidRequest):
         return exc
-    if isinstance(exc, SamplingParamError):
-        return RequestRejected(exc.message, param=exc.param)
     return RequestRejected(f"The request cannot be served: {exc!r}")
 
 
@@ -101,7 +100,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._preemptions = 0
-        self.failures: list[tuple[str, RequestRejected]] = []
+        self.failures: list[tuple[str, InvalidRequest]] = []
         # --seed: unseeded requests draw their seeds from this generator, so a restarted server
         # that is sent the same requests in the same order answers the same.
         self._seed_source = None if config.seed is None else random.Random(config.seed)
@@ -352,7 +351,7 @@ class LLMEngine:
             seq.has_sampler_row = True
         return failed
 
-    def take_failures(self) -> list[tuple[str, RequestRejected]]:
+    def take_failures(self) -> list[tuple[str, InvalidRequest]]:
         """Requests that failed inside step() since the last call (see _add_sampler_rows)."""
         failures, self.failures = self.failures, []
         return failures

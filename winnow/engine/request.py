@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from winnow.limits import InvalidRequest
 from winnow.sampling.params import SamplingParams
 from winnow.structured.spec import GrammarSpec
 
@@ -24,14 +25,8 @@ class GenerationRequest:
     grammar: GrammarSpec | None = None
 
 
-class RequestRejected(Exception):
-    """The request can never be served as asked (400); `code`/`param` go into the error body."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
+class RequestRejected(InvalidRequest):
+    """The engine finds that the request can never be served as asked (400)."""
 
 
 class EngineOverloaded(Exception):

@@ -35,7 +35,6 @@ class ModelConfig:
     qk_norm: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
-    eos_token_ids: list[int]
     bos_token_id: int | None = None
     sliding_window: int | None = None  # same window on every layer (Mistral v0.1), None = full
     torch_dtype: torch.dtype | None = None  # the checkpoint's dtype as declared in config.json
@@ -47,14 +46,13 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> ModelConfig:
-        """Read `config.json` (and `generation_config.json` for eos ids) from a model directory."""
+        """Read `config.json` from a model directory. (The end-of-sequence ids are the
+        tokenizer's: `Tokenizer.eos_token_ids`.)"""
         hf = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return cls.from_hf_config(hf, generation_eos=read_generation_eos(Path(path)))
+        return cls.from_hf_config(hf)
 
     @classmethod
-    def from_hf_config(
-        cls, hf: PretrainedConfig, generation_eos: list[int] | None = None
-    ) -> ModelConfig:
+    def from_hf_config(cls, hf: PretrainedConfig) -> ModelConfig:
         kind = getattr(hf, "model_type", None)
         if kind not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -70,10 +68,6 @@ class ModelConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         rope_theta, rope_scaling = _rope_parameters(hf)
         attention_bias = bool(getattr(hf, "attention_bias", False))
-        eos = _as_id_list(getattr(hf, "eos_token_id", None))
-        for token_id in generation_eos or []:
-            if token_id not in eos:
-                eos.append(token_id)
 
         return cls(
             architecture=kind,
@@ -94,7 +88,6 @@ class ModelConfig:
             qk_norm=kind == "qwen3",
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             max_position_embeddings=hf.max_position_embeddings,
-            eos_token_ids=eos,
             bos_token_id=getattr(hf, "bos_token_id", None),
             sliding_window=_sliding_window(hf, kind),
             torch_dtype=_declared_dtype(hf),

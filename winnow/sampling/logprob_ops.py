@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# What OpenAI-compatible servers report for a token the distribution rules out (-inf).
-LOGPROB_FLOOR = -9999.0
+from winnow.limits import LOGPROB_FLOOR
 
 
 def floor_logprobs(logprobs: torch.Tensor) -> torch.Tensor:

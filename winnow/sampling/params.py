@@ -1,5 +1,7 @@
 """Per-request sampling parameters, validated as docs/sampling.md states (docs/errors-and-limits.md
-lists every range)."""
+lists every range). The defaults here are the only defaults of the request fields: the server
+passes only the fields a request sets. The bounds come from `winnow.limits`, shared with the
+request models."""
 
 from __future__ import annotations
 
@@ -7,26 +9,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from winnow.limits import (
+    INT64_MAX,
+    INT64_MIN,
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_MAX,
+    TEMPERATURE_MAX,
+    InvalidRequest,
+)
+
 GREEDY_TEMPERATURE = 1e-5
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-# Caps on what one request may ask for (docs/errors-and-limits.md); the server's request models
-# declare the same numbers, so /openapi.json shows them.
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 1024
-MAX_STOP_TOKEN_IDS = 256
-MAX_TOP_LOGPROBS = 20
-LOGIT_BIAS_LIMIT = 100.0
-MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
-class SamplingParamError(ValueError):
+class SamplingParamError(InvalidRequest):
     """A sampling parameter is out of range; `param` names the offending request field."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
+        super().__init__(message, param=param)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class SamplingParams:
         _check_int64("n", self.n)
         _check_int64("max_tokens", self.max_tokens or 0)
         _check_int64("min_tokens", self.min_tokens)
-        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("temperature", self.temperature, 0.0, TEMPERATURE_MAX)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         if self.top_k < -1:
             raise SamplingParamError("top_k", "top_k must be -1, 0 (off) or a positive integer")
@@ -78,8 +82,8 @@ class SamplingParams:
             raise SamplingParamError(
                 "repetition_penalty", "repetition_penalty must be a finite number > 0"
             )
-        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -PENALTY_MAX, PENALTY_MAX)
+        _check_range("presence_penalty", self.presence_penalty, -PENALTY_MAX, PENALTY_MAX)
         if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
             raise SamplingParamError(
                 "logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries"

@@ -21,7 +21,7 @@ from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
 from winnow.server.errors import ApiError, install_error_handlers
 from winnow.server.json_body import require_json_body
-from winnow.server.lifecycle import HEALTH_PATH, ReadinessGate, health_response
+from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH, ReadinessGate, health_response
 from winnow.server.openapi import install_openapi, served_limits
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
@@ -105,7 +105,7 @@ def build_app(
         text = await with_tokenizer(engine.tokenizer, lambda own: own.decode(body.tokens))
         return DetokenizeResponse(prompt=text)
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def metrics() -> Response:
         """Prometheus text; behind the API key unless --public-metrics."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -115,17 +115,16 @@ def build_app(
         """200 while the engine runs; 503 with the state while it loads, drains or is dead."""
         return health_response(engine.state)
 
-    install_openapi(app, lambda: served_limits(engine, config))
+    install_openapi(app, lambda: served_limits(ctx))
     # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, readiness
     # gate, routes.
     app.add_middleware(ReadinessGate, engine=engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_keys:
-        public = [HEALTH_PATH] + (["/metrics"] if config.public_metrics else [])
         app.add_middleware(
             ApiKeyMiddleware,
             api_keys=config.api_keys,
-            public_paths=public,
+            public_paths=ctx.public_paths,
             allowed_origins=config.allowed_origins,
         )
     app.add_middleware(RequestIdMiddleware)

@@ -63,8 +63,8 @@ async def create_chat_completion(
         params = sampling_params(
             body,
             max_tokens=max_tokens,
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs or 0,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs,
             defaults=ctx.engine.sampling_defaults,
         )
     prompt = await with_tokenizer(

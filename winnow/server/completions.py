@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from fastapi import Request, Response
 
@@ -30,9 +30,6 @@ from winnow.server.tokenizer_pool import with_tokenizer
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 # Engine-side names -> this endpoint's fields.
 _RENAMES = {"top_logprobs": "logprobs", "messages": "prompt"}
-
-if TYPE_CHECKING:
-    pass
 
 
 def check_supported(request: CompletionRequest) -> None:
@@ -80,8 +77,8 @@ async def create_completion(
         params = sampling_params(
             body,
             max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
-            logprobs=body.logprobs is not None,
-            top_logprobs=body.logprobs or 0,
+            logprobs=None if body.logprobs is None else True,
+            top_logprobs=body.logprobs,
             defaults=ctx.engine.sampling_defaults,
         )
     job = partial(prompt_batch, prompt=body.prompt, vocab_size=ctx.engine.vocab_size)

@@ -17,13 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from winnow.engine.request import (
-    EngineDeadError,
-    EngineDraining,
-    EngineOverloaded,
-    RequestRejected,
-)
-from winnow.sampling.params import SamplingParamError
+from winnow.engine.request import EngineDeadError, EngineDraining, EngineOverloaded
+from winnow.limits import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +37,7 @@ RETRY_AFTER_OVERLOADED_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 
 # What the engine (and SamplingParams) raise about a request; see engine_error().
-ENGINE_ERRORS = (SamplingParamError, RequestRejected, EngineOverloaded, EngineDeadError)
+ENGINE_ERRORS = (InvalidRequest, EngineOverloaded, EngineDeadError)
 
 # Labels pydantic puts into an error location for union members and wrappers, not fields.
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -97,9 +92,9 @@ def engine_error(exc: Exception, renames: Mapping[str, str] | None = None) -> Ap
     `renames` maps an engine-side parameter name to the request field it came from where they
     differ (max_tokens <- max_completion_tokens), so that `param` names what the client sent.
     """
-    if isinstance(exc, SamplingParamError | RequestRejected):
+    if isinstance(exc, InvalidRequest):
         param = (renames or {}).get(exc.param or "", exc.param)
-        return ApiError(400, exc.message, param=param, code=getattr(exc, "code", None))
+        return ApiError(400, exc.message, param=param, code=exc.code)
     if isinstance(exc, EngineOverloaded):
         return ApiError(
             429,
@@ -119,7 +114,7 @@ def client_errors(renames: Mapping[str, str] | None = None) -> Iterator[None]:
     field (see engine_error for `renames`)."""
     try:
         yield
-    except (SamplingParamError, RequestRejected) as exc:
+    except InvalidRequest as exc:
         raise engine_error(exc, renames) from exc
 
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from winnow.engine.outputs import FinishReason, PositionLogprobs, RequestOutput
 from winnow.engine.request import GenerationRequest
+from winnow.limits import LOGPROB_FLOOR
 from winnow.sampling.params import SamplingParams
 from winnow.server.errors import ClientDisconnected
 from winnow.server.metrics import ServerMetrics
@@ -26,9 +27,6 @@ from winnow.structured.spec import GrammarSpec
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine, RequestStream
-
-# What -inf (or NaN) logprobs are reported as: JSON has no infinities.
-LOGPROB_FLOOR = -9999.0
 
 
 class OutputSource(Protocol):

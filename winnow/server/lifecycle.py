@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
 _STATE_MESSAGES = {
     "loading": "The model is loading; retry shortly.",
     "draining": SHUTTING_DOWN,
@@ -56,10 +57,9 @@ class ReadinessGate:
     /metrics stays open while draining, so a scraper sees the drain happen.
     """
 
-    def __init__(self, app: ASGIApp, engine: AsyncEngine, metrics_path: str = "/metrics") -> None:
+    def __init__(self, app: ASGIApp, engine: AsyncEngine) -> None:
         self.app = app
         self._engine = engine
-        self._metrics_path = metrics_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self._engine.state
@@ -71,7 +71,7 @@ class ReadinessGate:
         await response(scope, receive, send)
 
     def _open(self, path: str, state: EngineState) -> bool:
-        return path == HEALTH_PATH or (path == self._metrics_path and state == "draining")
+        return path == HEALTH_PATH or (path == METRICS_PATH and state == "draining")
 
 
 class DrainingServer(uvicorn.Server):

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from winnow.config import ServerConfig
-from winnow.sampling.params import INT64_MAX
+from winnow.limits import INT64_MAX
+from winnow.server.context import ServerContext
 from winnow.server.errors import ERROR_TYPES
+from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH
 from winnow.server.protocol import ChatCompletionChunk, Completion
-
-if TYPE_CHECKING:
-    from winnow.engine.async_engine import AsyncEngine
 
 ERROR_SCHEMA = "ErrorResponse"
 _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
@@ -110,7 +108,7 @@ def _correct(schema: dict[str, Any], limits: ServedLimits) -> None:
                 responses[str(status)] = _error_response(status)
             if limits.public_paths and path not in limits.public_paths:
                 operation["security"] = [{"apiKey": []}]
-            if path == "/metrics":
+            if path == METRICS_PATH:
                 responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path in _CHUNKS:
                 responses["200"]["content"]["text/event-stream"] = {
@@ -147,7 +145,7 @@ def _error_statuses(path: str, method: str, limits: ServedLimits) -> list[int]:
         statuses.append(404)
     if path in _GENERATION_ROUTES:
         statuses += [429, 503]
-    if path == "/health":
+    if path == HEALTH_PATH:
         statuses.append(503)
     if limits.public_paths and path not in limits.public_paths:
         statuses.append(401)
@@ -250,13 +248,13 @@ def _token_ids(prop: dict[str, Any], vocab_size: int) -> None:
             stack.append(node["items"])
 
 
-def served_limits(engine: AsyncEngine, config: ServerConfig) -> ServedLimits:
-    public = ["/health"] + (["/metrics"] if config.public_metrics else [])
+def served_limits(ctx: ServerContext) -> ServedLimits:
+    engine, config = ctx.engine, ctx.config
     return ServedLimits(
-        model_names=config.served_model_names or [engine.model_name],
+        model_names=ctx.served_names,
         accept_any_model=config.accept_any_model,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         max_n=engine.max_n,
-        public_paths=public if config.api_keys else [],
+        public_paths=ctx.public_paths if config.api_keys else [],
     )

@@ -2,9 +2,10 @@
 
 Request models check shapes and types strictly (no "1" for 1, no 1.5 for an int, no NaN; 2.0 is
 the integer 2, as JSON Schema has it) and declare each field's range, so that /openapi.json shows
-the real API. The ranges of sampling fields are `SamplingParams`' own constants, which the engine
-checks again; limits that depend on the model served (context length, vocabulary, max n) are
-checked by the engine at admission and filled into the schema by `winnow.server.openapi`.
+the real API. The bounds come from `winnow.limits`, and `SamplingParams` checks them again. A
+field left out is None here and is not passed on, so `SamplingParams` holds the only defaults.
+Limits that depend on the model served (context length, vocabulary, max n) are checked by the
+engine at admission and filled into the schema by `winnow.server.openapi`.
 docs/errors-and-limits.md lists them all. Unknown fields are ignored.
 """
 
@@ -26,19 +27,20 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from winnow.engine.outputs import FinishReason
-from winnow.sampling.params import (
+from winnow.limits import (
     INT64_MAX,
     INT64_MIN,
     LOGIT_BIAS_LIMIT,
     MAX_LOGIT_BIAS_ENTRIES,
+    MAX_MESSAGES,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    MAX_TOOLS,
     MAX_TOP_LOGPROBS,
+    PENALTY_MAX,
+    TEMPERATURE_MAX,
 )
-
-MAX_TOOLS = 128
-MAX_MESSAGES = 4096
 
 
 def _integral(value: Any) -> Any:
@@ -52,7 +54,7 @@ Positive = Annotated[int, Field(ge=1, le=INT64_MAX), Integral]
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX), Integral]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-PENALTY_MAX, le=PENALTY_MAX)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 # A logit_bias key spells a token id in decimal.
 TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,18})$")]
@@ -198,7 +200,7 @@ class GenerationFields(_Request):
     """Fields shared by chat and text completions: the model, sampling, stopping, streaming."""
 
     model: str | None = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    temperature: Annotated[float | None, Field(ge=0.0, le=TEMPERATURE_MAX)] = None
     top_p: Probability | None = None
     top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), Integral] | None = None
     min_p: Probability | None = None
