@@ -14,8 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.e2e.conftest import ServerProcess
+from winnow.models import Tokenizer
 from winnow.models.default_model import DEFAULT_MODEL
-from winnow.sampling.token_bytes import build_token_bytes
+from winnow.text import build_token_bytes
 
 MAX_TOKENS = 24
 SAMPLED_MAX_TOKENS = 8  # enough for seeded draws to differ
@@ -51,7 +52,7 @@ def hf_model(smollm2_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def token_bytes(hf_tokenizer: Any) -> list[bytes]:
-    return build_token_bytes(hf_tokenizer)
+    return build_token_bytes(Tokenizer(hf_tokenizer))
 
 
 def chat(

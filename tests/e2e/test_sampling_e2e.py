@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.e2e.conftest import ServerProcess
 from winnow.models import Tokenizer
-from winnow.sampling.token_bytes import build_token_bytes
+from winnow.text import build_token_bytes
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -55,7 +55,7 @@ def tokenizer(demo_model_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
-    return build_token_bytes(tokenizer.hf)
+    return build_token_bytes(tokenizer)
 
 
 def first_token_id(token_bytes: list[bytes], response: Any) -> int:

@@ -32,11 +32,10 @@ from winnow.sampling.bitmask import TokenMasks, words_for
 from winnow.sampling.noise import child_seed, random_seed
 from winnow.sampling.params import SamplingParamError, SamplingParams
 from winnow.sampling.sampler import Sampler, SamplerOutput
-from winnow.sampling.text_stream import TextStream
-from winnow.sampling.token_bytes import build_token_bytes, token_text
 from winnow.structured.backend import CompiledGrammar, GrammarBackend
 from winnow.structured.llguidance_backend import LLGuidanceBackend
 from winnow.structured.spec import GrammarSpec
+from winnow.text import TextStream, build_token_bytes, token_text
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class LLMEngine:
         self.sampler = Sampler(
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
-        self.token_bytes = build_token_bytes(loaded.tokenizer.hf)
+        self.token_bytes = build_token_bytes(loaded.tokenizer)
         self._grammar_backend: GrammarBackend | None = None
         self._grammar_backend_lock = threading.Lock()
         self._bitmask_buffer = np.empty(
@@ -237,7 +236,7 @@ class LLMEngine:
                 index=index,
                 seed=self._choice_seed(params.choice_seeds, seed, index, params.n),
                 text=TextStream(
-                    self.tokenizer.hf,
+                    self.tokenizer,
                     request.prompt_token_ids if request.text_continues_prompt else (),
                     params.stop,
                     params.include_stop_str_in_output,

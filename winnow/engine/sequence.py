@@ -10,8 +10,8 @@ from winnow.engine.outputs import FinishReason, PositionLogprobs
 from winnow.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
-    from winnow.sampling.text_stream import TextStream
     from winnow.structured.backend import CompiledGrammar, GrammarMatcher
+    from winnow.text import TextStream
 
 
 class SequenceStatus(enum.Enum):

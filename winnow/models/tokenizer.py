@@ -1,9 +1,11 @@
-"""Tokenizer: a thin wrapper over a Hugging Face tokenizer plus the model's chat template."""
+"""Tokenizer: a thin wrapper over a Hugging Face tokenizer plus the model's chat template; it
+has the shape `winnow.text.TextTokenizer` asks for, so the engine hands it to text handling."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +31,7 @@ class Tokenizer:
                 eos.append(token_id)
         self.eos_token_ids: list[int] = eos
         self.vocab_size: int = len(hf)
+        self.special_ids = frozenset(int(token_id) for token_id in hf.all_special_ids)
         self._content = ContentEncoder(hf)
 
     @classmethod
@@ -67,6 +70,23 @@ class Tokenizer:
         """The id of an added/special token spelled `text`, if the vocabulary has one."""
         token_id = self.hf.get_added_vocab().get(text)
         return None if token_id is None else int(token_id)
+
+    def piece(self, token_id: int) -> str | None:
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        return piece if isinstance(piece, str) else None
+
+    def join_pieces(self, pieces: Sequence[str]) -> str:
+        return str(self.hf.convert_tokens_to_string(list(pieces)))
+
+    def added_tokens(self) -> Mapping[int, str]:
+        return {token_id: token.content for token_id, token in self.hf.added_tokens_decoder.items()}
+
+    def vocab(self) -> Mapping[str, int]:
+        return self.hf.get_vocab()
+
+    def decoder_config(self) -> dict[str, Any] | None:
+        decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
+        return None if decoder is None else dict(json.loads(decoder.__getstate__()))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))

@@ -17,6 +17,7 @@ import llguidance
 import llguidance.hf
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask_par
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from winnow.structured.backend import GrammarError
 from winnow.structured.schema_limits import check_schema_depth
@@ -76,7 +77,13 @@ class LLGuidanceGrammar:
 class LLGuidanceBackend:
     """Compiles GrammarSpecs for one tokenizer (see GrammarBackend)."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self, hf_tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Sequence[int]
+    ) -> None:
+        """`hf_tokenizer`: llguidance builds its own token trie from a fast Hugging Face
+        tokenizer's vocabulary and pre-tokenizer."""
+        if not isinstance(hf_tokenizer, PreTrainedTokenizerFast):
+            raise TypeError(f"llguidance needs a fast tokenizer, not {type(hf_tokenizer)}")
         self.vocab_size = vocab_size
         self.words = -(-vocab_size // 32)
         self._tokenizer = llguidance.hf.from_tokenizer(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from winnow.sampling.text_stream import TextDelta, TextStream
+from winnow.text.stream import TextDelta, TextStream
 
 PROPERTY = settings(
     derandomize=True,
@@ -98,7 +98,7 @@ def test_without_prompt_text_equals_plain_decode(tokenizer: Any, text: str) -> N
 def test_first_sentencepiece_token_keeps_its_space(sp_tokenizer: Any) -> None:
     prompt = prompt_ids(sp_tokenizer)
     ids = encode(sp_tokenizer, "Hello world")
-    assert sp_tokenizer.convert_ids_to_tokens(ids) == ["▁Hello", "▁world"]
+    assert sp_tokenizer.hf.convert_ids_to_tokens(ids) == ["▁Hello", "▁world"]
     deltas, tail, _ = run(sp_tokenizer, prompt, ids)
     assert [d.text for d in deltas] == [" Hello", " world"]
     assert tail == ""
@@ -113,7 +113,7 @@ def test_first_byte_level_token_neither_gains_nor_loses_a_space(bpe_tokenizer: A
 
 def test_special_tokens_are_skipped(tokenizer: Any) -> None:
     prompt = prompt_ids(tokenizer)
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.hf.eos_token_id
     ids = encode(tokenizer, "Hello 你好")
     mixed = [ids[0], eos, *ids[1:], eos]
     deltas, tail, _ = run(tokenizer, prompt, mixed)
@@ -122,7 +122,7 @@ def test_special_tokens_are_skipped(tokenizer: Any) -> None:
 
 
 def test_special_tokens_in_prompt_are_not_context(sp_tokenizer: Any) -> None:
-    inst = sp_tokenizer.convert_tokens_to_ids(["[INST]", "[/INST]"])
+    inst = sp_tokenizer.hf.convert_tokens_to_ids(["[INST]", "[/INST]"])
     prompt = [1, inst[0], *encode(sp_tokenizer, "hi"), inst[1]]
     ids = encode(sp_tokenizer, "Hello")
     deltas, tail, _ = run(sp_tokenizer, prompt, ids)
@@ -148,9 +148,9 @@ class _WindowSpy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tokenizer, name)
 
-    def convert_tokens_to_string(self, pieces: list[str]) -> str:
+    def join_pieces(self, pieces: list[str]) -> str:
         self.longest = max(self.longest, len(pieces))
-        return self._tokenizer.convert_tokens_to_string(pieces)
+        return self._tokenizer.join_pieces(pieces)
 
 
 def test_decode_window_stays_small(tokenizer: Any) -> None:
@@ -167,7 +167,8 @@ def test_decode_window_stays_small(tokenizer: Any) -> None:
 
 def test_emoji_bytes_are_held_until_complete(sp_tokenizer: Any) -> None:
     ids = encode(sp_tokenizer, "🦩")
-    assert sp_tokenizer.convert_ids_to_tokens(ids) == ["▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0xA9>"]
+    pieces = sp_tokenizer.hf.convert_ids_to_tokens(ids)
+    assert pieces == ["▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0xA9>"]
     deltas, tail, _ = run(sp_tokenizer, prompt_ids(sp_tokenizer), ids)
     assert [d.text for d in deltas] == [" ", "", "", "", "🦩"]
     assert tail == ""
@@ -215,7 +216,7 @@ def test_character_split_between_prompt_and_output_is_emitted_whole(sp_tokenizer
 def test_endless_invalid_bytes_are_not_held_forever(sp_tokenizer: Any) -> None:
     spy = _WindowSpy(sp_tokenizer)
     prompt = prompt_ids(sp_tokenizer)
-    ids = [sp_tokenizer.convert_tokens_to_ids("<0x80>")] * 200
+    ids = [sp_tokenizer.hf.convert_tokens_to_ids("<0x80>")] * 200
     deltas, tail, _ = run(spy, prompt, ids)
     assert joined(deltas).startswith(REPLACEMENT * 100)
     assert joined(deltas, tail) == reference(sp_tokenizer, prompt, ids)
@@ -251,7 +252,7 @@ def token_spans(tokenizer: Any, text: str) -> list[str]:
 
 
 def test_stop_inside_one_token(sp_tokenizer: Any) -> None:
-    assert "▁world" in sp_tokenizer.convert_ids_to_tokens(encode(sp_tokenizer, "Hello world"))
+    assert "▁world" in sp_tokenizer.hf.convert_ids_to_tokens(encode(sp_tokenizer, "Hello world"))
     stop_case(sp_tokenizer, "Hello world again", ["orl"])
     _, _, stream = run(sp_tokenizer, prompt_ids(sp_tokenizer), encode(sp_tokenizer, "Hi world"))
     assert stream.stop_string is None

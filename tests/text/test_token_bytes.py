@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from winnow.sampling.token_bytes import (
+from winnow.text.token_bytes import (
     TokenizerKind,
     build_token_bytes,
     detect_tokenizer_kind,
@@ -56,8 +56,11 @@ class _VocabOnly:
     def __init__(self, pieces: list[str]) -> None:
         self._vocab = {p: i for i, p in enumerate(pieces)}
 
-    def get_vocab(self) -> dict[str, int]:
+    def vocab(self) -> dict[str, int]:
         return self._vocab
+
+    def decoder_config(self) -> None:
+        return None
 
 
 @pytest.mark.parametrize(
@@ -79,20 +82,20 @@ def test_unknown_tokenizer_kind_is_an_error() -> None:
 def test_table_covers_the_vocabulary(
     sp_tokenizer: Any, sp_table: list[bytes], bpe_tokenizer: Any, bpe_table: list[bytes]
 ) -> None:
-    assert len(sp_table) == len(sp_tokenizer) == 32768
-    assert len(bpe_table) == len(bpe_tokenizer)
+    assert len(sp_table) == sp_tokenizer.vocab_size == 32768
+    assert len(bpe_table) == bpe_tokenizer.vocab_size
 
 
 def test_sentencepiece_byte_pieces(sp_tokenizer: Any, sp_table: list[bytes]) -> None:
-    assert sp_table[sp_tokenizer.convert_tokens_to_ids("<0xF0>")] == b"\xf0"
+    assert sp_table[sp_tokenizer.hf.convert_tokens_to_ids("<0xF0>")] == b"\xf0"
     for byte in range(256):
-        token_id = sp_tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>")
+        token_id = sp_tokenizer.hf.convert_tokens_to_ids(f"<0x{byte:02X}>")
         assert sp_table[token_id] == bytes([byte])
 
 
 def test_sentencepiece_word_marker_is_a_space(sp_tokenizer: Any, sp_table: list[bytes]) -> None:
     for piece, expected in [("▁", b" "), ("▁▁", b"  "), ("▁Hello", b" Hello")]:
-        assert sp_table[sp_tokenizer.convert_tokens_to_ids(piece)] == expected
+        assert sp_table[sp_tokenizer.hf.convert_tokens_to_ids(piece)] == expected
 
 
 def test_special_tokens_map_to_their_content(
@@ -100,9 +103,9 @@ def test_special_tokens_map_to_their_content(
 ) -> None:
     assert sp_table[1] == b"<s>"
     assert sp_table[2] == b"</s>"
-    assert sp_table[sp_tokenizer.convert_tokens_to_ids("[INST]")] == b"[INST]"
-    for token in bpe_tokenizer.all_special_tokens:
-        assert bpe_table[bpe_tokenizer.convert_tokens_to_ids(token)] == token.encode()
+    assert sp_table[sp_tokenizer.hf.convert_tokens_to_ids("[INST]")] == b"[INST]"
+    for token in bpe_tokenizer.hf.all_special_tokens:
+        assert bpe_table[bpe_tokenizer.hf.convert_tokens_to_ids(token)] == token.encode()
 
 
 @pytest.mark.parametrize("text", STRINGS)
@@ -137,14 +140,14 @@ def test_every_sentencepiece_id_agrees_with_decode(
     sp_tokenizer: Any, sp_table: list[bytes]
 ) -> None:
     # A leading piece keeps decode's one-space strip off the token under test.
-    anchor = sp_tokenizer.convert_tokens_to_ids("a")
+    anchor = sp_tokenizer.hf.convert_tokens_to_ids("a")
     for token_id, raw in enumerate(sp_table):
-        assert sp_tokenizer.decode([anchor, token_id]) == "a" + token_text(raw), token_id
+        assert sp_tokenizer.hf.decode([anchor, token_id]) == "a" + token_text(raw), token_id
 
 
 def test_every_byte_level_id_agrees_with_decode(bpe_tokenizer: Any, bpe_table: list[bytes]) -> None:
     for token_id, raw in enumerate(bpe_table):
-        assert bpe_tokenizer.decode([token_id]) == token_text(raw), token_id
+        assert bpe_tokenizer.hf.decode([token_id]) == token_text(raw), token_id
 
 
 def test_token_text_shows_partial_utf8_as_replacement() -> None:

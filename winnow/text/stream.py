@@ -2,8 +2,9 @@
 
 Two layers, per docs/sampling.md "Stops" and docs/api.md "Streaming":
 
-1. `_Detokenizer` turns token ids into text that is final: it decodes only a small window of
-   recent pieces and never returns a trailing incomplete UTF-8 character.
+1. `IncrementalDetokenizer` (winnow/text/detokenizer.py) turns token ids into text that is
+   final: it decodes only a small window of recent pieces and never returns a trailing
+   incomplete UTF-8 character.
 2. `TextStream` matches stop strings on that text and holds back the longest suffix that could
    still become a stop string, so no part of a stop string is ever sent.
 """
@@ -12,18 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-REPLACEMENT_CHAR = "\ufffd"
-
-# Prompt pieces kept as left context: enough for the decoder to treat the first generated piece
-# as a continuation (SentencePiece strips the leading space of the first piece it decodes) and
-# to cover one UTF-8 character split over byte pieces (at most 4 bytes).
-_PROMPT_CONTEXT_PIECES = 4
-
-# A character is at most 4 bytes, so a window this long that still ends in U+FFFD holds invalid
-# bytes that no later piece can repair; it is released as is rather than re-decoded forever.
-_MAX_HELD_PIECES = 16
+from winnow.text.detokenizer import IncrementalDetokenizer
+from winnow.text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -37,85 +29,6 @@ class TextDelta:
 
     text: str
     stop_string: str | None = None
-
-
-class _Detokenizer:
-    """Prefix-offset / read-offset incremental detokeniser.
-
-    The window `pieces` holds already emitted pieces (`pieces[:read]`, the left context) followed
-    by pieces not emitted yet. Each step decodes the window and emits what lies past the text of
-    the context; once the window's text is final, the context becomes the pieces just emitted.
-    Decoding the context alongside keeps spacing rules that depend on a neighbour (SentencePiece
-    `▁`, byte-fallback groups, byte-level BPE) identical to decoding the whole sequence.
-    """
-
-    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int]) -> None:
-        self._tokenizer = tokenizer
-        self._special_ids = frozenset(tokenizer.all_special_ids)
-        self._pieces: list[str] = self._prompt_context(prompt_token_ids)
-        self._read = len(self._pieces)
-        self._read_text = self._decode(self._pieces)
-
-    def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[str]:
-        pieces: list[str] = []
-        for token_id in reversed(prompt_token_ids):
-            if len(pieces) == _PROMPT_CONTEXT_PIECES:
-                break
-            piece = self._piece(token_id)
-            if piece is not None:
-                pieces.append(piece)
-        pieces.reverse()
-        return pieces
-
-    def _piece(self, token_id: int) -> str | None:
-        """The token's piece, or None for special tokens and ids past the vocabulary (padding
-        rows of the embedding): both contribute no text, as in `decode(skip_special_tokens=True)`.
-        """
-        if token_id in self._special_ids:
-            return None
-        return self._tokenizer.convert_ids_to_tokens(token_id)
-
-    def _decode(self, pieces: list[str]) -> str:
-        return self._tokenizer.convert_tokens_to_string(pieces) if pieces else ""
-
-    def append(self, token_id: int) -> str:
-        """Add one token; return the text that became final (possibly empty)."""
-        piece = self._piece(token_id)
-        if piece is None:
-            return ""
-        self._pieces.append(piece)
-        text = self._decode(self._pieces)
-        if text.endswith(REPLACEMENT_CHAR) and len(self._pieces) - self._read < _MAX_HELD_PIECES:
-            return ""
-        delta = text[_common_prefix_len(self._read_text, text) :]
-        del self._pieces[: self._read]
-        self._read = len(self._pieces)
-        self._read_text = self._decode(self._pieces)
-        return delta
-
-    def flush(self) -> str:
-        """Release the held text (an incomplete character shows as U+FFFD, as `decode` does)."""
-        if self._read == len(self._pieces):
-            return ""
-        text = self._decode(self._pieces)
-        return text[_common_prefix_len(self._read_text, text) :]
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-    """Length of the common prefix; `len(a)` in the usual case where `b` extends `a`.
-
-    They differ only around invalid UTF-8: a prompt ending inside a character that the output
-    completes (the context shows U+FFFD, the window the whole character, which is emitted), or
-    bytes already released as U+FFFD that a later byte-fallback piece regroups.
-    """
-    if b.startswith(a):
-        return len(a)
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
@@ -159,14 +72,14 @@ class TextStream:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: TextTokenizer,
         prompt_token_ids: Sequence[int],
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self._detokenizer = _Detokenizer(tokenizer, prompt_token_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self._stops = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
         self._pending = ""

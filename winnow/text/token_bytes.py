@@ -5,8 +5,8 @@ bytes may be part of a UTF-8 character, which no string round trip can represent
 
 How the tokenizer kind is detected (`detect_tokenizer_kind`):
 
-1. From the fast tokenizer's decoder configuration (`backend_tokenizer.decoder`, as JSON,
-   nested `Sequence`s included): a `ByteLevel` decoder means byte-level BPE; `ByteFallback`,
+1. From the fast tokenizer's decoder configuration (`TextTokenizer.decoder_config`, nested
+   `Sequence`s included): a `ByteLevel` decoder means byte-level BPE; `ByteFallback`,
    `Metaspace` or a `Replace` of `▁` means SentencePiece. This is what `decode` itself uses.
 2. Otherwise from the vocabulary: whichever of the SentencePiece word marker `▁` and the
    byte-level space `Ġ` starts more pieces.
@@ -15,9 +15,11 @@ How the tokenizer kind is detected (`detect_tokenizer_kind`):
 from __future__ import annotations
 
 import enum
-import json
 import re
+from collections.abc import Mapping
 from typing import Any
+
+from winnow.text.tokenizer import TextTokenizer
 
 SP_SPACE = "\u2581"  # ▁
 _SP_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -34,8 +36,8 @@ def token_text(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
 
-def build_token_bytes(tokenizer: Any) -> list[bytes]:
-    """For every id in [0, len(tokenizer)), the exact bytes that token contributes.
+def build_token_bytes(tokenizer: TextTokenizer) -> list[bytes]:
+    """For every id in [0, vocab_size), the exact bytes that token contributes.
 
     Added and special tokens map to the UTF-8 of their content; ids with no piece (holes in
     the vocabulary) map to b"".
@@ -45,28 +47,25 @@ def build_token_bytes(tokenizer: Any) -> list[bytes]:
         piece_bytes = _sentencepiece_piece_bytes
     else:
         piece_bytes = _byte_level_piece_bytes
-    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    added = tokenizer.added_tokens()
     table: list[bytes] = []
-    for token_id, piece in enumerate(pieces):
+    for token_id in range(tokenizer.vocab_size):
         if token_id in added:
             table.append(added[token_id].encode("utf-8"))
-        elif piece is None:
-            table.append(b"")
-        else:
-            table.append(piece_bytes(piece))
+            continue
+        piece = tokenizer.piece(token_id)
+        table.append(b"" if piece is None else piece_bytes(piece))
     return table
 
 
-def detect_tokenizer_kind(tokenizer: Any) -> TokenizerKind:
+def detect_tokenizer_kind(tokenizer: TextTokenizer) -> TokenizerKind:
     """SentencePiece or byte-level BPE; see the module docstring for how."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
+    decoder = tokenizer.decoder_config()
     if decoder is not None:
-        kind = _kind_from_decoder(json.loads(decoder.__getstate__()))
+        kind = _kind_from_decoder(decoder)
         if kind is not None:
             return kind
-    return _kind_from_vocab(tokenizer.get_vocab())
+    return _kind_from_vocab(tokenizer.vocab())
 
 
 def _kind_from_decoder(config: dict[str, Any]) -> TokenizerKind | None:
@@ -86,7 +85,7 @@ def _kind_from_decoder(config: dict[str, Any]) -> TokenizerKind | None:
     return None
 
 
-def _kind_from_vocab(vocab: dict[str, int]) -> TokenizerKind:
+def _kind_from_vocab(vocab: Mapping[str, int]) -> TokenizerKind:
     sp = sum(piece.startswith(SP_SPACE) for piece in vocab)
     byte_level = sum(piece.startswith(_BYTE_LEVEL_SPACE) for piece in vocab)
     if sp == byte_level == 0:

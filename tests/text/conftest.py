@@ -1,4 +1,5 @@
-"""Real tokenizers for the text-side sampling tests, built offline (no hub downloads)."""
+"""Real tokenizers for the text tests, built offline (no hub downloads), as the engine holds
+them (`winnow.models.Tokenizer`; `.hf` is the Hugging Face tokenizer inside)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from importlib.resources import files
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+from winnow.models import Tokenizer as WinnowTokenizer
 
 MISTRAL_V3_MODEL = "mistral_instruct_tokenizer_240323.model.v3"
 BPE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -30,17 +33,17 @@ _BPE_CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def sp_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+def sp_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> WinnowTokenizer:
     """Mistral v3 SentencePiece tokenizer (32768 pieces, `<s>`=1, `</s>`=2, byte fallback)."""
     source = files("mistral_common") / "data" / MISTRAL_V3_MODEL
     directory = tmp_path_factory.mktemp("mistral_v3")
     with source.open("rb") as src, (directory / "tokenizer.model").open("wb") as dst:
         shutil.copyfileobj(src, dst)
-    return LlamaTokenizer.from_pretrained(directory)
+    return WinnowTokenizer(LlamaTokenizer.from_pretrained(directory))
 
 
 @pytest.fixture(scope="session")
-def bpe_tokenizer() -> PreTrainedTokenizerBase:
+def bpe_tokenizer() -> WinnowTokenizer:
     """GPT-2 style byte-level BPE trained on `_BPE_CORPUS`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,15 +55,17 @@ def bpe_tokenizer() -> PreTrainedTokenizerBase:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_BPE_CORPUS * 3, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|endoftext|>",
-        additional_special_tokens=BPE_SPECIAL_TOKENS[1:],
-        clean_up_tokenization_spaces=False,
+    return WinnowTokenizer(
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer,
+            eos_token="<|endoftext|>",
+            additional_special_tokens=BPE_SPECIAL_TOKENS[1:],
+            clean_up_tokenization_spaces=False,
+        )
     )
 
 
 @pytest.fixture(scope="session", params=["sp", "bpe"])
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+def tokenizer(request: pytest.FixtureRequest) -> WinnowTokenizer:
     """Each real tokenizer in turn, for tests that hold for both kinds."""
     return request.getfixturevalue(f"{request.param}_tokenizer")
