@@ -39,14 +39,7 @@ from winnow.server.protocol import (
 from winnow.server.response_format import grammar_spec, prepare_grammar
 from winnow.server.streaming import sse_body, sse_response, usage_chunk_wanted
 from winnow.server.tokenizer_pool import with_tokenizer
-from winnow.server.tool_calls import (
-    ToolPlan,
-    event_delta,
-    finish_reason,
-    parse_reply,
-    plan_tools,
-)
-from winnow.structured.tool_parser import CallOpened, ToolCallParser
+from winnow.server.tool_calls import ToolCallAssembler, ToolPlan, event_delta, plan_tools
 
 
 async def create_chat_completion(
@@ -123,14 +116,16 @@ def chat_completion(
 def chat_choice(
     choice: ChoiceResult, logprobs: ChoiceLogprobs | None, tools: ToolPlan
 ) -> ChatChoice:
-    parser = tools.parser()
-    if parser is None:
+    assembler = tools.assembler()
+    if assembler is None:
         message = AssistantMessage(content=choice.text)
         reason: ChatFinishReason = choice.final_reason
     else:
-        reply = parse_reply(parser, choice.text_parts, choice.token_id_parts)
-        message = AssistantMessage(content=reply.content, tool_calls=reply.tool_calls)
-        reason = finish_reason(choice.final_reason, parser)
+        parts = list(zip(choice.text_parts, choice.token_id_parts, strict=True))
+        for position, (text, token_ids) in enumerate(parts):
+            assembler.feed(text, token_ids, finished=position == len(parts) - 1)
+        message = assembler.message()
+        reason = assembler.finish_reason(choice.final_reason)
     return ChatChoice(
         index=choice.index,
         message=message,
@@ -170,7 +165,7 @@ class ChatChunkBuilder:
         self._include_usage = include_usage
         self._tools = tools
         self._started: set[int] = set()
-        self._parsers: dict[int, ToolCallParser] = {}
+        self._assemblers: dict[int, ToolCallAssembler] = {}
         self._held_logprobs: dict[int, list[PositionLogprobs]] = {}
 
     def chunks(self, output: RequestOutput) -> Iterator[ChatCompletionChunk]:
@@ -198,22 +193,20 @@ class ChatChunkBuilder:
             )
 
     def _tool_choices(self, delta: ChoiceDelta) -> Iterator[ChatChunkChoice]:
-        """Chunks from the choice's parser; the role chunk waits for the first event (its
-        content is null when the reply opens with a call); logprobs ride on the next chunk."""
+        """Chunks from the choice's assembler; the role chunk waits for the first event (see
+        ToolCallAssembler.opening_content); logprobs ride on the next chunk."""
         index = delta.index
-        parser = self._parsers.get(index)
-        if parser is None:
+        assembler = self._assemblers.get(index)
+        if assembler is None:
             assert self._tools is not None
-            parser = self._parsers[index] = ToolCallParser(self._tools.fmt, self._tools.max_calls)
+            assembler = self._assemblers[index] = ToolCallAssembler(self._tools)
         held = self._held_logprobs.setdefault(index, [])
         held.extend(delta.logprobs or ())
-        events = parser.feed(delta.text, delta.token_ids)
-        if delta.finish_reason is not None:
-            events.extend(parser.finish())
-        if index not in self._started and (events or delta.finish_reason is not None):
+        finished = delta.finish_reason is not None
+        events = assembler.feed(delta.text, delta.token_ids, finished=finished)
+        if index not in self._started and (events or finished):
             self._started.add(index)
-            opens_with_call = bool(events) and isinstance(events[0], CallOpened)
-            content = None if opens_with_call else ""
+            content = assembler.opening_content(events)
             yield ChatChunkChoice(index=index, delta=OpeningDelta(content=content))
         for event in events:
             yield ChatChunkChoice(index=index, delta=event_delta(event), logprobs=self._take(index))
@@ -222,7 +215,7 @@ class ChatChunkBuilder:
                 index=index,
                 delta=ChatDelta(),
                 logprobs=self._take(index),
-                finish_reason=finish_reason(delta.finish_reason, parser),
+                finish_reason=assembler.finish_reason(delta.finish_reason),
                 stop_reason=delta.stop_reason,
             )
 

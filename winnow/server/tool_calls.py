@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from winnow.engine.outputs import FinishReason
 from winnow.server.errors import ApiError
 from winnow.server.protocol import (
+    AssistantMessage,
     CalledFunction,
     CalledTool,
     ChatCompletionRequest,
@@ -45,8 +46,8 @@ class ToolPlan:
     max_calls: int | None = None
     grammar: GrammarSpec | None = None
 
-    def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.fmt, self.max_calls) if self.parse else None
+    def assembler(self) -> ToolCallAssembler | None:
+        return ToolCallAssembler(self) if self.parse else None
 
 
 def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled: bool) -> ToolPlan:
@@ -91,39 +92,54 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
     return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
 
 
-def finish_reason(reason: FinishReason, parser: ToolCallParser) -> ChatFinishReason:
-    """A reply that ended naturally after calling tools ends with "tool_calls"."""
-    return "tool_calls" if reason == "stop" and parser.calls else reason
+def message_content(text: str, has_calls: bool) -> str | None:
+    """OpenAI's rule for an assistant message's `content`: null when the message carries tool
+    calls and no text, else the text ("" for an empty reply)."""
+    return None if has_calls and not text else text
 
 
-@dataclass
-class ParsedReply:
-    content: str | None
-    tool_calls: list[CalledTool] | None
+class ToolCallAssembler:
+    """One choice's tool calls, parsed from its deltas as they arrive (the model's own format,
+    or a forced call), for both responses: a stream sends each event as a chunk delta
+    (`event_delta`), a whole response is the message they add up to (`message`). Both follow
+    `message_content`: a stream's first delta has `content: null` when the reply opens with a
+    call (the message then carries a call and no text), else `""`."""
 
+    def __init__(self, plan: ToolPlan) -> None:
+        self._parser = ToolCallParser(plan.fmt, plan.max_calls)
+        self._text: list[str] = []
+        self._calls: list[CalledTool] = []
 
-def parse_reply(
-    parser: ToolCallParser, text_parts: list[str], token_id_parts: list[list[int]]
-) -> ParsedReply:
-    """A whole choice, fed delta by delta as the stream would be; content is null when the
-    reply is only calls."""
-    events: list[ToolEvent] = []
-    for text, token_ids in zip(text_parts, token_id_parts, strict=True):
-        events.extend(parser.feed(text, token_ids))
-    events.extend(parser.finish())
-    content: list[str] = []
-    calls: list[CalledTool] = []
-    for event in events:
-        if isinstance(event, ContentText):
-            content.append(event.text)
-        elif isinstance(event, CallOpened):
-            calls.append(
-                CalledTool(id=event.id, function=CalledFunction(name=event.name, arguments=""))
-            )
-        else:
-            calls[event.index].function.arguments += event.fragment
-    text = "".join(content)
-    return ParsedReply(text or (None if calls else ""), calls or None)
+    def feed(self, text: str, token_ids: list[int], *, finished: bool) -> list[ToolEvent]:
+        """The events of one delta of the choice (`finished`: its last)."""
+        events = self._parser.feed(text, token_ids)
+        if finished:
+            events.extend(self._parser.finish())
+        for event in events:
+            if isinstance(event, ContentText):
+                self._text.append(event.text)
+            elif isinstance(event, CallOpened):
+                function = CalledFunction(name=event.name, arguments="")
+                self._calls.append(CalledTool(id=event.id, function=function))
+            else:
+                self._calls[event.index].function.arguments += event.fragment
+        return events
+
+    @staticmethod
+    def opening_content(events: list[ToolEvent]) -> str | None:
+        """A stream's first delta, sent before these (the choice's first) events."""
+        return message_content("", has_calls=bool(events) and isinstance(events[0], CallOpened))
+
+    def message(self) -> AssistantMessage:
+        """The whole reply, once every delta has been fed."""
+        text = "".join(self._text)
+        return AssistantMessage(
+            content=message_content(text, bool(self._calls)), tool_calls=self._calls or None
+        )
+
+    def finish_reason(self, reason: FinishReason) -> ChatFinishReason:
+        """A reply that ended naturally after calling tools ends with "tool_calls"."""
+        return "tool_calls" if reason == "stop" and self._calls else reason
 
 
 def event_delta(event: ToolEvent) -> ChatDelta:
