@@ -33,7 +33,7 @@ install_missing() {
         "pytest:pytest" "pluggy:pluggy" "iniconfig:iniconfig" "pytest_asyncio:pytest_asyncio"
         "fastapi:fastapi" "starlette:starlette" "uvicorn:uvicorn" "h11:h11" "click:click"
         "anyio:anyio" "sniffio:sniffio" "idna:idna" "httpx:httpx" "httpcore:httpcore"
-        "certifi:certifi" "sse_starlette:sse_starlette" "prometheus_client:prometheus_client"
+        "certifi:certifi" "prometheus_client:prometheus_client"
         "pydantic:pydantic-" "pydantic_core:pydantic_core" "annotated_types:annotated_types"
         "typing_inspection:typing_inspection" "jsonschema:jsonschema-"
         "jsonschema_specifications:jsonschema_specifications" "referencing:referencing"

@@ -99,9 +99,16 @@ async def test_abort_frees_everything_and_the_next_request_runs(demo_model_dir: 
         done = engine.submit(request("short", SamplingParams(max_tokens=3, ignore_eos=True)))
         outputs = [output async for output in done]
         assert outputs[-1].finished and outputs[-1].completion_tokens == 3
-        await asyncio.sleep(0.6)  # the idle loop refreshes its stats
-        stats = engine.stats()
-        assert stats.running == stats.waiting == stats.num_requests == 0
-        assert stats.kv_blocks_free == stats.kv_blocks_total
+        # The engine thread refreshes its stats when it next goes idle.
+        deadline = asyncio.get_running_loop().time() + 60
+
+        def idle() -> bool:
+            stats = engine.stats()
+            no_requests = stats.running == stats.waiting == stats.num_requests == 0
+            return no_requests and stats.kv_blocks_free == stats.kv_blocks_total
+
+        while not idle() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert idle(), engine.stats()
     finally:
         await asyncio.to_thread(engine.shutdown)

@@ -85,12 +85,21 @@ def test_stats_line() -> None:
 
 
 def test_stats_are_logged_only_when_they_change(caplog: pytest.LogCaptureFixture) -> None:
-    timeline = iter([stats(1, 30), stats(1, 30), stats(2, 20)] + [stats(2, 20)] * 100)
+    timeline = [stats(1, 30), stats(1, 30), stats(2, 20), stats(2, 20)]
+    calls = 0
+
+    def current() -> EngineStats:
+        nonlocal calls
+        calls += 1
+        return timeline[min(calls, len(timeline)) - 1]
 
     async def run() -> None:
-        task = asyncio.create_task(log_stats_periodically(lambda: next(timeline), 0.001))
-        await asyncio.sleep(0.05)
+        task = asyncio.create_task(log_stats_periodically(current, 0.001))
+        deadline = asyncio.get_running_loop().time() + 30
+        while calls < len(timeline) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
         task.cancel()
+        assert calls >= len(timeline)
 
     with caplog.at_level(logging.INFO, logger="winnow.engine.stats_log"):
         asyncio.run(run())

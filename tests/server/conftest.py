@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from starlette.types import Message, Scope
 
 from winnow.config import EngineConfig, ServerConfig
+from winnow.engine.async_engine import AsyncEngine
 from winnow.server.app import build_app
 
 MODEL = "demo"
@@ -34,11 +35,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-async def engine(demo_model_dir: Path) -> AsyncIterator[Any]:
-    async_engine = pytest.importorskip(
-        "winnow.engine.async_engine", reason="the engine room (AsyncEngine) cannot be imported"
-    )
-    engine = async_engine.AsyncEngine.from_config(
+async def engine(demo_model_dir: Path) -> AsyncIterator[AsyncEngine]:
+    engine = AsyncEngine.from_config(
         EngineConfig(
             model=str(demo_model_dir),
             max_model_len=MAX_MODEL_LEN,
@@ -57,7 +55,7 @@ AppFactory = Callable[..., FastAPI]
 
 
 @pytest.fixture
-def make_app(engine: Any) -> AppFactory:
+def make_app(engine: AsyncEngine) -> AppFactory:
     """build_app over the session engine; keyword arguments override ServerConfig fields."""
 
     def make(**overrides: Any) -> FastAPI:

@@ -29,16 +29,17 @@ def output(text: str, *, finished: bool = False) -> RequestOutput:
 
 
 class ScriptedGeneration:
-    """Stands in for server.generation.Generation: yields a script of deltas (with pauses)."""
+    """Stands in for server.generation.Generation: yields a script of deltas (with pauses until
+    an event is set)."""
 
-    def __init__(self, *steps: RequestOutput | float | BaseException) -> None:
+    def __init__(self, *steps: RequestOutput | asyncio.Event | BaseException) -> None:
         self.steps = steps
         self.closed = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         for step in self.steps:
-            if isinstance(step, float):
-                await asyncio.sleep(step)
+            if isinstance(step, asyncio.Event):
+                await step.wait()
             elif isinstance(step, BaseException):
                 raise step
             else:
@@ -48,19 +49,25 @@ class ScriptedGeneration:
         self.closed = True
 
 
-async def collect_body(generation: ScriptedGeneration, keepalive_s: float = 10.0) -> bytes:
+def events(generation: ScriptedGeneration, keepalive_s: float = 10.0) -> AsyncIterator[bytes]:
     no_tools = ToolPlan(tool_format("hermes", lambda _: None))
     builder = ChatChunkBuilder(META, include_usage=False, tools=no_tools)
-    body = sse_body(generation, builder, keepalive_s)  # type: ignore[arg-type]
-    return b"".join([event async for event in body])
+    return sse_body(generation, builder, keepalive_s)  # type: ignore[arg-type]
+
+
+async def collect_body(generation: ScriptedGeneration) -> bytes:
+    return b"".join([event async for event in events(generation)])
 
 
 async def test_pings_are_sent_while_the_engine_is_silent() -> None:
-    generation = ScriptedGeneration(0.25, output("Hello", finished=True))
-    raw = await collect_body(generation, keepalive_s=0.05)
-    assert raw.count(PING) >= 2
-    assert raw.index(PING) < raw.index(b'"role"')
-    payloads = sse_payloads(raw)
+    released = asyncio.Event()
+    generation = ScriptedGeneration(released, output("Hello", finished=True))
+    body = events(generation, keepalive_s=0.01)
+    assert [await anext(body), await anext(body)] == [PING, PING]
+    released.set()
+    rest = b"".join([event async for event in body])
+    payloads = sse_payloads(rest)
+    assert json.loads(payloads[0])["choices"][0]["delta"]["role"] == "assistant"
     assert payloads[-1] == "[DONE]" and generation.closed
 
 
@@ -90,13 +97,18 @@ async def test_empty_deltas_without_logprobs_send_nothing() -> None:
 
 
 async def test_keepalive_does_not_cancel_the_pending_item() -> None:
+    released = asyncio.Event()
+
     async def slow() -> AsyncIterator[int]:
-        await asyncio.sleep(0.12)
+        await released.wait()
         yield 1
         yield 2
 
-    items = [item async for item in with_keepalive(slow(), 0.05)]
-    assert items[-2:] == [1, 2] and items[:-2] and set(items[:-2]) == {None}
+    stream = with_keepalive(slow(), 0.01)
+    assert [await anext(stream), await anext(stream)] == [None, None]  # pings while it waits
+    released.set()
+    items = [item async for item in stream]
+    assert [item for item in items if item is not None] == [1, 2]
 
 
 # Every character str.splitlines() breaks at: \n and \r JSON escapes, the rest it may not.

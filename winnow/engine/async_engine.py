@@ -66,7 +66,7 @@ class AsyncEngine:
     The model is loaded and the LLMEngine built on the engine thread too, so that no other
     thread ever runs an OpenMP parallel region: once two threads own worker pools, libgomp
     counts more threads than cores and stops letting idle workers spin, and every region of a
-    decode step then waits for a futex wake-up (+15% per batch-1 step on 2 cores).
+    decode step then waits for a futex wake-up (BENCHMARKS.md has the cost on 2 cores).
 
     With `wait=False` the constructor returns while the model loads, so a server can answer
     (503, "loading") meanwhile; `tokenizer` and the limits exist once `state` leaves "loading".

@@ -242,10 +242,11 @@ class Sampler:
         return values.index_select(0, step.index(np.argsort(step.order)))
 
     def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
-        """The common greedy step on a CPU without the pipeline's per-step setup (~0.7 ms at
-        batch 1): every row greedy with no penalty, bias, ban or logprobs, and every row's
-        maximum finite. Anything else -> None, and the full pipeline (which defines NaN and inf
-        rows) runs. numpy's argmax, like the greedy route, returns the lowest id among ties."""
+        """The common greedy step on a CPU without the pipeline's per-step setup (most of the
+        sampler's time at batch 1; BENCHMARKS.md, "C decoder stack"): every row greedy with no
+        penalty, bias, ban or logprobs, and every row's maximum finite. Anything else -> None,
+        and the full pipeline (which defines NaN and inf rows) runs. numpy's argmax, like the
+        greedy route, returns the lowest id among ties."""
         batch = len(keys)
         if logits.device.type != "cpu" or logits.dtype != torch.float32:
             return None

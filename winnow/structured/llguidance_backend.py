@@ -41,7 +41,8 @@ _LIMITS = llguidance.LLParserLimits(
 
 # Masks are filled on llguidance's thread pool only for large batches on hosts with cores to
 # spare: a mask takes microseconds, and on a busy 2-core host handing 16 of them to the pool
-# took ~25 ms against ~0.1 ms filled one after another on the calling thread.
+# took far longer than filling them one after another on the calling thread
+# (BENCHMARKS.md, "Structured output").
 _PARALLEL_MIN_ROWS = 32
 _PARALLEL_MIN_CORES = 8
 

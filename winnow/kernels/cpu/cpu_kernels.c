@@ -8,8 +8,8 @@
  *   Batches stream each 256-deep slice of a panel once and reuse it from L1 for every 6-row tile
  *   of a block of up to 96 rows of x (6 x 16 register tile, 12 accumulators); the next slice is
  *   prefetched into L2 while the first tile runs. A single row (decode at batch 1) is a pure weight
- *   stream with software prefetch 8 KB ahead (the hardware prefetcher alone left ~20% of the
- *   memory bandwidth unused). On a CPU with AVX-512F the same panels feed 512-bit kernels: a
+ *   stream with software prefetch 8 KB ahead (the hardware prefetcher alone left a part of the
+ *   memory bandwidth unused; BENCHMARKS.md). On a CPU with AVX-512F the same panels feed 512-bit kernels: a
  *   12-row x 2-panel tile (24 accumulators) for batches, one register per panel row for one row.
  *
  * winnow_paged_decode: one query token per sequence against its keys/values in the paged cache
@@ -18,7 +18,8 @@
  *   range of its kv heads when the batch is too small to keep the threads busy.
  *
  * winnow_decode_layers: every decoder layer of a step in which each sequence has one new token,
- *   stringing the kernels above together in C (at batch 1 the Python between them cost ~10%).
+ *   stringing the kernels above together in C (at batch 1 the Python between them cost a share of
+ *   every step; BENCHMARKS.md).
  *
  * Threads come from the OpenMP runtime the process already has loaded (PyTorch's libgomp), so
  * these kernels and PyTorch's own ops share one pool.
@@ -250,9 +251,8 @@ static inline __mmask16 valid_mask(int64_t n, int64_t panel) {
 /* Rows i0..i1 of x against panels p and p + 1 (when it exists). While a slice is computed, the
  * first tile prefetches the next slice of panel p and the second tile that of panel p + 1 (a lone
  * tile prefetches both): two prefetches per k-step in one tile ran out of the core's miss
- * buffers and stalled it (demo-large's projections at 32 rows: 37.4 -> 35.0 ms). Slices of
- * 16-bit panels that several tiles share are widened once into fp32 rows on the stack (widening
- * in every tile cost 5-8% at 24-128 rows). */
+ * buffers and stalled it. Slices of 16-bit panels that several tiles share are widened once into
+ * fp32 rows on the stack rather than in every tile (BENCHMARKS.md has both measurements). */
 static inline __attribute__((always_inline)) AVX512 void pair_rows512(
     const float *x, int64_t i0, int64_t i1, int64_t k, int64_t ldx, const char *wp, int64_t p,
     int64_t panels, int64_t n, float *y, const int wt) {
@@ -319,8 +319,8 @@ static void add_bias(float *y, int64_t ldy, int64_t m, const float *bias, int64_
 
 /* Work item `item` of winnow_linear: rows i0..i1 (a block of up to MC rows) against a run of
  * panels. A batch takes runs of 16 panels, so that the prefetch of the next panel pair's first
- * slice lands in the cache of the thread that then reads it (runs of 2: 8-12% slower at 24-32
- * rows); an MC-row slice of x stays in L2 across the panels. */
+ * slice lands in the cache of the thread that then reads it (runs of 2 were slower;
+ * BENCHMARKS.md); an MC-row slice of x stays in L2 across the panels. */
 static inline __attribute__((always_inline)) void linear_item(int64_t item, const float *x,
                                                               int64_t m, int64_t k, int64_t ldx,
                                                               const char *wp, int64_t n,
@@ -557,8 +557,7 @@ static inline __attribute__((always_inline)) void weighted_values(
 /* Prefetch into L2 part [a, b) of `parts` equal parts of the `bytes` at element offset rows[r]
  * of `cache`, for r < n. The heads of a work item each take a part of the next eight positions'
  * rows while they work on the current ones: the misses then overlap the arithmetic instead of
- * following it (32 sequences x 192 positions, 8 x 64 kv heads, blocks scattered through 1 GiB,
- * medians of 30 with the caches flushed: fp32 1.55 -> 1.34 ms, fp16 1.33 -> 0.94 ms). */
+ * following it (BENCHMARKS.md, "Decode attention"). */
 static inline __attribute__((always_inline)) void prefetch_rows(const char *cache,
                                                                 const int64_t *rows, int64_t n,
                                                                 int64_t elem_bytes, int64_t bytes,

@@ -1,8 +1,9 @@
 """All decoder layers of a decode-only step in one C call (the packed CPU model).
 
-At batch 1 the per-op path spends ~2 ms of a ~21 ms step in Python between kernels (module
-calls, views, ctypes argument conversion); here the weights' addresses are gathered once and a
-step passes one struct. The kernels and their order are the per-op path's, so the results match.
+At batch 1 the per-op path spends a share of each step in Python between kernels (module
+calls, views, ctypes argument conversion; BENCHMARKS.md, "C decoder stack"); here the
+weights' addresses are gathered once and a step passes one struct. The kernels and their order
+are the per-op path's, so the results match.
 """
 
 from __future__ import annotations
