@@ -1,5 +1,5 @@
-"""A server process's life: 503 "loading" before the model is up, and a SIGTERM drain that ends
-every stream well-formed and exits 0."""
+"""A server process's life: 503 "loading" before the model is up, a SIGTERM drain that ends
+every stream well-formed and exits 0, and a second signal that stops the drain at once, quietly."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from tests.e2e.conftest import start_server
 from winnow.benchmark.process import free_port
 
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -172,5 +173,38 @@ def test_loading_then_serving_then_a_sigterm_drain(demo_model_dir: Path, tmp_pat
 
         asyncio.run(drain_while_streaming(url, process))
         assert process.wait(timeout=30) == 0, log_path.read_text()
+        assert "Traceback" not in log_path.read_text()
     finally:
         process.kill()
+
+
+async def signal_twice_while_streaming(server_url: str, process: subprocess.Popen[bytes]) -> None:
+    """A long stream runs; SIGINT starts the drain, a second SIGINT (as Ctrl-C on `make serve`
+    delivers it) comes while the drain waits for the stream."""
+    async with httpx.AsyncClient(base_url=server_url, timeout=60) as http:
+        log = StreamLog()
+        stream = asyncio.create_task(read_stream(http, chat(LONG_TOKENS, stream=True), log))
+        await asyncio.wait_for(log.first_token.wait(), 120)
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while (await http.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline, "the server never started draining"
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(stream, 60)
+    assert assert_well_formed(log) == "error"
+
+
+def test_a_second_signal_during_the_drain_ends_the_server_quietly(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "server.log"
+    server = start_server(demo_model_dir, log_path, "--shutdown-timeout", "600")
+    try:
+        asyncio.run(signal_twice_while_streaming(server.base_url, server.process))
+        assert server.process.wait(timeout=60) == 0, server.log()  # not the 600 s drain
+        log = server.log()
+        assert "Traceback" not in log and "ERROR" not in log, log
+        assert log.count("ending 1 request(s) still running on a second signal") == 1, log
+    finally:
+        server.process.kill()

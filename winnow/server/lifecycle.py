@@ -4,7 +4,9 @@ The port is bound before the model is loaded, so `/health` can say "loading" ins
 seeing a refused connection. On SIGTERM (or Ctrl-C) the server keeps listening but admits
 nothing: new requests get 503 + Retry-After, `/health` 503 "draining"; requests in flight run on
 until the shutdown timeout, then each left ends with an error (an SSE error event and `[DONE]`, or
-a 503 body) and the process exits 0. A second signal stops at once.
+a 503 body) and the process exits 0. A second signal (Ctrl-C on `make serve` reaches the server
+twice) cuts the drain short: the requests in flight end at once, the same way, with one log line.
+A third exits without waiting for their responses to leave.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class DrainingServer(uvicorn.Server):
         self._shutdown_timeout_s = shutdown_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
+        self._cut_short = False
         self._drain_task: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -97,9 +100,12 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_requested or self._loop is None:
+        if self._loop is None or self._cut_short:
             self.should_exit = True
-            self.force_exit = self._drain_requested
+            self.force_exit = self._cut_short
+            return
+        if self._drain_requested:
+            self._cut_short = True  # seen by the drain within one poll
             return
         self._drain_requested = True
         self._loop.call_soon_threadsafe(self._start_drain)
@@ -117,12 +123,13 @@ class DrainingServer(uvicorn.Server):
             engine.requests_in_flight,
             self._shutdown_timeout_s,
         )
-        while engine.requests_in_flight and loop.time() < deadline:
+        while engine.requests_in_flight and loop.time() < deadline and not self._cut_short:
             await asyncio.sleep(_DRAIN_POLL_S)
         if engine.requests_in_flight:
             logger.warning(
-                "ending %d request(s) still running at the shutdown timeout",
+                "ending %d request(s) still running %s",
                 engine.requests_in_flight,
+                "on a second signal" if self._cut_short else "at the shutdown timeout",
             )
             engine.end_in_flight()
         self.should_exit = True
