@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
 ArchitectureKind = Literal["llama", "mistral", "qwen2", "qwen3"]
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES: tuple[ArchitectureKind, ...] = get_args(ArchitectureKind)
 # RoPE types whose inverse frequencies are fixed at load time (no per-step recomputation).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
