@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from winnow.kernels.cpu import gumbel_max
 from winnow.sampling import noise
 from winnow.sampling.step import (
     MIN_P,
@@ -54,6 +55,7 @@ class Routes:
         self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
         self._noise = noise.NoiseScratch(vocab_size, device)
         self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
+        self._fused_cpu = device.type == "cpu" and gumbel_max.available()
 
     def choose(self, step: Step) -> None:
         """One token per row into step.tokens."""
@@ -167,13 +169,18 @@ class Routes:
     def _free(self, step: Step, rows: slice) -> None:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+        z = step.z[rows]
+        if self._fused_cpu and not params.flags[:, XTC].any():  # one pass, y written over z
+            step.tokens[rows] = gumbel_max.gumbel_argmax(z, params.floats[:, TEMPERATURE], keys, z)
+            step.free_y, step.free_keep = z, None
+            return
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
-        y = step.z[rows].div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
+        y = z.div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
         keep = None
         if params.flags[:, XTC].any():
             lowest = float(step.xtc_threshold[rows][params.flags[:, XTC]].min())
             keep = self._free_xtc(y, params, lowest)
-        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         step.tokens[rows] = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
         step.free_y, step.free_keep = y, keep
 
