@@ -3,11 +3,17 @@ same pick: identical tokens and y for many seeds, temperatures and awkward rows,
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from winnow.kernels.cpu import gumbel_max
 from winnow.sampling import noise
+from winnow.sampling.bitmask import TokenMasks, words_for
+from winnow.sampling.params import SamplingParams
+from winnow.sampling.sampler import Sampler
 
 pytestmark = pytest.mark.skipif(not gumbel_max.available(), reason="no AVX2 C kernel here")
 
@@ -58,9 +64,10 @@ def test_picks_and_y_match_the_torch_reference(isa, vocab: int) -> None:
         keys = noise.row_keys(seeds, positions, noise.GUMBEL_STREAM)
         expected, y = torch_pick(z, temperature, keys)
         y_out = torch.full_like(z, float("nan"))
-        assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, y_out), expected)
+        mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
+        assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix, y_out), expected)
         assert torch.equal(y_out, y)
-        assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys), expected)
+        assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix), expected)
         picks += rows
     assert int(expected[7]) == 0 and picks >= 160
 
@@ -74,7 +81,8 @@ def test_in_place_over_a_strided_block(isa) -> None:
     keys = noise.row_keys(torch.arange(6), torch.arange(6) * 3, noise.GUMBEL_STREAM)
     expected, y = torch_pick(z.clone(), temperature, keys)
     outside = work[:, 4096:].clone()
-    assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, z), expected)
+    mix = gumbel_max.mix_table(noise.token_mix(torch.arange(4096)))
+    assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix, z), expected)
     assert torch.equal(z, y) and torch.equal(work[:, 4096:], outside)
 
 
@@ -86,7 +94,8 @@ def test_draws_follow_the_softmax() -> None:
     keys = noise.row_keys(
         torch.arange(draws), torch.zeros(draws, dtype=torch.int64), noise.GUMBEL_STREAM
     )
-    counts = torch.bincount(gumbel_max.gumbel_argmax(z, temperature, keys), minlength=vocab)
+    mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
+    counts = torch.bincount(gumbel_max.gumbel_argmax(z, temperature, keys, mix), minlength=vocab)
     assert counts[5] == 0
     expected = torch.softmax(z[0, :5].double() / 0.8, 0) * draws
     chi2 = float(((counts[:5].double() - expected) ** 2 / expected).sum())
@@ -94,3 +103,32 @@ def test_draws_follow_the_softmax() -> None:
         torch.special.gammaincc(torch.tensor(2.0, dtype=torch.float64), torch.tensor(chi2 / 2))
     )
     assert p > 1e-4
+
+
+def test_plain_temperature_step_picks_what_the_pipeline_picks() -> None:
+    """Temperature-only rows take the one-pass step on the model's logits; an all-allowing
+    grammar mask (which changes nothing) sends the same rows through the full pipeline. NaN,
+    +inf, float32-max and all -inf rows included; both advance their positions alike."""
+    vocab, rows = 4099, 6
+    temperatures = [1.0, 0.3, 1.7, 1.0, 0.9, 2.0]
+
+    def make() -> Sampler:
+        sampler = Sampler(vocab, rows, torch.device("cpu"), eos_token_ids=[0])
+        for key, t in enumerate(temperatures):
+            sampler.add_row(
+                key, SamplingParams(temperature=t), seed=100 + key, prompt_token_ids=[1]
+            )
+        return sampler
+
+    plain, piped = make(), make()
+    everything = TokenMasks(np.array([0]), torch.full((1, words_for(vocab)), -1, dtype=torch.int32))
+    generator = torch.Generator().manual_seed(4)
+    keys = list(range(rows))
+    for step in range(20):
+        logits = torch.randn(rows, vocab, generator=generator) * 2
+        if step % 2:
+            logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, FLOAT32_MAX
+            logits[2, 14], logits[3] = math.inf, -math.inf
+            logits[4, :5] = math.nan
+        expected = piped.sample(logits, keys, everything).token_ids
+        assert torch.equal(plain.sample(logits, keys).token_ids, expected)

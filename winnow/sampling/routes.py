@@ -55,7 +55,8 @@ class Routes:
         self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
         self._noise = noise.NoiseScratch(vocab_size, device)
         self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
-        self._fused_cpu = device.type == "cpu" and gumbel_max.available()
+        self.fused_cpu = device.type == "cpu" and gumbel_max.available()
+        self.mix_table = gumbel_max.mix_table(self.token_mix) if self.fused_cpu else None
 
     def choose(self, step: Step) -> None:
         """One token per row into step.tokens."""
@@ -171,8 +172,9 @@ class Routes:
         params = step.params(rows)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         z = step.z[rows]
-        if self._fused_cpu and not params.flags[:, XTC].any():  # one pass, y written over z
-            step.tokens[rows] = gumbel_max.gumbel_argmax(z, params.floats[:, TEMPERATURE], keys, z)
+        if self.mix_table is not None and not params.flags[:, XTC].any():  # one pass, y over z
+            temperature = params.floats[:, TEMPERATURE]
+            step.tokens[rows] = gumbel_max.gumbel_argmax(z, temperature, keys, self.mix_table, z)
             step.free_y, step.free_keep = z, None
             return
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]

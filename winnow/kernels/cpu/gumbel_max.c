@@ -3,8 +3,8 @@
  *
  * For each row r and token j, with the counter-based noise of winnow/sampling/noise.py:
  *
- *   y_j   = min(z_j / T_r, FLT_MAX)                                  (float32, as torch divides)
- *   bits  = fmix32(key_r ^ fmix32(j ^ TOKEN_SALT))
+ *   y_j   = min(min(z_j, FLT_MAX) / T_r, FLT_MAX)                    (float32, as torch divides)
+ *   bits  = fmix32(key_r ^ mix_j),   mix_j = fmix32(j ^ TOKEN_SALT)  (a table the caller keeps)
  *   a_j   = (float) log(-log((bits + 0.5) * 2^-32))                  (both logs in double)
  *   s_j   = y_j - a_j                                                (float32)
  *   token = the lowest j with the largest s_j
@@ -13,14 +13,17 @@
  * same float as torch's (1-ulp logs that differ in a double's last bit almost never straddle a
  * float rounding boundary; the tests compare picks and noise values).
  *
- * One pass per row, and the two logs are taken for a handful of tokens only: a_j falls as bits
- * rise, so A[b] = a of the largest bits in bucket b (the top BUCKET_BITS bits) bounds every a_j
- * of the bucket from below, and y_j - A[b] >= s_j bounds the score from above. A token whose
- * bound does not beat the best exact score seen so far cannot win, and is dropped after a hash,
- * a table lookup and a compare; the rest get their exact score. Rounding is monotone, so the
- * bound holds in float32 too.
+ * One pass per row, and the two logs are taken for a handful of tokens only. With w = ~bits,
+ * 1 - u = (w + 0.5) * 2^-32 and -log u >= 1 - u, so a_j >= log(1 - u) >= c_j, where c_j is read
+ * off the float bits of w (a float's bits, as an integer over 2^23, minus 127 never exceed its
+ * log2; less a margin for float rounding). Then y_j - c_j >= s_j bounds the score from above,
+ * rounding being monotone, and a token whose bound does not beat the best exact score seen so
+ * far cannot win: it is dropped after a hash and a few vector ops; the rest (the bound is within
+ * ~0.06 of the exact score where noise is large) get their exact score.
  *
- * When asked, the same pass writes y back (processed logprobs read it).
+ * A NaN logit never wins (its bound and score compare false), so a row of raw logits gets the
+ * pick the sampler's NaN -> -inf rule gives; an all-NaN / -inf row returns token 0. When asked,
+ * the same pass writes y back (processed logprobs read it; NaN stays NaN there).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -28,13 +31,12 @@
 #include <omp.h>
 #include <stdint.h>
 
-#define TOKEN_SALT 0x13198A2Eu
 #define FMIX_1 0x85EBCA6Bu
 #define FMIX_2 0xC2B2AE35u
-#define BUCKET_BITS 12
-#define BUCKETS (1 << BUCKET_BITS)
+/* c = float_bits(float(w >> 8)) * C_SCALE + C_OFFSET: (log2 lower bound - 32) * ln 2 - margin */
+#define C_SCALE (0x1p-23f * 0.693147180559945f)
+#define C_OFFSET (-151.0f * 0.693147180559945f - 1e-3f)
 
-static float bucket_floor[BUCKETS]; /* A[b]: the smallest a_j of bucket b */
 static int use_avx512 = 0;
 
 static inline uint32_t fmix32(uint32_t x) {
@@ -50,11 +52,8 @@ static inline float noise_a(uint32_t bits) {
   return (float)log(-log(u));
 }
 
-/* Fill the bucket table and pick the ISA; returns whether AVX-512 is in use. */
+/* Pick the ISA; returns whether AVX-512 is in use. */
 int winnow_gumbel_init(int wanted_avx512) {
-  for (uint32_t b = 0; b < BUCKETS; b++) {
-    bucket_floor[b] = noise_a((b << (32 - BUCKET_BITS)) | ((1u << (32 - BUCKET_BITS)) - 1));
-  }
   __builtin_cpu_init();
   use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
   return use_avx512;
@@ -66,14 +65,15 @@ void winnow_gumbel_noise(const uint32_t *bits, int64_t n, float *out) {
 }
 
 static inline float y_of(float z, float t) {
-  float y = z / t;
+  float y = (z > FLT_MAX ? FLT_MAX : z) / t;
   return y > FLT_MAX ? FLT_MAX : y;
 }
 
 /* The exact score of token j; updates the row's best when it wins (ties keep the lower id,
  * which was seen first). */
-static inline void consider(float y, uint32_t key, int64_t j, float *best, int64_t *best_j) {
-  float s = y - noise_a(fmix32(key ^ fmix32((uint32_t)j ^ TOKEN_SALT)));
+static inline void consider(float y, uint32_t key, uint32_t mix, int64_t j, float *best,
+                            int64_t *best_j) {
+  float s = y - noise_a(fmix32(key ^ mix));
   if (s > *best) {
     *best = s;
     *best_j = j;
@@ -88,33 +88,34 @@ static inline __m256i fmix32_8(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-static int64_t row_avx2(const float *z, float *y_out, int64_t vocab, float t, uint32_t key) {
+static int64_t row_avx2(const float *z, const uint32_t *mix, float *y_out, int64_t vocab, float t,
+                        uint32_t key) {
   float best = -INFINITY;
   int64_t best_j = 0, j = 0;
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
-  const __m256i keyv = _mm256_set1_epi32((int)key), salt = _mm256_set1_epi32((int)TOKEN_SALT);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i keyv = _mm256_set1_epi32((int)key), ones = _mm256_set1_epi32(-1);
+  const __m256 scale = _mm256_set1_ps(C_SCALE), offset = _mm256_set1_ps(C_OFFSET);
   for (; j + 8 <= vocab; j += 8) {
-    __m256 y = _mm256_min_ps(_mm256_div_ps(_mm256_loadu_ps(z + j), tv), big);
+    __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, _mm256_loadu_ps(z + j)), tv));
     if (y_out) _mm256_storeu_ps(y_out + j, y);
-    __m256i ids = _mm256_add_epi32(_mm256_set1_epi32((int)j), lanes);
-    __m256i bits = fmix32_8(_mm256_xor_si256(keyv, fmix32_8(_mm256_xor_si256(ids, salt))));
-    __m256 floor = _mm256_i32gather_ps(bucket_floor, _mm256_srli_epi32(bits, 32 - BUCKET_BITS), 4);
-    __m256 bound = _mm256_sub_ps(y, floor);
+    __m256i bits = fmix32_8(_mm256_xor_si256(keyv, _mm256_loadu_si256((const __m256i *)(mix + j))));
+    __m256 w = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(bits, ones), 8));
+    __m256 c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(w)), scale, offset);
+    __m256 bound = _mm256_sub_ps(y, c);
     int hits = _mm256_movemask_ps(_mm256_cmp_ps(bound, _mm256_set1_ps(best), _CMP_GT_OQ));
     if (hits) {
       float ys[8];
       _mm256_storeu_ps(ys, y);
       for (; hits; hits &= hits - 1) {
         int lane = __builtin_ctz(hits);
-        consider(ys[lane], key, j + lane, &best, &best_j);
+        consider(ys[lane], key, mix[j + lane], j + lane, &best, &best_j);
       }
     }
   }
   for (; j < vocab; j++) {
     float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
-    consider(y, key, j, &best, &best_j);
+    consider(y, key, mix[j], j, &best, &best_j);
   }
   return best_j;
 }
@@ -129,51 +130,52 @@ static inline AVX512 __m512i fmix32_16(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-static AVX512 int64_t row_avx512(const float *z, float *y_out, int64_t vocab, float t,
-                                 uint32_t key) {
+static AVX512 int64_t row_avx512(const float *z, const uint32_t *mix, float *y_out,
+                                 int64_t vocab, float t, uint32_t key) {
   float best = -INFINITY;
   int64_t best_j = 0, j = 0;
   const __m512 tv = _mm512_set1_ps(t), big = _mm512_set1_ps(FLT_MAX);
-  const __m512i keyv = _mm512_set1_epi32((int)key), salt = _mm512_set1_epi32((int)TOKEN_SALT);
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i keyv = _mm512_set1_epi32((int)key), ones = _mm512_set1_epi32(-1);
+  const __m512 scale = _mm512_set1_ps(C_SCALE), offset = _mm512_set1_ps(C_OFFSET);
   for (; j + 16 <= vocab; j += 16) {
-    __m512 y = _mm512_min_ps(_mm512_div_ps(_mm512_loadu_ps(z + j), tv), big);
+    __m512 y = _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, _mm512_loadu_ps(z + j)), tv));
     if (y_out) _mm512_storeu_ps(y_out + j, y);
-    __m512i ids = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
-    __m512i bits = fmix32_16(_mm512_xor_si512(keyv, fmix32_16(_mm512_xor_si512(ids, salt))));
-    __m512 floor =
-        _mm512_i32gather_ps(_mm512_srli_epi32(bits, 32 - BUCKET_BITS), bucket_floor, 4);
-    __m512 bound = _mm512_sub_ps(y, floor);
+    __m512i bits = fmix32_16(_mm512_xor_si512(keyv, _mm512_loadu_si512(mix + j)));
+    __m512 w = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_xor_si512(bits, ones), 8));
+    __m512 c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(w)), scale, offset);
+    __m512 bound = _mm512_sub_ps(y, c);
     unsigned hits = _mm512_cmp_ps_mask(bound, _mm512_set1_ps(best), _CMP_GT_OQ);
     if (hits) {
       float ys[16];
       _mm512_storeu_ps(ys, y);
       for (; hits; hits &= hits - 1) {
         int lane = __builtin_ctz(hits);
-        consider(ys[lane], key, j + lane, &best, &best_j);
+        consider(ys[lane], key, mix[j + lane], j + lane, &best, &best_j);
       }
     }
   }
   for (; j < vocab; j++) {
     float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
-    consider(y, key, j, &best, &best_j);
+    consider(y, key, mix[j], j, &best, &best_j);
   }
   return best_j;
 }
 
-/* Rows r < rows of z (row stride `stride`, float32, NaN-free): token[r] as described at the top.
- * keys[r] are the rows' 32-bit Gumbel-stream keys (int64 holding [0, 2^32)); temperature[r] > 0.
+/* Rows r < rows of z (row stride `stride`, float32): token[r] as described at the top.
+ * keys[r] are the rows' 32-bit Gumbel-stream keys (int64 holding [0, 2^32)); temperature[r] > 0;
+ * mix[j] = token_mix(j) for j < vocab.
  * y_out (row stride `stride`, may be z itself) receives y when given. */
 void winnow_gumbel_argmax(const float *z, int64_t rows, int64_t vocab, int64_t stride,
-                          const float *temperature, const int64_t *keys, float *y_out,
+                          const float *temperature, const int64_t *keys, const uint32_t *mix,
+                          float *y_out,
                           int64_t *tokens, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; r++) {
     const float *zr = z + r * stride;
     float *yr = y_out ? y_out + r * stride : NULL;
     uint32_t key = (uint32_t)keys[r];
-    tokens[r] = use_avx512 ? row_avx512(zr, yr, vocab, temperature[r], key)
-                           : row_avx2(zr, yr, vocab, temperature[r], key);
+    tokens[r] = use_avx512 ? row_avx512(zr, mix, yr, vocab, temperature[r], key)
+                           : row_avx2(zr, mix, yr, vocab, temperature[r], key);
   }
 }
