@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from winnow.kernels.cpu import gumbel_max
+from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling import noise
 from winnow.sampling.step import (
     MIN_P,
@@ -55,7 +55,7 @@ class Routes:
         self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
         self._noise = noise.NoiseScratch(vocab_size, device)
         self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
-        self.fused_cpu = device.type == "cpu" and gumbel_max.available()
+        self.fused_cpu = device.type == "cpu" and gumbel_max.available() and row_stats.available()
         self.mix_table = gumbel_max.mix_table(self.token_mix) if self.fused_cpu else None
 
     def choose(self, step: Step) -> None:
@@ -134,7 +134,11 @@ class Routes:
     ) -> Pick:
         """Truncation, XTC, noise and pick on the top-`width` slice of the rows `z`."""
         flags, floats, top_k = params.flags, params.floats, params.top_k
-        values, ids = z.topk(min(width, self.vocab_size), dim=1)
+        width = min(width, self.vocab_size)
+        if self.fused_cpu:
+            values, ids = row_stats.top_candidates(z, width)
+        else:
+            values, ids = z.topk(width, dim=1)
         ys = (values / floats[:, TEMPERATURE : TEMPERATURE + 1]).clamp_(max=FLOAT32_MAX)
         keep = sorted_survivors(
             ys,
@@ -160,6 +164,10 @@ class Routes:
 
     def _total_mass(self, z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
         """sum_j exp(y_j - max y) over whole rows, float64 (y = z / T, computed in scratch)."""
+        if self.fused_cpu:
+            rows = z.shape[0]
+            t = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(temperature)
+            return row_stats.total_mass(z, t.to(torch.float32).reshape(-1).expand(rows))
         if self._scratch is None:
             self._scratch = torch.empty(self.max_rows * self.vocab_size, device=self.device)
         rows = z.shape[0]
