@@ -38,3 +38,15 @@ def test_total_mass_matches_torch() -> None:
     y = (z / temperature[:, None]).clamp(max=torch.finfo(torch.float32).max)
     expected = (y - y.amax(1, keepdim=True)).exp().sum(1, dtype=torch.float64)
     torch.testing.assert_close(row_stats.total_mass(z, temperature), expected, rtol=1e-6, atol=0)
+
+
+def test_load_rows_reorders_and_cleans() -> None:
+    logits = torch.randn(5, 1001, generator=torch.Generator().manual_seed(2))
+    logits[1, 3], logits[2, 4], logits[3, 5] = float("nan"), float("inf"), -float("inf")
+    order = torch.tensor([3, 1, 4, 2])
+    z = torch.empty(4, 1001)
+    row_stats.load_rows(logits, order, z)
+    expected = logits[order].nan_to_num(nan=-torch.inf, neginf=-torch.inf)
+    assert torch.equal(z, expected)
+    row_stats.load_rows(logits[:4], None, z)
+    assert torch.equal(z, logits[:4].nan_to_num(nan=-torch.inf, neginf=-torch.inf))

@@ -102,12 +102,17 @@ class Routes:
             ids = torch.arange(self.vocab_size, device=self.device)[None, :]
             keep = xtc_filter(y, keep, ids, floats[:, XTC_THRESHOLD], apply)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
-        step.tokens.index_copy_(
-            0, index, noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
-        )
+        values = torch.where(keep, y, -torch.inf)
+        if self.mix_table is not None and not flags[:, XTC].any():
+            # removed = -inf gives the same pick: the row max survives top_k/top_p/min_p
+            ones = torch.ones(len(rows), dtype=torch.float32)
+            tokens = gumbel_max.gumbel_argmax(values, ones, keys, self.mix_table)
+        else:
+            tokens = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
+        step.tokens.index_copy_(0, index, tokens)
         if step.overflow is not None:
             step.overflow.index_fill_(0, index, False)
-        return torch.where(keep, y, -torch.inf)
+        return values
 
     def _thresholded(self, step: Step, rows: slice) -> None:
         """The thresholded route on its first candidate slice."""

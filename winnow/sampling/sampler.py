@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from winnow.kernels.cpu import gumbel_max
+from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling import noise, step_logprobs
 from winnow.sampling.bitmask import TokenMasks, apply_bitmask
 from winnow.sampling.params import SamplingParams
@@ -378,6 +378,10 @@ class Sampler:
         self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None
     ) -> None:
         """z = float32(logits) in work-row order; NaN -> -inf, +inf -> float32 max."""
+        fused = self._routes.fused_cpu and logits.device.type == "cpu"
+        if fused and logits.dtype == torch.float32 and logits.stride(1) == 1:
+            row_stats.load_rows(logits.detach(), order, z)
+            return
         if order is None and logits.dtype == torch.float32:
             torch.nan_to_num(logits, nan=-torch.inf, neginf=-torch.inf, out=z)
             return

@@ -6,6 +6,9 @@
  *   so far drops almost every token; the few above it go to a buffer of 2n that is cut back to
  *   its best n whenever it fills.
  *
+ * winnow_load_rows: the sampler's copy of the model's logits into its work buffer (NaN -> -inf,
+ *   +inf -> FLT_MAX, rows in route order), one streaming pass.
+ *
  * winnow_total_mass: sum_j exp(y_j - max y) in double over whole rows, y = min(z / T, FLT_MAX),
  *   the top_p normaliser (float32 exps, as torch takes them, from a polynomial within ~2 ulp of
  *   torch's; added in double, so neither the exp's last bit nor the order of the sum can
@@ -164,4 +167,22 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
                        const float *temperature, double *mass, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; r++) mass[r] = row_mass(z + r * stride, vocab, temperature[r]);
+}
+
+/* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the
+ * sampler's load of the model's logits into its work buffer, in one streaming pass. */
+void winnow_load_rows(const float *src, int64_t rows, int64_t vocab, int64_t stride,
+                      const int64_t *order, float *dst, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *s = src + (order ? order[r] : r) * stride;
+    float *d = dst + r * vocab;
+    const __m256 big = _mm256_set1_ps(FLT_MAX), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= vocab; j += 8) {
+      __m256 x = _mm256_min_ps(big, _mm256_loadu_ps(s + j)); /* NaN stays NaN */
+      _mm256_storeu_ps(d + j, _mm256_blendv_ps(x, ninf, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    }
+    for (; j < vocab; j++) d[j] = isnan(s[j]) ? -INFINITY : (s[j] > FLT_MAX ? FLT_MAX : s[j]);
+  }
 }

@@ -1,6 +1,7 @@
-"""Whole-row helpers of the thresholded sampling route (`row_stats.c`): top-n candidates and the
-top_p normaliser, each one vectorised pass per row. Built and loaded like the other CPU kernels;
-`available()` is False where they cannot be, and the sampler keeps to torch.topk and torch ops.
+"""Whole-row helpers of the sampler (`row_stats.c`): the load of the logits into its work buffer,
+top-n candidates and the top_p normaliser, each one vectorised pass per row. Built and loaded
+like the other CPU kernels; `available()` is False where they cannot be, and the sampler keeps
+to torch ops.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_top_candidates.restype = None
     lib.winnow_total_mass.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, ctypes.c_int]
     lib.winnow_total_mass.restype = None
+    lib.winnow_load_rows.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_load_rows.restype = None
     return lib
 
 
@@ -75,3 +78,19 @@ def total_mass(z: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
             torch.get_num_threads(),
         )  # fmt: skip
     return mass
+
+
+def load_rows(logits: torch.Tensor, order: torch.Tensor | None, z: torch.Tensor) -> None:
+    """z[r] = logits[order[r]] (logits[r] without an order), NaN -> -inf, +inf -> FLOAT32_MAX.
+
+    logits [n, V] float32 with unit inner stride; z [b, V] contiguous; order [b] int64 (CPU)."""
+    lib = _checked(logits)
+    rows, vocab = z.shape
+    assert z.is_contiguous() and logits.shape[1] == vocab
+    if order is not None:
+        order = order.contiguous()
+    if rows:
+        lib.winnow_load_rows(
+            logits.data_ptr(), rows, vocab, logits.stride(0),
+            None if order is None else order.data_ptr(), z.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
