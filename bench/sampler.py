@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu", help="where logits and sampler live (cuda)")
     parser.add_argument("--targets", action="store_true", help="issue 21's bounded stages")
+    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: keep)")
     parser.add_argument(
         "--decode-step", action="store_true", help="all stages vs a demo-large decode step, B=64"
     )
@@ -192,6 +193,8 @@ def main() -> None:
         )
         return
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.targets:
         cases = [(b, 131072, s) for b in (64, 256) for s in TARGET_STAGES]
     elif args.quick:

@@ -161,7 +161,8 @@ class Routes:
         if apply is not None:
             keep = xtc_filter(ys, keep, ids, floats[:, XTC_THRESHOLD], apply)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
-        score = ys + noise.gumbel(noise.hash_bits(keys[:, None], self.token_mix[ids]))
+        mixed = self.token_mix.index_select(0, ids.view(-1)).view(ids.shape)
+        score = ys + noise.gumbel(noise.hash_bits(keys[:, None], mixed))
         score = torch.where(keep, score, -torch.inf)
         best = score.amax(1, keepdim=True)
         tokens = torch.where(keep & (score == best), ids, self.vocab_size).amin(1)

@@ -421,7 +421,9 @@ class Sampler:
             rows = subsets["banned"]
             width = self._ban_ids.width(step.host_slots[rows.host])
             ids = self._ban_ids.take(step.slots.index_select(0, rows.device), width)
-            z_flat[flat_index(rows.device, ids, vocab, trash, ids >= 0)] = -torch.inf
+            z_flat.index_fill_(
+                0, flat_index(rows.device, ids, vocab, trash, ids >= 0).view(-1), -torch.inf
+            )
 
     # ------------------------------------------------------------------ host side
 
