@@ -1,11 +1,30 @@
 """Stages 3-6 for each route of a step (see sampler.py), plus the thresholded route's fallbacks.
 
+    Sampler.sample(logits, keys)
+      |-- all greedy, nothing to apply ------------------> numpy argmax           (no pipeline)
+      |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
+      '-- plan, load (by route), penalise, then per route block of rows:
+            greedy       argmax of z
+            thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
+                           | a row's slice may miss a survivor (flag, one device->host copy)
+                           v
+                         widen: a slice of >= wide_candidates (4x the first), same stages
+                           | still flagged
+                           v
+                         redo_exact: the whole sorted row, then Gumbel-max over it
+            free         Gumbel-max over the whole vocabulary (XTC first if asked)
+
 * greedy: argmax of z.
 * thresholded: truncation, XTC, noise and pick on a top-n candidate slice of z.
 * free: Gumbel-max over the whole vocabulary, perhaps after XTC.
 
 A slice "overflows" when it might miss a survivor of the whole row; such rows are redone by
 `widen` (a wider slice) and then, if still flagged, by `redo_exact` (the whole sorted row).
+
+On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the whole-row work
+is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
+normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py);
+elsewhere the torch expressions run.
 """
 
 from __future__ import annotations
