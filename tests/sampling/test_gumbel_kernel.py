@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.sampling.test_sampler_edges import vocabulary_ops
 from winnow.kernels.cpu import gumbel_max
 from winnow.sampling import noise
 from winnow.sampling.bitmask import TokenMasks, words_for
@@ -106,7 +107,8 @@ def test_draws_follow_the_softmax() -> None:
 
 
 def test_plain_temperature_step_picks_what_the_pipeline_picks() -> None:
-    """Temperature-only rows take the one-pass step on the model's logits; an all-allowing
+    """Temperature-only rows take the one-pass step on the model's logits (no torch op over a
+    row); an all-allowing
     grammar mask (which changes nothing) sends the same rows through the full pipeline. NaN,
     +inf, float32-max and all -inf rows included; both advance their positions alike."""
     vocab, rows = 4099, 6
@@ -131,4 +133,6 @@ def test_plain_temperature_step_picks_what_the_pipeline_picks() -> None:
             logits[2, 14], logits[3] = math.inf, -math.inf
             logits[4, :5] = math.nan
         expected = piped.sample(logits, keys, everything).token_ids
-        assert torch.equal(plain.sample(logits, keys).token_ids, expected)
+        out, ops = vocabulary_ops(lambda: plain.sample(logits, keys), vocab)  # noqa: B023
+        assert torch.equal(out.token_ids, expected)
+        assert ops == 0  # one C pass, no whole-row torch op
