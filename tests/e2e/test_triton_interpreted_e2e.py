@@ -17,7 +17,7 @@ from winnow.models import Tokenizer
 
 pytest.importorskip("triton")
 
-MAX_TOKENS = 6
+MAX_TOKENS = 4
 QUESTIONS = ["Name three colours.", "Count to five.", "Say hello in French, please."]
 
 
@@ -28,6 +28,7 @@ def triton_server(
     log_path = tmp_path_factory.mktemp("triton-server") / "server.log"
     serve_args = ["serve", str(demo_model_dir), "--served-model-name", "demo"]
     serve_args += ["--kernels", "triton", "--max-num-seqs", "4", "--num-kv-blocks", "64"]
+    serve_args += ["--max-model-len", "512"]  # two context splits per decode
     proc = launch(serve_args, log_path, env={"TRITON_INTERPRET": "1"})
     yield proc
     stop_server(proc)

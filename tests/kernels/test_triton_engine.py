@@ -28,6 +28,7 @@ from winnow.sampling.params import SamplingParams  # noqa: E402
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU run")
 
 BLOCK = 16
+MAX_LEN = 512  # a graph bucket's decode then runs in two context splits (fewer to interpret)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,13 @@ def triton_model(demo_model_dir: Path) -> LoadedModel:
 
 
 def requests(count: int, prompt: int, stride: int) -> list[GenerationRequest]:
-    """Greedy requests of different prompt and output lengths (the decode batch shrinks)."""
+    """Greedy requests of different prompt and output lengths: the decode batch shrinks, the
+    longest prompt finishing first (so the block-table width shrinks too)."""
     return [
         GenerationRequest(
             f"r{i}",
             [1000 + 37 * i + j for j in range(prompt + stride * i)],
-            SamplingParams(temperature=0.0, max_tokens=2 + i, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=2 * (count - i), ignore_eos=True),
         )
         for i in range(count)
     ]
@@ -60,7 +62,7 @@ def test_cuda_selection_captures_decode_graphs() -> None:
 def test_engine_decodes_through_the_graph_buckets(triton_model: LoadedModel) -> None:
     """Triton kernels and DecodeGraphs' padded buckets give the torch reference's tokens."""
     batch = requests(3, prompt=5, stride=4)
-    config = EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=64)
+    config = EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=64, max_model_len=MAX_LEN)
     reference = load_model(triton_model.path.as_posix(), device="cpu", kernels="torch")
     expected = run_all(LLMEngine(reference, config), batch)
     engine = LLMEngine(triton_model, config)
@@ -79,16 +81,17 @@ def test_captured_split_count_ignores_host_lengths(triton_model: LoadedModel) ->
     """A bucket's decode launches have one split count, from max_model_len and the core count,
     whatever lengths the batch brings (host or device): a captured grid is fixed, and each
     sequence's range comes from the device lengths."""
-    engine = LLMEngine(triton_model, EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=64))
+    config = EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=128, max_model_len=MAX_LEN)
+    engine = LLMEngine(triton_model, config)
     graphs = engine.runner.decode_graphs
     assert graphs is not None
     backend = triton_model.kernels.attention
     assert isinstance(backend, TritonAttentionBackend)
     kv_heads = triton_model.config.num_kv_heads
     bound = graphs.max_blocks_per_seq * BLOCK
-    for batch_lens in ([1, 2, 3], [40, 300, 7], [700, 5, 1]):
+    for batch_lens in ([1, 2, 3], [40, 300, 7], [500, 5, 1]):
         batch = len(batch_lens)
-        tables = torch.tensor([[1 + 50 * row + b for b in range(50)] for row in range(batch)])
+        tables = torch.tensor([[1 + 32 * row + b for b in range(32)] for row in range(batch)])
         lens = torch.tensor(batch_lens)
         positions = lens - 1
         slots = tables[torch.arange(batch), positions // BLOCK] * BLOCK + positions % BLOCK
@@ -108,8 +111,11 @@ def test_serving_launches_only_warmed_up_variants(triton_model: LoadedModel) -> 
     """Every launch of a run with varying batches, lengths, block-table widths and split counts
     (graph buckets and, with --enforce-eager, host-chosen splits) is of a variant the engine's
     start-up warm-up launched: on a GPU none would compile while serving."""
-    for eager in (False, True):
-        config = EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=96, enforce_eager=eager)
+    for eager, stride in ((False, 20), (True, 130)):  # eager: contexts up to 2 splits long
+        config = EngineConfig(
+            model="demo", max_num_seqs=4, num_kv_blocks=64, max_model_len=MAX_LEN,
+            enforce_eager=eager,
+        )  # fmt: skip
         fresh = load_model(triton_model.path.as_posix(), device="cpu", kernels="triton")
         with recorded_launches() as warm:
             engine = LLMEngine(fresh, config)
@@ -118,7 +124,7 @@ def test_serving_launches_only_warmed_up_variants(triton_model: LoadedModel) -> 
             "_write_kv_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel"
         }  # fmt: skip
         with recorded_launches() as served:
-            run_all(engine, requests(4, prompt=3, stride=90))
+            run_all(engine, requests(3, prompt=3, stride=stride))
         assert {(launch.kernel, launch.variant) for launch in served} <= warmed
         # what the run varied, that would otherwise be specialised
         decodes = [launch.args for launch in served if launch.kernel == "_decode_kernel"]

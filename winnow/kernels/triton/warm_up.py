@@ -23,15 +23,22 @@ ALIGNMENT = 16
 def layout_key(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
 ) -> tuple[object, ...]:
-    """What fixes the kernels' specialisations of a forward over these tensors."""
+    """What fixes the kernels' specialisations of a forward over these tensors: dtypes, the
+    shapes the kernels take as constexprs, and what Triton keys on of each stride (equal to 1,
+    divisible by 16) and pointer (16-byte aligned)."""
     tensors = (q, k, v, kv_cache)
     return (
         q.device,
         tuple(t.dtype for t in tensors),
-        tuple(t.shape[1:] for t in tensors),
-        tuple(t.stride() for t in tensors),
-        tuple(t.data_ptr() % ALIGNMENT for t in tensors),
+        q.shape[1:],
+        kv_cache.shape[2:],
+        tuple(_specialised(stride) for t in tensors for stride in t.stride()),
+        tuple(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
     )
+
+
+def _specialised(value: int) -> object:
+    return "one" if value == 1 else value % ALIGNMENT == 0
 
 
 def warm_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> None:
