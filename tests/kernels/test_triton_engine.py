@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from tests.engine.helpers import run_all  # noqa: E402
 from tests.kernels.triton_launches import recorded_launches  # noqa: E402
 from winnow.config import EngineConfig  # noqa: E402
+from winnow.engine.decode_graphs import DecodeGraphs  # noqa: E402
 from winnow.engine.engine import LLMEngine  # noqa: E402
 from winnow.engine.request import GenerationRequest  # noqa: E402
 from winnow.kernels import select_kernels  # noqa: E402
@@ -59,24 +60,6 @@ def test_cuda_selection_captures_decode_graphs() -> None:
     assert not select_kernels("cuda", torch.bfloat16, choice="torch").decode_graphs
 
 
-def test_engine_decodes_through_the_graph_buckets(triton_model: LoadedModel) -> None:
-    """Triton kernels and DecodeGraphs' padded buckets give the torch reference's tokens."""
-    batch = requests(3, prompt=5, stride=4)
-    config = EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=64, max_model_len=MAX_LEN)
-    reference = load_model(triton_model.path.as_posix(), device="cpu", kernels="torch")
-    expected = run_all(LLMEngine(reference, config), batch)
-    engine = LLMEngine(triton_model, config)
-    graphs = engine.runner.decode_graphs
-    assert graphs is not None and not graphs.capture and graphs.sizes == [1, 2, 4]
-    sizes: list[int] = []
-    forward = graphs._forward
-    graphs._forward = lambda size, host: sizes.append(size) or forward(size, host)  # type: ignore[method-assign]
-    assert run_all(engine, batch) == expected
-    assert set(sizes) == {1, 2, 4}  # batches of 3 (padded to 4), 2 and 1
-    no_graphs = LLMEngine(triton_model, EngineConfig(**{**vars(config), "enforce_eager": True}))
-    assert no_graphs.runner.decode_graphs is None
-
-
 def test_captured_split_count_ignores_host_lengths(triton_model: LoadedModel) -> None:
     """A bucket's decode launches have one split count, from max_model_len and the core count,
     whatever lengths the batch brings (host or device): a captured grid is fixed, and each
@@ -107,15 +90,27 @@ def test_captured_split_count_ignores_host_lengths(triton_model: LoadedModel) ->
     assert split_count(4, kv_heads, bound, backend.target_programs) > 1
 
 
+def recorded_sizes(graphs: DecodeGraphs) -> list[int]:
+    """The bucket of every decode step `graphs` runs from now on."""
+    sizes: list[int] = []
+    forward = graphs._forward
+    graphs._forward = lambda size, host: sizes.append(size) or forward(size, host)  # type: ignore[method-assign]
+    return sizes
+
+
 def test_serving_launches_only_warmed_up_variants(triton_model: LoadedModel) -> None:
-    """Every launch of a run with varying batches, lengths, block-table widths and split counts
-    (graph buckets and, with --enforce-eager, host-chosen splits) is of a variant the engine's
-    start-up warm-up launched: on a GPU none would compile while serving."""
+    """The Triton engine gives the torch reference's tokens, through DecodeGraphs' padded
+    buckets (or, with --enforce-eager, plain steps with host-chosen splits), and every launch of
+    its run, with varying batches, lengths, block-table widths and split counts, is of a variant
+    its start-up warm-up launched: on a GPU none would compile while serving."""
+    reference = load_model(triton_model.path.as_posix(), device="cpu", kernels="torch")
     for eager, stride in ((False, 20), (True, 130)):  # eager: contexts up to 2 splits long
         config = EngineConfig(
             model="demo", max_num_seqs=4, num_kv_blocks=64, max_model_len=MAX_LEN,
             enforce_eager=eager,
         )  # fmt: skip
+        batch = requests(3, prompt=3, stride=stride)
+        expected = run_all(LLMEngine(reference, config), batch)
         fresh = load_model(triton_model.path.as_posix(), device="cpu", kernels="triton")
         with recorded_launches() as warm:
             engine = LLMEngine(fresh, config)
@@ -123,8 +118,16 @@ def test_serving_launches_only_warmed_up_variants(triton_model: LoadedModel) -> 
         assert {kernel for kernel, _ in warmed} == {
             "_write_kv_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel"
         }  # fmt: skip
+        graphs = engine.runner.decode_graphs
+        sizes: list[int] = []
+        if eager:
+            assert graphs is None
+        else:
+            assert graphs is not None and not graphs.capture and graphs.sizes == [1, 2, 4]
+            sizes = recorded_sizes(graphs)
         with recorded_launches() as served:
-            run_all(engine, requests(3, prompt=3, stride=stride))
+            assert run_all(engine, batch) == expected
+        assert set(sizes) == (set() if eager else {1, 2, 4})  # batch 3 padded to 4, then 2, 1
         assert {(launch.kernel, launch.variant) for launch in served} <= warmed
         # what the run varied, that would otherwise be specialised
         decodes = [launch.args for launch in served if launch.kernel == "_decode_kernel"]
