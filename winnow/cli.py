@@ -115,6 +115,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     from winnow.engine.async_engine import AsyncEngine
     from winnow.engine.stats_log import log_stats_periodically
     from winnow.server.app import build_app
+    from winnow.server.connections import ConnectionLimits, bounded_http_protocol
     from winnow.server.lifecycle import DrainingServer
 
     logger.info("loading %s", engine_config.model)
@@ -126,6 +127,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         port=server_config.port,
         log_level=server_config.uvicorn_log_level,
         timeout_graceful_shutdown=_CLOSE_GRACE_S,
+        timeout_keep_alive=server_config.timeout_keep_alive,
+        http=bounded_http_protocol(
+            ConnectionLimits(server_config.request_timeout, server_config.max_connections)
+        ),
     )
     server = DrainingServer(uv_config, engine, server_config.shutdown_timeout)
 
