@@ -62,6 +62,7 @@ def load_model(
     revision: str | None = None,
     download_dir: str | None = None,
     generation_config: str = "auto",
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Load a local HF directory, the default model's or a demo model's name, or a hub id
     (downloaded if not a local path).
@@ -71,17 +72,17 @@ def load_model(
     sampling defaults come from (see read_sampling_defaults).
     The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
     with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
-    be built here)."""
+    be built here); `kernels` "torch" or "triton" forces one backend (see `select_kernels`)."""
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     use_device(torch_device)
     logger.info("%s", startup_line(torch_device))
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled)
+    chosen = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled, kernels)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, kernels)
+        module = LlamaForCausalLM(config, chosen)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     module.load_weights(_with_progress(iter_safetensors(path), count_tensors(path)))
     module.prepare_kernels()
@@ -100,7 +101,7 @@ def load_model(
     )
     defaults = read_sampling_defaults(generation_config, path)
     return LoadedModel(
-        module, config, loaded_tokenizer, path, torch_dtype, torch_device, kernels, defaults
+        module, config, loaded_tokenizer, path, torch_dtype, torch_device, chosen, defaults
     )
 
 
