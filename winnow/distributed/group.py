@@ -83,8 +83,8 @@ def init_group(
     step_timeout = datetime.timedelta(seconds=TP_STEP_TIMEOUT_S)
     cpu = dist.new_group(backend="gloo", timeout=step_timeout)
     _CPU_GROUP = cpu
-    model_group = cpu if backend == "gloo" else dist.new_group(backend="nccl")
-    return TensorParallel(rank, size, backend, model_group), cpu
+    # the model's collectives: that gloo group on a CPU, the default (NCCL) group on CUDA
+    return TensorParallel(rank, size, backend, cpu if backend == "gloo" else None), cpu
 
 
 def cpu_group() -> dist.ProcessGroup | None:
