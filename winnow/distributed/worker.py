@@ -28,7 +28,7 @@ logger = logging.getLogger("winnow.distributed.worker")
 
 def rank_device(device: str, local_index: int) -> torch.device:
     """The device of the `local_index`-th rank on this node (each CUDA rank its own GPU)."""
-    from winnow.models.loader import resolve_device
+    from winnow.models.device import resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
