@@ -1,7 +1,8 @@
 """`winnow serve demo -tp 2` end to end: the OpenAI SDK against rank 0, a SIGTERM drain after
-which every process exits 0, and a worker rank that dies (SIGKILL) or raises in its forward:
-every stream ends with an error event and [DONE], /health answers 503, the server exits
-non-zero within 30 s and no worker process is left. Then two "nodes" on localhost."""
+which every process exits 0; two "nodes" on localhost; and a worker rank that dies (SIGKILL,
+on the second node) or raises in its forward: every stream ends with an error event and
+[DONE], /health answers 503, the server exits non-zero within 30 s and no worker process is
+left. Three servers in all, each started once."""
 
 from __future__ import annotations
 
@@ -97,11 +98,10 @@ def watch_health(server: ServerProcess, statuses: list[int], stop: threading.Eve
         time.sleep(0.02)
 
 
-def assert_fails_cleanly(server: ServerProcess, fault: str, worker: int | None = None) -> None:
-    """Two streams in flight; `fault` ("kill": SIGKILL `worker`; "raise": the injected
-    exception, already armed) must end both with an error event and [DONE], turn /health to
-    503, and the server must exit non-zero within DEATH_DEADLINE_S leaving no worker."""
-    workers = children(server.process.pid)
+def assert_fails_cleanly(server: ServerProcess, workers: list[int], kill: int | None) -> None:
+    """Two streams in flight; a fault (SIGKILL of `kill`, or None: the injected exception,
+    already armed) must end both with an error event and [DONE], turn /health to 503, and the
+    server must exit non-zero within DEATH_DEADLINE_S, leaving none of `workers`."""
     assert workers, "no worker process"
     started = [threading.Event(), threading.Event()]
     results: list[list[str]] = [[], []]
@@ -119,9 +119,8 @@ def assert_fails_cleanly(server: ServerProcess, fault: str, worker: int | None =
     watcher = threading.Thread(target=watch_health, args=(server, statuses, stop))
     watcher.start()
     t0 = time.monotonic()
-    if fault == "kill":
-        assert worker is not None
-        os.kill(worker, signal.SIGKILL)
+    if kill is not None:
+        os.kill(kill, signal.SIGKILL)
     for thread in threads:
         thread.join(DEATH_DEADLINE_S)
     code = server.process.wait(DEATH_DEADLINE_S - (time.monotonic() - t0))
@@ -182,15 +181,6 @@ def test_sigterm_drains_and_every_process_exits_0(tp_server: ServerProcess) -> N
     assert "rank 1 stopped" in tp_server.log()
 
 
-def test_sigkill_of_a_worker_mid_stream(tmp_path: Path) -> None:
-    server = serve_tp2(tmp_path / "server.log")
-    try:
-        worker = next(pid for pid in children(server.process.pid) if "spawn_main" in _cmdline(pid))
-        assert_fails_cleanly(server, "kill", worker)
-    finally:
-        server.process.kill()
-
-
 def test_exception_in_a_worker_forward(tmp_path: Path) -> None:
     env = {
         "PYTHONPATH": os.pathsep.join([str(FAULT_HOOK), os.environ.get("PYTHONPATH", "")]),
@@ -198,7 +188,7 @@ def test_exception_in_a_worker_forward(tmp_path: Path) -> None:
     }
     server = serve_tp2(tmp_path / "server.log", env=env)
     try:
-        assert_fails_cleanly(server, "raise")
+        assert_fails_cleanly(server, children(server.process.pid), kill=None)
         assert "injected fault in a worker's forward" in server.log()
     finally:
         server.process.kill()
@@ -211,24 +201,29 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_two_nodes_on_localhost(tmp_path: Path) -> None:
-    """Node 1 runs rank 1 only (no HTTP server); node 0 serves. A SIGTERM to node 0 drains,
-    stops rank 1, and both nodes exit 0."""
+def test_two_nodes_on_localhost_and_sigkill_of_the_remote_worker(tmp_path: Path) -> None:
+    """Node 1 runs rank 1 only (no HTTP server); node 0 serves across both. Then rank 1 is
+    SIGKILLed mid-stream: node 0 fails cleanly and node 1 exits non-zero too."""
     port = str(free_port())
-    nodes = ["-tp", "2", "--nnodes", "2", "--master-port", port]
-    node1_log = (tmp_path / "node1.log").open("wb")
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "winnow", "serve", "demo", *nodes, "--node-rank", "1"],
-        stdout=node1_log,
-        stderr=subprocess.STDOUT,
-    )
+    nodes = ["-tp", "2", "--nnodes", "2", "--master-port", port, "--disable-log-stats"]
+    node1_log = tmp_path / "node1.log"
+    with node1_log.open("wb") as log:
+        node1 = subprocess.Popen(
+            [sys.executable, "-m", "winnow", "serve", "demo", *nodes, "--node-rank", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    node0: ServerProcess | None = None
     try:
         node0 = launch(["serve", "demo", *nodes, "--node-rank", "0"], tmp_path / "node0.log")
-        client = node0.client()
-        reply = client.completions.create(model="demo", prompt="a b", max_tokens=6)
+        reply = node0.client().completions.create(model="demo", prompt="a b", max_tokens=6)
         assert reply.usage is not None and reply.usage.completion_tokens > 0
-        node0.process.send_signal(signal.SIGTERM)
-        assert node0.process.wait(60) == 0, node0.log()
-        assert node1.wait(60) == 0, (tmp_path / "node1.log").read_text()
+        workers = [pid for pid in children(node1.pid) if "spawn_main" in _cmdline(pid)]
+        assert len(workers) == 1
+        assert_fails_cleanly(node0, workers, kill=workers[0])
+        assert node1.wait(DEATH_DEADLINE_S) != 0, node1_log.read_text()
+        assert "rank 1" in node1_log.read_text()
     finally:
         node1.kill()
+        if node0 is not None:
+            node0.process.kill()
