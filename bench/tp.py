@@ -5,10 +5,11 @@ that rank 0 spends in the step-input broadcast, the all-reduces and the logit ga
 
 Both runs drive the model as the engine does (flat step inputs through `run_step`): one
 prefill step of --prefill-tokens over 4 sequences, then --decode-steps decode steps of those 4
-sequences plus 4 more of 128 cached tokens each (batch 8). tp = 1 runs in this process with the
-torch reference kernels (what every rank runs at tp > 1), on all cores; tp = 2 spawns two gloo
-ranks of half the cores each. Collective times are rank 0's wall time inside each call,
-waiting for the other rank included. Prints medians over --runs and the ratio to tp = 1.
+sequences plus 4 more of 128 cached tokens each (batch 8), with the torch reference kernels
+(what every rank runs at tp > 1). Each run is a fresh process per rank: tp = 1 one process on
+all cores, tp = 2 two gloo ranks of half the cores each. Collective times are rank 0's wall
+time inside each call, waiting for the other rank included. Prints medians over --runs and
+the ratio to tp = 1.
 CPU tensor parallel is not a speed-up here: the share is the figure.
 """
 
@@ -83,25 +84,29 @@ def run(
     return times
 
 
-def rank_main(rank: int, port: int, model: str, args: tuple[int, int], out: Any) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    tp, _ = init_group(rank, 2, "127.0.0.1", port, torch.device("cpu"))
+def rank_main(rank: int, size: int, port: int, model: str, args: tuple[int, int], out: Any) -> None:
+    """One rank in a fresh process with its share of the cores (size 1: no group at all)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // size))
     totals: dict[str, float] = defaultdict(float)
-    tp.all_reduce = timed(tp.all_reduce, totals, "all-reduce")  # type: ignore[method-assign]
-    tp.gather_last_dim = timed(tp.gather_last_dim, totals, "gather")  # type: ignore[method-assign]
-    step_input.send_step = timed(step_input.send_step, totals, "broadcast")  # type: ignore[assignment]
+    tp = None
+    if size > 1:
+        tp, _ = init_group(rank, size, "127.0.0.1", port, torch.device("cpu"))
+        tp.all_reduce = timed(tp.all_reduce, totals, "all-reduce")  # type: ignore[method-assign]
+        tp.gather_last_dim = timed(tp.gather_last_dim, totals, "gather")  # type: ignore[method-assign]
+        step_input.send_step = timed(step_input.send_step, totals, "broadcast")  # type: ignore[assignment]
     times = run(model, tp, steps(*args), totals)
     if rank == 0:
         out.put((times, dict(totals)))
     leave_group()
 
 
-def tp2(model: str, args: tuple[int, int]) -> tuple[list[float], dict[str, float]]:
+def spawn_run(size: int, model: str, args: tuple[int, int]) -> tuple[list[float], dict[str, float]]:
     context = multiprocessing.get_context("spawn")
-    port = RankLayout(2, 1, 0, "127.0.0.1", 0).with_port().master_port
+    port = RankLayout(size, 1, 0, "127.0.0.1", 0).with_port().master_port
     out = context.Queue()
     ranks = [
-        context.Process(target=rank_main, args=(rank, port, model, args, out)) for rank in (0, 1)
+        context.Process(target=rank_main, args=(rank, size, port, model, args, out))
+        for rank in range(size)
     ]
     for process in ranks:
         process.start()
@@ -122,10 +127,10 @@ def main() -> None:
     prefill1, decode1, prefill2, decode2 = [], [], [], []
     shares: dict[str, list[float]] = defaultdict(list)
     for _ in range(opts.runs):
-        times = run(opts.model, None, steps(*args), defaultdict(float))
+        times, _ = spawn_run(1, opts.model, args)
         prefill1.append(times[0])
         decode1.append(statistics.median(times[1:]))
-        times, totals = tp2(opts.model, args)
+        times, totals = spawn_run(2, opts.model, args)
         prefill2.append(times[0])
         decode2.append(statistics.median(times[1:]))
         for name in ("broadcast", "all-reduce", "gather"):
