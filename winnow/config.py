@@ -44,6 +44,7 @@ STATS_INTERVAL_S = 10.0  # vLLM's interval between stats log lines
 
 ModelDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 KVCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
+KernelChoice = Literal["auto", "torch", "triton"]
 UvicornLogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -156,6 +157,12 @@ class EngineConfig:
         name="--no-cpu-kernels",
         inverted=True,
         help="fp32 on CPU: use PyTorch's matmul and attention instead of Winnow's AVX2 kernels",
+    )
+    kernels: KernelChoice = flag(
+        "auto",
+        help="auto: the fastest kernels for the device; torch: PyTorch's reference on any "
+        "device; triton: the CUDA path's Triton kernels (on a CPU only under TRITON_INTERPRET=1, "
+        "for testing the GPU path without a GPU)",
     )
     num_threads: int = flag(0, help="torch CPU threads for the engine (0: one per core)")
     max_n: int = flag(16, help="largest `n` (choices per request) accepted")

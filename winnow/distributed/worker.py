@@ -76,6 +76,7 @@ def _serve_steps(config: EngineConfig, layout: RankLayout, rank: int) -> None:
         dtype=config.dtype,
         device=str(device),
         trust_remote_code=config.trust_remote_code,
+        kernels=config.kernels,
         tokenizer=config.tokenizer,
         revision=config.revision,
         download_dir=config.download_dir,

@@ -97,9 +97,14 @@ class LLMEngine:
             )
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
-        graphs = loaded.kernels.decode_graphs and loaded.model.tp is None
-        if device.type == "cuda" and not config.enforce_eager and graphs:
-            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
+        # tensor parallel: no warm-up forward and no graphs (the workers would not join in)
+        sharded = loaded.model.tp is not None
+        if not sharded:
+            self.runner.warm_up()
+        if loaded.kernels.decode_graphs and not config.enforce_eager and not sharded:
+            # captured on CUDA; elsewhere (Triton's interpreter) the same path runs eagerly
+            capture = device.type == "cuda"
+            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )

@@ -64,6 +64,7 @@ def load_model(
     revision: str | None = None,
     download_dir: str | None = None,
     generation_config: str = "auto",
+    kernels: str = "auto",
     tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a local HF directory, the default model's or a demo model's name, or a hub id
@@ -74,7 +75,7 @@ def load_model(
     sampling defaults come from (see read_sampling_defaults).
     The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
     with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
-    be built here).
+    be built here); `kernels` "torch" or "triton" forces one backend (see `select_kernels`).
 
     `tp` (size > 1): this rank's slice of the model, each weight read only where it is this
     rank's; the fused C decode stack is off (its layers would skip the all-reduces)."""
@@ -87,10 +88,10 @@ def load_model(
     sharded = tp is not None and tp.size > 1
     if sharded and tp is not None:
         check_divisible(config, tp.size)
-    kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled and not sharded)
+    chosen = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled and not sharded, kernels)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, kernels, tp)
+        module = LlamaForCausalLM(config, chosen, tp)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     if sharded:
         for param in module.parameters():
@@ -112,7 +113,7 @@ def load_model(
     )
     defaults = read_sampling_defaults(generation_config, path)
     return LoadedModel(
-        module, config, loaded_tokenizer, path, torch_dtype, torch_device, kernels, defaults
+        module, config, loaded_tokenizer, path, torch_dtype, torch_device, chosen, defaults
     )
 
 
