@@ -23,11 +23,16 @@ A slice "overflows" when it might miss a survivor of the whole row; such rows ar
 
 On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the whole-row work
 is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
-normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py);
-elsewhere the torch expressions run.
+normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py).
+On CUDA the free route's Gumbel-max is one Triton pass per row (winnow/kernels/triton/gumbel_max.py,
+tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -65,6 +70,7 @@ class Routes:
         device: torch.device,
         open_candidates: int = OPEN_CANDIDATES,
         wide_candidates: int = WIDE_CANDIDATES,
+        triton_gumbel: bool | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.max_rows = max_rows
@@ -74,7 +80,13 @@ class Routes:
         self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
         self._noise = noise.NoiseScratch(vocab_size, device)
         self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
-        self.fused_cpu = device.type == "cpu" and gumbel_max.available() and row_stats.available()
+        self.triton_gumbel = _triton_gumbel(device, triton_gumbel)
+        self.fused_cpu = (
+            device.type == "cpu"
+            and self.triton_gumbel is None
+            and gumbel_max.available()
+            and row_stats.available()
+        )
         self.mix_table = gumbel_max.mix_table(self.token_mix) if self.fused_cpu else None
 
     def choose(self, step: Step) -> None:
@@ -205,6 +217,13 @@ class Routes:
         params = step.params(rows)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         z = step.z[rows]
+        if self.triton_gumbel is not None and not params.flags[:, XTC].any():  # one pass
+            self.triton_gumbel.gumbel_argmax(
+                z, params.positions, params.seeds, params.floats[:, TEMPERATURE],
+                y_out=z, tokens=step.tokens[rows],
+            )  # fmt: skip
+            step.free_y, step.free_keep = z, None
+            return
         if self.mix_table is not None and not params.flags[:, XTC].any():  # one pass, y over z
             temperature = params.floats[:, TEMPERATURE]
             step.tokens[rows] = gumbel_max.gumbel_argmax(z, temperature, keys, self.mix_table, z)
@@ -241,3 +260,13 @@ class Routes:
         coin = noise.uniform(noise.hash_bits(keys, self.token_mix[0]))
         floats = params.floats
         return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)
+
+
+def _triton_gumbel(device: torch.device, wanted: bool | None) -> ModuleType | None:
+    """The Triton Gumbel-max module: on CUDA when triton is importable (None: auto), or where
+    asked (True: tests run it on CPU tensors under TRITON_INTERPRET=1)."""
+    if wanted is None:
+        wanted = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if not wanted:
+        return None
+    return importlib.import_module("winnow.kernels.triton.gumbel_max")

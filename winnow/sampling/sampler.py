@@ -94,7 +94,9 @@ class Sampler:
     """Turns a batch of logits plus per-row parameters into one token per row (see module doc).
 
     `open_candidates` / `wide_candidates` size the thresholded route's first and second
-    candidate slices (tuning and tests; results never depend on them).
+    candidate slices (tuning and tests; results never depend on them). `triton_gumbel`: the
+    Triton Gumbel-max for the free route (None: on CUDA; True on a CPU needs TRITON_INTERPRET=1,
+    for tests of the CUDA path).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class Sampler:
         *,
         open_candidates: int = OPEN_CANDIDATES,
         wide_candidates: int = WIDE_CANDIDATES,
+        triton_gumbel: bool | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.max_rows = max_rows
@@ -128,7 +131,9 @@ class Sampler:
         self._ban_ids = SlotRows(max_rows, torch.int64, -1, self.device)
         # z for the whole batch, plus one trash cell that padded scatters write to
         self._work = torch.empty(max_rows * vocab_size + 1, dtype=torch.float32, device=self.device)
-        self._routes = Routes(vocab_size, max_rows, self.device, open_candidates, wide_candidates)
+        self._routes = Routes(
+            vocab_size, max_rows, self.device, open_candidates, wide_candidates, triton_gumbel
+        )
 
     # ------------------------------------------------------------------ rows
 
@@ -248,27 +253,41 @@ class Sampler:
         return values.index_select(0, step.index(np.argsort(step.order)))
 
     def _plain_temperature(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
-        """The OpenAI SDK's default step (temperature only, maybe 1) on a CPU with the fused
-        kernel: every row on the free route with nothing to apply before it (no penalty, bias,
-        ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the work
-        buffer -- and gives the pipeline's pick (its NaN and +inf rules included). Anything
-        else -> None, and the full pipeline runs."""
+        """The OpenAI SDK's default step (temperature only, maybe 1) with a fused kernel (C on a
+        CPU, Triton on CUDA): every row on the free route with nothing to apply before it (no
+        penalty, bias, ban, XTC or logprobs). The kernel reads the model's logits once -- no
+        copy into the work buffer -- and gives the pipeline's pick (its NaN and +inf rules
+        included). Anything else -> None, and the full pipeline runs."""
         batch = len(keys)
-        mix = self._routes.mix_table
-        if mix is None or logits.dtype != torch.float32 or logits.stride(1) != 1:
+        triton_kernel, mix = self._routes.triton_gumbel, self._routes.mix_table
+        if triton_kernel is None and (mix is None or logits.dtype != torch.float32):
             return None
-        if logits.shape != (batch, self.vocab_size) or logits.device.type != "cpu":
+        if logits.shape != (batch, self.vocab_size) or logits.stride(1) != 1:
+            return None
+        if logits.device.type != self.device.type:
             return None
         slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
             return None
-        index = torch.from_numpy(slots)
-        positions = torch.from_numpy(self._prompt_len[slots] + self._out_len[slots])
-        row_keys = noise.row_keys(self._seeds_top_k[index, 0], positions, noise.GUMBEL_STREAM)
-        temperature = self._floats[index, TEMPERATURE]
-        tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
+        positions = self._prompt_len[slots] + self._out_len[slots]
+        if triton_kernel is not None:  # one upload, one launch, one download
+            # copy=True: the copies a GPU makes are made (and counted) on CPU tensors too
+            index = torch.from_numpy(np.stack([slots, positions]))
+            index = index.to(self.device, non_blocking=True, copy=True)
+            tokens = triton_kernel.gumbel_argmax(
+                logits.detach(), index[1], self._seeds_top_k[:, 0],
+                self._floats[:, TEMPERATURE], slots=index[0],
+            ).to("cpu", copy=True)  # fmt: skip
+        else:
+            assert mix is not None
+            index = torch.from_numpy(slots)
+            row_keys = noise.row_keys(
+                self._seeds_top_k[index, 0], torch.from_numpy(positions), noise.GUMBEL_STREAM
+            )
+            temperature = self._floats[index, TEMPERATURE]
+            tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 

@@ -1,0 +1,204 @@
+"""CUDA's fused Gumbel-max (winnow/kernels/triton/gumbel_max.py) against the torch expression of
+the same pick: identical tokens and y over many seeds and awkward rows, the sampler's CUDA path
+picking what its torch path picks, and the default sampling step's launch budget.
+
+Without CUDA the kernel runs under Triton's interpreter on CPU tensors, which must be switched on
+before the kernel is defined (at import); with CUDA the same tests run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from tests.kernels.triton_launches import Launch, recorded_launches  # noqa: E402
+from winnow.kernels.triton import gumbel_max  # noqa: E402
+from winnow.sampling import noise  # noqa: E402
+from winnow.sampling.params import SamplingParams  # noqa: E402
+from winnow.sampling.sampler import Sampler  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+if DEVICE.type == "cpu" and isinstance(gumbel_max._gumbel_argmax_kernel, triton.JITFunction):
+    raise RuntimeError(
+        "winnow.kernels.triton was imported before TRITON_INTERPRET=1 was set: "
+        "set it in the environment of this test run"
+    )
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def torch_pick(z: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor):
+    """The sampler's torch expression: z loaded (NaN -> -inf, +inf -> max), y, Gumbel-max."""
+    vocab = z.shape[1]
+    z = torch.nan_to_num(z, nan=-torch.inf, neginf=-torch.inf)
+    y = (z / temperature[:, None]).clamp_(max=FLOAT32_MAX)
+    mixed = noise.token_mix(torch.arange(vocab, device=z.device))
+    scratch = noise.NoiseScratch(vocab, z.device)
+    return noise.gumbel_argmax(y, keys, mixed, None, scratch), y
+
+
+@pytest.mark.parametrize("vocab", [4099, 1000, 7])
+def test_picks_and_y_match_the_torch_reference(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    rows, picks = 8, 0
+    for trial in range(6 if vocab > 7 else 40):
+        z = torch.randn(rows, vocab, generator=generator) * (0.5 + 3 * trial)
+        z[::5, : vocab // 2] = -torch.inf  # half the row banned
+        z[1, -1] = FLOAT32_MAX  # clamps to float32 max once divided by T < 1
+        z[2, vocab // 3], z[2, 0] = math.nan, math.inf  # NaN -> -inf, +inf -> max
+        z[7] = -torch.inf  # nothing allowed: token 0
+        temperature = torch.rand(rows, generator=generator) * 1.5 + 0.05
+        temperature[:2] = 0.5
+        temperature[3] = 1.0
+        seeds = torch.randint(-(2**62), 2**62, (rows,), generator=generator)
+        positions = torch.randint(0, 1 << 40, (rows,), generator=generator)
+        z, temperature = z.to(DEVICE), temperature.to(DEVICE)
+        seeds, positions = seeds.to(DEVICE), positions.to(DEVICE)
+        keys = noise.row_keys(seeds, positions, noise.GUMBEL_STREAM)
+        expected, y = torch_pick(z, temperature, keys)
+        y_out = torch.full_like(z, math.nan)
+        tokens = gumbel_max.gumbel_argmax(z, positions, seeds, temperature, y_out=y_out)
+        assert torch.equal(tokens, expected)
+        assert torch.equal(y_out, y)
+        picks += rows
+    assert int(expected[7]) == 0 and picks >= 48
+
+
+def test_per_slot_tables_read_through_slots() -> None:
+    """With `slots`, seeds and temperatures come from strided per-slot tables (the sampler's own),
+    and the block written in place may be a strided view of a wider buffer."""
+    generator = torch.Generator().manual_seed(2)
+    table = torch.zeros(10, 2, dtype=torch.int64)
+    table[:, 0] = torch.randint(-(2**62), 2**62, (10,), generator=generator)
+    floats = torch.rand(10, 8, generator=generator) + 0.2
+    slots = torch.tensor([7, 2, 9, 0])
+    positions = torch.tensor([5, 0, 1 << 33, 12])
+    work = torch.randn(6, 3000, generator=generator)
+    z = work[1:5, :2500]
+    keys = noise.row_keys(table[slots, 0], positions, noise.GUMBEL_STREAM)
+    expected, y = torch_pick(z.clone(), floats[slots, 0], keys)
+    outside = work[:, 2500:].clone()
+    table, floats, work = table.to(DEVICE), floats.to(DEVICE), work.to(DEVICE)
+    z = work[1:5, :2500]
+    tokens = gumbel_max.gumbel_argmax(
+        z, positions.to(DEVICE), table[:, 0], floats[:, 0], slots=slots.to(DEVICE), y_out=z
+    )
+    assert torch.equal(tokens.cpu(), expected)
+    assert torch.equal(z.cpu(), y) and torch.equal(work[:, 2500:].cpu(), outside)
+
+
+def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool) -> Sampler:
+    sampler = Sampler(vocab, len(params), DEVICE, eos_token_ids=[0], triton_gumbel=triton_gumbel)
+    for key, p in enumerate(params):
+        sampler.add_row(key, p, seed=1000 + key, prompt_token_ids=[1, 2])
+    return sampler
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=t) for t in (1.0, 0.4, 1.6)],
+        [
+            SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3),
+            SamplingParams(temperature=0.0),
+            SamplingParams(temperature=0.8, top_p=0.9),
+            SamplingParams(temperature=1.2, logprobs=True, logprobs_mode="processed"),
+        ],
+    ],
+    ids=["temperature-only", "mixed-routes"],
+)
+def test_sampler_cuda_path_picks_what_the_torch_path_picks(params) -> None:
+    """The sampler with the Triton Gumbel-max (the plain temperature step and the free route of
+    the full pipeline) against the same sampler on its torch expressions, step after step."""
+    vocab = 2053
+    fused, reference = make(params, vocab, True), make(params, vocab, False)
+    generator = torch.Generator().manual_seed(9)
+    keys = list(range(len(params)))
+    for step in range(8):
+        logits = torch.randn(len(params), vocab, generator=generator) * 3
+        if step % 2:
+            logits[0, 3], logits[-1, 5] = math.nan, math.inf
+        logits = logits.to(DEVICE)
+        out, expected = fused.sample(logits, keys), reference.sample(logits, keys)
+        assert torch.equal(out.token_ids, expected.token_ids)
+        if expected.logprobs is not None:
+            assert out.logprobs is not None
+            torch.testing.assert_close(
+                out.logprobs, expected.logprobs, rtol=0, atol=0, equal_nan=True
+            )
+
+
+# operations that launch nothing on a GPU: views, metadata, allocations
+NO_LAUNCH = {"aten.lift_fresh", "aten.detach", "aten.select", "aten.slice", "aten.empty"}
+
+
+class _Dispatched(TorchDispatchMode):
+    """The aten operations dispatched inside the block that launch work on a GPU (copies
+    included), except those the interpreter itself dispatches while it runs a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.interpreting = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.interpreting and str(func.overloadpacket) not in NO_LAUNCH:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def counted() -> Iterator[tuple[list[Launch], _Dispatched]]:
+    """Triton launches and the torch operations dispatched outside them, inside the block."""
+    with recorded_launches() as launches, _Dispatched() as dispatched:
+        record = InterpretedFunction.run
+
+        def run(self: InterpretedFunction, *args: Any, **kwargs: Any) -> Any:
+            dispatched.interpreting += 1
+            try:
+                return record(self, *args, **kwargs)
+            finally:
+                dispatched.interpreting -= 1
+
+        InterpretedFunction.run = run  # type: ignore[method-assign]
+        try:
+            yield launches, dispatched
+        finally:
+            InterpretedFunction.run = record  # type: ignore[method-assign]
+
+
+def test_default_sampling_step_stays_within_three_launches() -> None:
+    """The OpenAI SDK's default request (temperature 1, nothing else) on the CUDA path: each step
+    launches at most 3 operations -- torch ops that do work (here the index upload and the token
+    download) plus Triton launches (one fused kernel over the vocabulary)."""
+    batch, vocab = 4, 1000
+    sampler = make([SamplingParams(temperature=1.0)] * batch, vocab, True)
+    reference = make([SamplingParams(temperature=1.0)] * batch, vocab, False)
+    generator = torch.Generator().manual_seed(1)
+    keys = list(range(batch))
+    for _ in range(3):
+        logits = (torch.randn(batch, vocab, generator=generator) * 2).to(DEVICE)
+        with counted() as (launches, dispatched):
+            out = sampler.sample(logits, keys)
+        assert torch.equal(out.token_ids, reference.sample(logits, keys).token_ids)
+        if DEVICE.type == "cpu":  # the launch hook observes the interpreter
+            assert [launch.kernel for launch in launches] == ["_gumbel_argmax_kernel"]
+        assert len(dispatched.ops) + len(launches) <= 3, (dispatched.ops, launches)
+        assert dispatched.ops == ["aten._to_copy.default"] * 2  # the counter sees the copies
+    assert np.all(sampler._out_len[:batch] == 3)
