@@ -217,13 +217,14 @@ class Sampler:
         if step.lp is not None:
             step_logprobs.fill(step, logits, np.arange(len(keys)))
         host = self._download(step)
-        flagged = np.flatnonzero(host[:, 1])
+        overflow = _Columns.overflow
+        flagged = np.flatnonzero(host[:, overflow])
         if flagged.size:
             pick = self._routes.widen(step, flagged)
             if step.lp is not None:
                 step_logprobs.fill(step, logits, flagged, pick.dense(self.vocab_size))
             host[flagged] = self._download(step, flagged)
-            flagged = flagged[host[flagged, 1] > 0]
+            flagged = flagged[host[flagged, overflow] > 0]
         if flagged.size:
             values = self._routes.redo_exact(step, flagged)
             if step.lp is not None:
@@ -321,10 +322,46 @@ class Sampler:
     def _prepare(
         self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
     ) -> Step:
-        """Plan the step on the host, then copy the logits in (by route) and apply stages 1-2."""
+        """Plan the step on the host, upload its indices, copy the logits in (by route) and
+        apply stages 1-2."""
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")
+        plan = self._plan(keys, bitmasks)
+        index = self._upload(plan.indices())
+        z = self._work[: batch * vocab].view(batch, vocab)
+        reordered = np.any(plan.order != np.arange(batch))
+        self._load_logits(logits, z, index["order"] if reordered else None)
+        seeds_top_k = self._seeds_top_k.index_select(0, index["slots"])
+        step = Step(
+            order=plan.order,
+            host_slots=plan.host_slots,
+            flags=plan.flags,
+            z=z,
+            slots=index["slots"],
+            floats=self._floats.index_select(0, index["slots"]),
+            seeds=seeds_top_k[:, 0],
+            top_k=seeds_top_k[:, 1],
+            positions=index["positions"],
+            history_cols=index["history_cols"],
+            top_k_host=self._top_k[plan.host_slots],
+            xtc_threshold=self._xtc_threshold[plan.host_slots],
+            routes=plan.routes,
+            subsets={name: Subset(rows, index[name]) for name, rows in plan.subsets.items()},
+            tokens=torch.empty(batch, dtype=torch.int64, device=self.device),
+            mass_rows=plan.mass_rows,
+        )
+        if plan.flags[:, LOGPROBS].any():
+            top = int(self._num_top_logprobs[plan.host_slots].max())
+            step_logprobs.start(step, min(top, vocab))
+        self._penalise(step)
+        if bitmasks is not None:  # the end of stage 2: the grammar bitmask
+            apply_bitmask(z, index["bitmask_rows"], bitmasks.bits)
+        return step
+
+    def _plan(self, keys: Sequence[int], bitmasks: TokenMasks | None) -> _Plan:
+        """The step's host-side plan: work-row order by route and which rows need what."""
+        batch = len(keys)
         batch_slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         if len(np.unique(batch_slots)) != batch:
             raise ValueError("a row appears twice in the batch")
@@ -345,10 +382,12 @@ class Sampler:
         out_len = self._out_len[host_slots]
         work_row = np.empty(batch, dtype=np.int64)
         work_row[order] = np.arange(batch)
-        below_min_tokens = out_len < self._min_tokens[host_slots]
         constrained = np.zeros(batch, dtype=bool)
+        bitmask_rows = None
         if bitmasks is not None:
-            constrained[work_row[bitmasks.rows]] = True
+            bitmask_rows = work_row[bitmasks.rows]
+            constrained[bitmask_rows] = True
+        below_min_tokens = out_len < self._min_tokens[host_slots]
         masks = {
             "penalised": flags[:, REPETITION] | flags[:, FREQ_PRES],
             "bias": flags[:, BIAS],
@@ -356,42 +395,17 @@ class Sampler:
             "raw": wants & ~flags[:, PROCESSED],
             "processed": wants & flags[:, PROCESSED],
         }
-        names = [name for name, mask in masks.items() if mask.any()]
-        arrays = [host_slots, self._prompt_len[host_slots] + out_len]
-        arrays += [self._history.output.lengths[host_slots], order]
-        arrays += [np.flatnonzero(masks[name]) for name in names]
-        if bitmasks is not None:
-            arrays.append(work_row[bitmasks.rows])
-        uploaded = self._upload(arrays)
-        slots, positions, history_cols, order_t = uploaded[:4]
-        subsets = {name: Subset(arrays[4 + i], uploaded[4 + i]) for i, name in enumerate(names)}
-        z = self._work[: batch * vocab].view(batch, vocab)
-        self._load_logits(logits, z, order_t if np.any(order != np.arange(batch)) else None)
-        seeds_top_k = self._seeds_top_k.index_select(0, slots)
-        step = Step(
+        return _Plan(
             order=order,
             host_slots=host_slots,
             flags=flags,
-            z=z,
-            slots=slots,
-            floats=self._floats.index_select(0, slots),
-            seeds=seeds_top_k[:, 0],
-            top_k=seeds_top_k[:, 1],
-            positions=positions,
-            history_cols=history_cols,
-            top_k_host=self._top_k[host_slots],
-            xtc_threshold=self._xtc_threshold[host_slots],
             routes=routes,
-            subsets=subsets,
-            tokens=torch.empty(batch, dtype=torch.int64, device=self.device),
+            positions=self._prompt_len[host_slots] + out_len,
+            history_cols=self._history.output.lengths[host_slots],
+            subsets={name: np.flatnonzero(mask) for name, mask in masks.items() if mask.any()},
+            bitmask_rows=bitmask_rows,
             mass_rows=int(needs_mass.sum()),
         )
-        if wants.any():
-            step_logprobs.start(step, min(int(self._num_top_logprobs[host_slots].max()), vocab))
-        self._penalise(step)
-        if bitmasks is not None:  # the end of stage 2: the grammar bitmask
-            apply_bitmask(z, uploaded[-1], bitmasks.bits)
-        return step
 
     def _load_logits(
         self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None
@@ -448,25 +462,25 @@ class Sampler:
 
     def _output(self, step: Step, host: np.ndarray) -> SamplerOutput:
         """Unpack the downloaded [B, ...] array (work-row order) into batch order."""
-        k = step.top_k_logprobs
+        cols = _Columns(step.top_k_logprobs)
         if step.lp is not None:  # entries past each row's own top_logprobs
-            unasked = np.arange(k) >= self._num_top_logprobs[step.host_slots][:, None]
-            host[:, 3 : 3 + k][unasked], host[:, 3 + k :][unasked] = -1, np.nan
+            unasked = np.arange(cols.k) >= self._num_top_logprobs[step.host_slots][:, None]
+            host[:, cols.top_ids][unasked], host[:, cols.top_lp][unasked] = -1, np.nan
         batch_host = np.empty_like(host)
         batch_host[step.order] = host
-        tokens = torch.from_numpy(batch_host[:, 0].astype(np.int64))
+        tokens = torch.from_numpy(batch_host[:, cols.token].astype(np.int64))
         if step.lp is None:
             return SamplerOutput(tokens)
         return SamplerOutput(
             tokens,
-            torch.from_numpy(batch_host[:, 2].astype(np.float32)),
-            torch.from_numpy(batch_host[:, 3 : 3 + k].astype(np.int64)),
-            torch.from_numpy(batch_host[:, 3 + k :].astype(np.float32)),
+            torch.from_numpy(batch_host[:, cols.lp].astype(np.float32)),
+            torch.from_numpy(batch_host[:, cols.top_ids].astype(np.int64)),
+            torch.from_numpy(batch_host[:, cols.top_lp].astype(np.float32)),
         )
 
     def _download(self, step: Step, rows: np.ndarray | None = None) -> np.ndarray:
-        """The step's device->host copy, in work-row order: [n, 2 (+1 + 2K)] float64 holding
-        token, overflow flag (and sampled logprob, top ids, top logprobs)."""
+        """The step's device->host copy, in work-row order: [n, 2 (+1 + 2K)] float64 laid out
+        as `_Columns` says."""
         columns = [step.tokens[:, None]]
         overflow = step.overflow if step.overflow is not None else torch.zeros_like(step.tokens)
         columns.append(overflow[:, None])
@@ -489,7 +503,56 @@ class Sampler:
             )
         self._out_len[step.host_slots] += 1
 
-    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """One host->device copy for all of a step's small index arrays."""
-        packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
-        return list(packed.to(self.device, non_blocking=True).split([len(a) for a in arrays]))
+    def _upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """One host->device copy for all of a step's small index arrays, by name."""
+        packed = torch.from_numpy(np.concatenate(list(arrays.values())).astype(np.int64))
+        parts = packed.to(self.device, non_blocking=True).split([len(a) for a in arrays.values()])
+        return dict(zip(arrays, parts, strict=True))
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Column layout of a step's downloaded array: the token and the thresholded route's
+    overflow flag, then, when a row asked for logprobs, the sampled token's logprob and K top
+    ids and K top logprobs."""
+
+    k: int  # top logprobs per row
+    token = 0
+    overflow = 1
+    lp = 2
+
+    @property
+    def top_ids(self) -> slice:
+        return slice(3, 3 + self.k)
+
+    @property
+    def top_lp(self) -> slice:
+        return slice(3 + self.k, 3 + 2 * self.k)
+
+
+@dataclass
+class _Plan:
+    """A step's host-side plan, in work-row order (rows grouped by route)."""
+
+    order: np.ndarray  # work row i holds batch row order[i]
+    host_slots: np.ndarray
+    flags: np.ndarray
+    routes: dict[str, slice]
+    positions: np.ndarray  # absolute position of the token being sampled
+    history_cols: np.ndarray
+    subsets: dict[str, np.ndarray]  # "penalised" / "bias" / ... -> work rows (non-empty only)
+    bitmask_rows: np.ndarray | None  # the work rows of the grammar bitmasks' rows
+    mass_rows: int
+
+    def indices(self) -> dict[str, np.ndarray]:
+        """Everything the device needs from the plan, by name (subsets under their own)."""
+        arrays = {
+            "slots": self.host_slots,
+            "positions": self.positions,
+            "history_cols": self.history_cols,
+            "order": self.order,
+            **self.subsets,
+        }
+        if self.bitmask_rows is not None:
+            arrays["bitmask_rows"] = self.bitmask_rows
+        return arrays
