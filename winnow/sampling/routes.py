@@ -215,20 +215,25 @@ class Routes:
     def _free(self, step: Step, rows: slice) -> None:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
-        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         z = step.z[rows]
-        if self.triton_gumbel is not None and not params.flags[:, XTC].any():  # one pass
-            self.triton_gumbel.gumbel_argmax(
-                z, params.positions, params.seeds, params.floats[:, TEMPERATURE],
-                y_out=z, tokens=step.tokens[rows],
-            )  # fmt: skip
-            step.free_y, step.free_keep = z, None
-            return
-        if self.mix_table is not None and not params.flags[:, XTC].any():  # one pass, y over z
+        if not params.flags[:, XTC].any() and (self.triton_gumbel or self.mix_table is not None):
+            # one pass; y is written over z only when processed values will be read
+            y_out = z if step.want_y else None
             temperature = params.floats[:, TEMPERATURE]
-            step.tokens[rows] = gumbel_max.gumbel_argmax(z, temperature, keys, self.mix_table, z)
-            step.free_y, step.free_keep = z, None
+            if self.triton_gumbel is not None:
+                self.triton_gumbel.gumbel_argmax(
+                    z, params.positions, params.seeds, temperature, y_out=y_out,
+                    tokens=step.tokens[rows],
+                )  # fmt: skip
+            else:
+                assert self.mix_table is not None
+                keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+                step.tokens[rows] = gumbel_max.gumbel_argmax(
+                    z, temperature, keys, self.mix_table, y_out
+                )
+            step.free_y, step.free_keep = y_out, None
             return
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
         y = z.div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
         keep = None

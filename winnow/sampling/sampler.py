@@ -213,6 +213,7 @@ class Sampler:
             if plain is not None:
                 return plain
         step = self._prepare(logits, keys, bitmasks)
+        step.want_y = "processed" in step.subsets
         self._routes.choose(step)
         if step.lp is not None:
             step_logprobs.fill(step, logits, np.arange(len(keys)))

@@ -89,6 +89,7 @@ class Step:
     total_mass: torch.Tensor | None = None  # [B] float64 top_p normaliser (mass rows; else 1)
     width: int = 0  # candidate slice width of the thresholded route
     pick: Pick | None = None  # the thresholded route's slice
+    want_y: bool = True  # processed values will be read: the free route keeps y (else z)
     free_y: torch.Tensor | None = None  # scaled logits of the free rows (in the work buffer)
     free_keep: torch.Tensor | None = None
     raw_lse: torch.Tensor | None = None  # [B] logsumexp of the raw logits
