@@ -180,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         engine_config, server_config = serve_configs(args, serve_parser)
         _configure_logging(server_config.log_level)
+        _check_device(engine_config.device)
         sys.exit(serve(engine_config, server_config))
     _configure_logging("info")
     if args.command == "demo-model":
@@ -188,6 +189,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(build_demo_model(args.name))
         return
     _bench_serve(args)
+
+
+def _check_device(device: str) -> None:
+    """End the program with one line (no traceback, exit 1) when `--device` cannot be served
+    here, before anything loads."""
+    from winnow.models.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as exc:
+        sys.exit(f"winnow serve: error: {exc}")
 
 
 def _configure_logging(level: str) -> None:

@@ -21,7 +21,14 @@ from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
 from winnow.server.errors import ApiError, install_error_handlers
 from winnow.server.json_body import ThreadedBodyRoute, require_json_body
-from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH, ReadinessGate, health_response
+from winnow.server.lifecycle import (
+    LIVE_PATH,
+    METRICS_PATH,
+    READINESS_PATHS,
+    ReadinessGate,
+    health_response,
+    liveness_response,
+)
 from winnow.server.openapi import install_openapi, served_limits
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
@@ -115,10 +122,18 @@ def build_app(
         """Prometheus text; behind the API key unless --public-metrics."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get(HEALTH_PATH)
     async def health() -> Response:
-        """200 while the engine runs; 503 with the state while it loads, drains or is dead."""
+        """Readiness: 200 while the engine runs; 503 with the state while it loads, drains or
+        is dead."""
         return health_response(engine.state)
+
+    for path in READINESS_PATHS:
+        app.add_api_route(path, health, methods=["GET"])
+
+    @app.get(LIVE_PATH)
+    async def livez() -> Response:
+        """Liveness: 200 while the process is up, the model loading included; 503 once dead."""
+        return liveness_response(engine.state)
 
     install_openapi(app, lambda: served_limits(ctx))
     # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, readiness
