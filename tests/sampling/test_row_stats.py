@@ -37,7 +37,14 @@ def test_total_mass_matches_torch() -> None:
     temperature = torch.rand(16, generator=generator) + 0.2
     y = (z / temperature[:, None]).clamp(max=torch.finfo(torch.float32).max)
     expected = (y - y.amax(1, keepdim=True)).exp().sum(1, dtype=torch.float64)
-    torch.testing.assert_close(row_stats.total_mass(z, temperature), expected, rtol=1e-6, atol=0)
+    mass = row_stats.total_mass(z, temperature)
+    torch.testing.assert_close(mass, expected, rtol=1e-6, atol=0)
+    z[3] = -torch.inf  # nothing finite: NaN, as torch gives
+    mass = row_stats.total_mass(z, temperature)
+    # the row's largest z given (the top-n slice's first value): the same sums, bit for bit
+    given = row_stats.total_mass(z, temperature, z.amax(1))
+    assert torch.equal(given.isnan(), mass.isnan()) and bool(given[3].isnan())
+    assert torch.equal(given.nan_to_num(), mass.nan_to_num())
 
 
 def test_load_rows_reorders_and_cleans() -> None:

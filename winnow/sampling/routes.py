@@ -105,7 +105,7 @@ class Routes:
         index = step.index(rows)
         width = max(self.wide_candidates, 4 * step.width)
         z, total_mass = step.z.index_select(0, index), step.total_mass.index_select(0, index)
-        pick = self._pick(z, step.params(rows), width, total_mass)
+        pick = self._pick(self._candidates(z, width), step.params(rows), total_mass)
         step.tokens.index_copy_(0, index, pick.tokens)
         step.overflow.index_copy_(0, index, pick.overflow)
         return pick
@@ -154,27 +154,36 @@ class Routes:
         if not params.flags[:, TOP_K].all():
             width = max(width, self.open_candidates)
         step.width = width
+        candidates = self._candidates(step.z[rows], width)
         step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
         if step.mass_rows:  # the route's first rows: top_p without top_k
             mass = slice(rows.start, rows.start + step.mass_rows)
             temperature = step.floats[mass, TEMPERATURE : TEMPERATURE + 1]
-            step.total_mass[mass] = self._total_mass(step.z[mass], temperature)
-        pick = self._pick(step.z[rows], params, width, step.total_mass[rows])
+            row_max = candidates[0][: step.mass_rows, 0]
+            step.total_mass[mass] = self._total_mass(step.z[mass], temperature, row_max)
+        pick = self._pick(candidates, params, step.total_mass[rows])
         step.tokens[rows] = pick.tokens
         step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
         step.overflow[rows] = pick.overflow
         step.pick = pick
 
-    def _pick(
-        self, z: torch.Tensor, params: RowParams, width: int, total_mass: torch.Tensor
-    ) -> Pick:
-        """Truncation, XTC, noise and pick on the top-`width` slice of the rows `z`."""
-        flags, floats, top_k = params.flags, params.floats, params.top_k
+    def _candidates(self, z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, ids) of the top-`width` slice of the rows `z`, sorted descending."""
         width = min(width, self.vocab_size)
         if self.fused_cpu:
-            values, ids = row_stats.top_candidates(z, width)
-        else:
-            values, ids = z.topk(width, dim=1)
+            return row_stats.top_candidates(z, width)
+        values, ids = z.topk(width, dim=1)
+        return values, ids
+
+    def _pick(
+        self,
+        candidates: tuple[torch.Tensor, torch.Tensor],
+        params: RowParams,
+        total_mass: torch.Tensor,
+    ) -> Pick:
+        """Truncation, XTC, noise and pick on the candidate slice (values, ids) of some rows."""
+        flags, floats, top_k = params.flags, params.floats, params.top_k
+        values, ids = candidates
         ys = (values / floats[:, TEMPERATURE : TEMPERATURE + 1]).clamp_(max=FLOAT32_MAX)
         keep = sorted_survivors(
             ys,
@@ -199,12 +208,19 @@ class Routes:
         tokens = torch.where(keep & (score == best), ids, self.vocab_size).amin(1)
         return Pick(ids, ys, keep, tokens, overflow)
 
-    def _total_mass(self, z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
-        """sum_j exp(y_j - max y) over whole rows, float64 (y = z / T, computed in scratch)."""
+    def _total_mass(
+        self,
+        z: torch.Tensor,
+        temperature: torch.Tensor | float,
+        row_max: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sum_j exp(y_j - max y) over whole rows, float64 (y = z / T, computed in scratch).
+
+        row_max: each row's largest z where the caller has it (saves the C kernel a pass)."""
         if self.fused_cpu:
             rows = z.shape[0]
             t = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(temperature)
-            return row_stats.total_mass(z, t.to(torch.float32).reshape(-1).expand(rows))
+            return row_stats.total_mass(z, t.to(torch.float32).reshape(-1).expand(rows), row_max)
         if self._scratch is None:
             self._scratch = torch.empty(self.max_rows * self.vocab_size, device=self.device)
         rows = z.shape[0]

@@ -137,16 +137,23 @@ static inline float y_of(float z, float t) {
   return y > FLT_MAX ? FLT_MAX : y;
 }
 
-static double row_mass(const float *z, int64_t vocab, float t) {
+/* max_z: the row's largest z when the caller knows it (y_of is monotone, so max y = y_of(max z)
+ * and the max pass is skipped), else NULL. */
+static double row_mass(const float *z, int64_t vocab, float t, const float *max_z) {
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
-  __m256 mv = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
-  for (; j + 8 <= vocab; j += 8)
-    mv = _mm256_max_ps(mv, _mm256_min_ps(big, _mm256_div_ps(_mm256_loadu_ps(z + j), tv)));
-  float lanes[8], m = -INFINITY;
-  _mm256_storeu_ps(lanes, mv);
-  for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
-  for (int64_t i = j; i < vocab; i++) m = y_of(z[i], t) > m ? y_of(z[i], t) : m;
+  float m = -INFINITY;
+  if (max_z) {
+    m = y_of(*max_z, t);
+  } else {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= vocab; j += 8)
+      mv = _mm256_max_ps(mv, _mm256_min_ps(big, _mm256_div_ps(_mm256_loadu_ps(z + j), tv)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+    for (int64_t i = j; i < vocab; i++) m = y_of(z[i], t) > m ? y_of(z[i], t) : m;
+  }
   if (m == -INFINITY) return NAN; /* torch: exp(-inf - -inf) */
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   for (j = 0; j + 8 <= vocab; j += 8) {
@@ -162,11 +169,13 @@ static double row_mass(const float *z, int64_t vocab, float t) {
   return total;
 }
 
-/* mass[r] = sum_j exp(y_j - max y) over rows of z (row stride `stride`, no NaN). */
+/* mass[r] = sum_j exp(y_j - max y) over rows of z (row stride `stride`, no NaN); max_z: each
+ * row's largest z (contiguous), or NULL to find it. */
 void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stride,
-                       const float *temperature, double *mass, int nthreads) {
+                       const float *temperature, const float *max_z, double *mass, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
-  for (int64_t r = 0; r < rows; r++) mass[r] = row_mass(z + r * stride, vocab, temperature[r]);
+  for (int64_t r = 0; r < rows; r++)
+    mass[r] = row_mass(z + r * stride, vocab, temperature[r], max_z ? max_z + r : NULL);
 }
 
 /* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the

@@ -33,7 +33,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.winnow_top_candidates.argtypes = [_PTR, *(_I64,) * 4, _PTR, _PTR, ctypes.c_int]
     lib.winnow_top_candidates.restype = None
-    lib.winnow_total_mass.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_total_mass.argtypes = [_PTR, *(_I64,) * 3, *(_PTR,) * 3, ctypes.c_int]
     lib.winnow_total_mass.restype = None
     lib.winnow_load_rows.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, ctypes.c_int]
     lib.winnow_load_rows.restype = None
@@ -66,15 +66,24 @@ def top_candidates(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return values, ids
 
 
-def total_mass(z: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """[b] float64 sum_j exp(y_j - max y), y = min(z / T, FLOAT32_MAX), per row of z (no NaN)."""
+def total_mass(
+    z: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[b] float64 sum_j exp(y_j - max y), y = min(z / T, FLOAT32_MAX), per row of z (no NaN).
+
+    row_max [b]: each row's largest z when the caller has it (a top-n slice's first value), which
+    saves the pass that finds it."""
     lib = _checked(z)
     rows, vocab = z.shape
     mass = torch.empty(rows, dtype=torch.float64)
     temperature = temperature.to(torch.float32).contiguous()
+    if row_max is not None:
+        row_max = row_max.to(torch.float32).contiguous()
+        assert row_max.shape == (rows,)
     if rows:
         lib.winnow_total_mass(
-            z.data_ptr(), rows, vocab, z.stride(0), temperature.data_ptr(), mass.data_ptr(),
+            z.data_ptr(), rows, vocab, z.stride(0), temperature.data_ptr(),
+            None if row_max is None else row_max.data_ptr(), mass.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
     return mass
