@@ -57,7 +57,7 @@ def torch_pick(z: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor):
 def test_picks_and_y_match_the_torch_reference(vocab: int) -> None:
     generator = torch.Generator().manual_seed(vocab)
     rows, picks = 8, 0
-    for trial in range(6 if vocab > 7 else 40):
+    for trial in range(6 if vocab > 7 else 20):
         z = torch.randn(rows, vocab, generator=generator) * (0.5 + 3 * trial)
         z[::5, : vocab // 2] = -torch.inf  # half the row banned
         z[1, -1] = FLOAT32_MAX  # clamps to float32 max once divided by T < 1
@@ -103,8 +103,10 @@ def test_per_slot_tables_read_through_slots() -> None:
     assert torch.equal(z.cpu(), y) and torch.equal(work[:, 2500:].cpu(), outside)
 
 
-def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool) -> Sampler:
-    sampler = Sampler(vocab, len(params), DEVICE, eos_token_ids=[0], triton_gumbel=triton_gumbel)
+def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool, **sizes: int) -> Sampler:
+    sampler = Sampler(
+        vocab, len(params), DEVICE, eos_token_ids=[0], triton_gumbel=triton_gumbel, **sizes
+    )
     for key, p in enumerate(params):
         sampler.add_row(key, p, seed=1000 + key, prompt_token_ids=[1, 2])
     return sampler
@@ -124,24 +126,32 @@ def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool) -> Sampl
     ids=["temperature-only", "mixed-routes"],
 )
 def test_sampler_cuda_path_picks_what_the_torch_path_picks(params) -> None:
-    """The sampler with the Triton Gumbel-max (the plain temperature step and the free route of
-    the full pipeline) against the same sampler on its torch expressions, step after step."""
+    """The sampler with the Triton Gumbel-max (the plain temperature step, the free route of
+    the full pipeline, and -- with candidate slices too narrow for a top_p 0.9 nucleus -- the
+    thresholded route's exact redo) against the same sampler on its torch expressions."""
     vocab = 2053
-    fused, reference = make(params, vocab, True), make(params, vocab, False)
+    narrow = {"open_candidates": 4, "wide_candidates": 8}
+    fused, reference = make(params, vocab, True, **narrow), make(params, vocab, False, **narrow)
     generator = torch.Generator().manual_seed(9)
     keys = list(range(len(params)))
+    redone = 0
     for step in range(8):
         logits = torch.randn(len(params), vocab, generator=generator) * 3
         if step % 2:
             logits[0, 3], logits[-1, 5] = math.nan, math.inf
         logits = logits.to(DEVICE)
-        out, expected = fused.sample(logits, keys), reference.sample(logits, keys)
+        with recorded_launches() as launches:
+            out = fused.sample(logits, keys)
+        expected = reference.sample(logits, keys)
         assert torch.equal(out.token_ids, expected.token_ids)
+        redone += len(launches) == 2  # the free rows' pass, then the top_p row's exact redo
         if expected.logprobs is not None:
             assert out.logprobs is not None
             torch.testing.assert_close(
                 out.logprobs, expected.logprobs, rtol=0, atol=0, equal_nan=True
             )
+    if DEVICE.type == "cpu" and any(p.top_p < 1 for p in params):
+        assert redone > 0
 
 
 # operations that launch nothing on a GPU: views, metadata, allocations

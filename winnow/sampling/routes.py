@@ -134,8 +134,11 @@ class Routes:
             keep = xtc_filter(y, keep, ids, floats[:, XTC_THRESHOLD], apply)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         values = torch.where(keep, y, -torch.inf)
-        if self.mix_table is not None and not flags[:, XTC].any():
-            # removed = -inf gives the same pick: the row max survives top_k/top_p/min_p
+        # removed = -inf gives the same pick: the row max survives top_k/top_p/min_p
+        if self.triton_gumbel is not None and not flags[:, XTC].any():
+            ones = torch.ones(len(rows), dtype=torch.float32, device=self.device)
+            tokens = self.triton_gumbel.gumbel_argmax(values, params.positions, params.seeds, ones)
+        elif self.mix_table is not None and not flags[:, XTC].any():
             ones = torch.ones(len(rows), dtype=torch.float32)
             tokens = gumbel_max.gumbel_argmax(values, ones, keys, self.mix_table)
         else:
