@@ -57,10 +57,12 @@ def test_cuda_takes_triton_attention_when_present() -> None:
     has_backend = has_triton and importlib.util.find_spec("winnow.kernels.triton") is not None
     if has_backend:
         assert type(kernels.attention).__name__ == "TritonAttentionBackend"
+        assert type(kernels.pointwise).__name__ == "TritonPointwise"
+        assert kernels.rope_attention is not None
         assert "Triton" in kernels.description
     else:
         assert type(kernels.attention) is TorchAttentionBackend
-    assert type(kernels.pointwise) is TorchPointwise
+        assert type(kernels.pointwise) is TorchPointwise
 
 
 def test_every_module_of_a_loaded_model_shares_its_kernels(demo_model_dir) -> None:

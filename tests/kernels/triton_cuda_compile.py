@@ -1,4 +1,5 @@
-"""Compile every Triton attention kernel ahead of time for NVIDIA GPUs, on a machine without one.
+"""Compile every Triton kernel (attention, fused pointwise) ahead of time for NVIDIA GPUs, on a
+machine without one.
 
 The interpreter accepts constructs the GPU compiler rejects (and the reverse): this runs the real
 compiler down to a cubin for each kernel in the shapes the backend launches, so a kernel that
@@ -17,15 +18,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from winnow.kernels.triton import decode, kv_write, prefill
+from winnow.kernels.triton import decode, kv_write, pointwise, prefill
 
 # NVIDIA generations: Ampere (A100) and Hopper (H100/H200).
 ARCHITECTURES = (80, 90)
 
 
 def signature(kernel: triton.JITFunction, pointers: dict[str, str], constants: dict) -> dict:
-    """Triton's signature strings: the given element types for pointers, fp32 for the scale,
-    int32 for every other runtime argument (strides, lengths)."""
+    """Triton's signature strings: the given element types for pointers, fp32 for the scale and
+    the norm's epsilon, int32 for every other runtime argument (strides, lengths)."""
     types = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -33,7 +34,7 @@ def signature(kernel: triton.JITFunction, pointers: dict[str, str], constants: d
         elif name in pointers:
             types[name] = "*" + pointers[name]
         else:
-            types[name] = "fp32" if name == "qk_scale" else "i32"
+            types[name] = "fp32" if name in ("qk_scale", "eps") else "i32"
     return types
 
 
@@ -67,6 +68,35 @@ def kernel_builds(dtype: str, cache_dtype: str) -> list[tuple[triton.JITFunction
             prefill._prefill_kernel,
             {**io, "query_starts_ptr": "i64"},
             dict(GROUP=7, GROUP_PAD=8, BLOCK_Q=8, **tile),
+        ),
+        (
+            pointwise._rms_norm_kernel,
+            {"x_ptr": dtype, "delta_ptr": dtype, "weight_ptr": dtype, "out_ptr": dtype},
+            dict(N=4096, BLOCK=4096, HAS_DELTA=True),
+        ),
+        (
+            pointwise._silu_mul_kernel,
+            {"gate_up_ptr": dtype, "out_ptr": dtype},
+            dict(N=14336, BLOCK=pointwise.SILU_BLOCK),
+        ),
+        (
+            pointwise._rope_kv_kernel,
+            {
+                **{
+                    f"{name}_ptr": dtype for name in ("q", "k", "v", "cos", "sin", "q_out", "k_out")
+                },
+                "cache_ptr": cache_dtype,
+                "slots_ptr": "i64",
+            },
+            dict(
+                NUM_Q_HEADS=32,
+                NUM_KV_HEADS=8,
+                Q_HEADS_PAD=32,
+                KV_HEADS_PAD=8,
+                HALF=64,
+                HALF_PAD=64,
+                WRITE_CACHE=True,
+            ),
         ),
     ]
 

@@ -57,6 +57,8 @@ def select_kernels(
         description=f"torch reference, {attention_name} attention",
         decode_graphs=bool(getattr(attention, "cuda_graph_safe", False)),
     )
+    if attention_name == "Triton paged":
+        _use_triton_pointwise(kernels)
     return _logged(kernels)
 
 
@@ -81,6 +83,15 @@ def _cuda_attention() -> tuple[AttentionBackend, str]:
         return _torch_attention()
     backend: AttentionBackend = triton_kernels.TritonAttentionBackend()
     return backend, "Triton paged"
+
+
+def _use_triton_pointwise(kernels: Kernels) -> None:
+    """Triton's fused norms, SiLU x up, and RoPE inside the KV write (see docs/kernels.md,
+    "Launch budget"), next to Triton's attention."""
+    fused = importlib.import_module("winnow.kernels.triton.fused")
+    kernels.pointwise = fused.TritonPointwise()
+    kernels.rope_attention = fused.TritonRopeAttention(kernels.attention)
+    kernels.description = "Triton fused pointwise, Triton paged attention"
 
 
 def _logged(kernels: Kernels) -> Kernels:

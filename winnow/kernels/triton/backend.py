@@ -56,6 +56,16 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the step's flat tokens -> output [T, Hq, D]."""
         write_kv(kv_cache, k, v, attn.slot_mapping)
+        return self.attend(q, kv_cache, attn, sliding_window)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Attention alone, over a cache that already holds the step's k/v -> [T, Hq, D]."""
         if attn.is_decode_only:
             splits = self.decode_splits or self._decode_splits(attn, kv_cache, sliding_window)
             return paged_decode(
