@@ -79,6 +79,7 @@ class LLMEngine:
         plan = self._plan_kv_cache(loaded, device, kv_dtype)
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.size_block_tables(config.max_num_seqs, self.max_model_len)
         if device.type == "cuda" and not config.enforce_eager and loaded.kernels.decode_graphs:
             self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
         self.block_manager = BlockManager(
@@ -295,6 +296,7 @@ class LLMEngine:
             )
         for seq in plan.preempted:
             self._drop_sampler_row(seq)
+            self.runner.release(seq.seq_id)
         failed = self._add_sampler_rows([item.seq for item in plan.scheduled if item.samples])
         if failed:
             plan.scheduled = [i for i in plan.scheduled if i.seq.request.request_id not in failed]
@@ -465,6 +467,7 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         self._drop_sampler_row(seq)
+        self.runner.release(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
     def _collect(self, pending: dict[Sequence, PendingDelta]) -> list[RequestOutput]:

@@ -79,7 +79,7 @@ class TritonAttentionBackend:
     def _decode_splits(
         self, attn: AttentionMetadata, kv_cache: torch.Tensor, sliding_window: int | None
     ) -> int:
-        context = max(attn.seq_lens)
+        context = attn.max_seq_len
         if sliding_window is not None:
             context = min(context, sliding_window)
         num_kv_heads = kv_cache.shape[-2]
