@@ -204,6 +204,17 @@ class ServerConfig:
     allowed_origins: list[str] = flag(
         default_factory=list, help="CORS origins allowed to call the API (default: CORS off)"
     )
+    request_timeout: float = flag(
+        60.0,
+        help="seconds a client may take to send a request's headers and body (408 and closed "
+        "beyond: slow clients cannot hold connections)",
+    )
+    timeout_keep_alive: int = flag(
+        5, help="seconds an idle keep-alive connection stays open between requests"
+    )
+    max_connections: int = flag(
+        1000, help="open connections at most; one more is answered 503 and closed"
+    )
     public_metrics: bool = flag(False, help="serve /metrics without the API key")
     shutdown_timeout: float = flag(30.0, help="seconds in-flight requests may run on after SIGTERM")
     log_stats: bool = flag(

@@ -51,6 +51,8 @@ class EngineStats:
     kv_blocks_free: int
     kv_blocks_cached: int
     preemptions: int
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 def as_rejection(exc: Exception) -> InvalidRequest:
@@ -280,6 +282,8 @@ class LLMEngine:
             kv_blocks_free=self.block_manager.num_free_blocks,
             kv_blocks_cached=self.block_manager.num_cached_blocks,
             preemptions=self._preemptions,
+            prefix_queried_tokens=self.block_manager.prefix_queried_tokens,
+            prefix_hit_tokens=self.block_manager.prefix_hit_tokens,
         )
 
     def step(self) -> list[RequestOutput]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,12 @@ from winnow.kernels import Kernels, select_kernels
 from winnow.models.config import ModelConfig
 from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
+from winnow.models.device import resolve_device, startup_line, use_device
 from winnow.models.llama import LlamaForCausalLM
 from winnow.models.sampling_defaults import read_sampling_defaults
 from winnow.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -71,6 +75,8 @@ def load_model(
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
+    use_device(torch_device)
+    logger.info("%s", startup_line(torch_device))
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled)
 
@@ -123,12 +129,6 @@ def resolve_model_path(
             repo_id=model, revision=revision, cache_dir=download_dir, allow_patterns=patterns
         )
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:

@@ -71,12 +71,14 @@ async def create_chat_completion(
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
         ),
+        size=len(await request.body()),
     )
     # a forced tool call's grammar wins over response_format: the reply is the call
-    if tools.grammar is not None:
-        grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")
+    forced = tools.grammar
+    if forced is not None:
+        grammar = await prepare_grammar(ctx.engine, lambda: forced, param="tools")
     else:
-        grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
+        grammar = await prepare_grammar(ctx.engine, partial(grammar_spec, body.response_format))
     public_id = f"chatcmpl-{request_id(request)}"
     with client_errors(renames):
         generation = Generation(

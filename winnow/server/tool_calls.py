@@ -23,8 +23,6 @@ from winnow.server.protocol import (
     FunctionDelta,
     ToolCallDelta,
 )
-from winnow.structured.backend import GrammarError
-from winnow.structured.schema_limits import check_schema_depth
 from winnow.structured.spec import GrammarSpec
 from winnow.structured.tool_formats import FunctionSpec, ToolFormat
 from winnow.structured.tool_grammar import forced_call_grammar
@@ -80,13 +78,6 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 param="tool_choice",
             )
         max_calls = 1
-    for position, tool in enumerate(tools):
-        if tool in chosen and tool.function.parameters is not None:
-            try:
-                check_schema_depth(tool.function.parameters)
-            except GrammarError as exc:
-                param = f"tools[{position}].function.parameters"
-                raise ApiError(400, str(exc), param=param) from None
     functions = [FunctionSpec(tool.function.name, tool.function.parameters) for tool in chosen]
     grammar = forced_call_grammar(fmt, functions, parallel=max_calls is None)
     return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
