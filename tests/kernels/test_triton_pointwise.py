@@ -121,6 +121,7 @@ def test_rope_on_q_and_k_writes_the_cache(
         got_k, REFERENCE.rope(k.double(), cos.double(), sin.double()), rope_bound(k, cos, sin)
     )
 
+    assert torch.equal(TRITON.rope(q, cos, sin), got_q)  # one tensor alone
     fused_q, fused_k = pointwise.rope_qk(q, k, cos, sin, v, cache, slots)
     assert torch.equal(fused_q, got_q) and torch.equal(fused_k, got_k)
     flat = cache.view(2, -1, kv_heads, head_dim)

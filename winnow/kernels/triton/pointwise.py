@@ -221,7 +221,7 @@ def rope_qk(
         cos2.stride(0), q_out.stride(0), k_out.stride(0), stride_kv, stride_slot, stride_head,
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         Q_HEADS_PAD=triton.next_power_of_2(num_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(max(1, num_kv_heads)),  # rope(q) alone: no k
         HALF=half, HALF_PAD=triton.next_power_of_2(half), WRITE_CACHE=write,
     )  # fmt: skip
     return q_out, k_out
