@@ -83,6 +83,20 @@ def test_rms_norm_with_and_without_the_residual_add(dtype: torch.dtype, size: in
     assert_within(normed, expected, relative * expected.abs() + underflow(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_of_heads_sliced_from_a_fused_row(dtype: torch.dtype) -> None:
+    """Qwen3's q/k norms: [T, H, D] views into the qkv output, normed per head in place of a
+    copy."""
+    qkv = randn(4, 5 * 32, dtype=dtype, seed=7, scale=2.0)
+    heads = qkv[:, 32:].view(4, 4, 32)
+    weight = randn(32, dtype=dtype, seed=8)
+    expected = REFERENCE.rms_norm(heads.double(), weight.double(), 1e-6)
+    got = TRITON.rms_norm(heads, weight, 1e-6)
+    relative = gamma(33) / 2 + 8 * U32 + rounding(dtype)
+    assert got.shape == heads.shape
+    assert_within(got, expected, relative * expected.abs() + underflow(dtype))
+
+
 def rope_bound(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """3 u32 (|x1 c| + |x2 s|) + r |y| (+ underflow) for each output element (see the module
     docstring)."""

@@ -23,7 +23,9 @@ def _rms_norm_kernel(
     delta_ptr,
     weight_ptr,
     out_ptr,
+    heads,
     stride_x,
+    stride_xh,
     stride_delta,
     stride_out,
     eps,
@@ -31,15 +33,17 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_DELTA: tl.constexpr,
 ):
-    """One program per row: (x += delta, stored back, when HAS_DELTA), then out = rms_norm(x)."""
+    """One program per row (x's rows are [tokens, heads], e.g. q heads sliced from the qkv
+    output): (x += delta, stored back, when HAS_DELTA), then out = rms_norm(x)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x_row = x_ptr + (row // heads) * stride_x + (row % heads) * stride_xh
+    x = tl.load(x_row + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(x_ptr + row * stride_x + cols, x, mask=mask)
+        tl.store(x_row + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -50,24 +54,29 @@ def _rms_norm_kernel(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """rms_norm over the last dim of x [..., N] -> a new tensor; with `delta` (same shape),
-    first x += delta in place (the residual add), rounded to x's dtype as torch's add_ does."""
+    """rms_norm over the last dim of x [T, N] or [T, H, N] (any token and head strides) -> a
+    new contiguous tensor; with `delta` (x's shape), first x += delta in place (the residual
+    add), rounded to x's dtype as torch's add_ does."""
+    shape = x.shape
+    if x.stride(-1) != 1 or x.dim() not in (2, 3):
+        if delta is not None:
+            raise ValueError("the residual stream must be [T, N] with contiguous rows")
+        x = x.contiguous().view(-1, x.shape[-1])
     n = x.shape[-1]
-    rows = x.numel() // n if n else 0
-    if delta is not None and not (x.is_contiguous() or x.dim() == 2 and x.stride(-1) == 1):
-        raise ValueError("the residual stream must have contiguous rows")
-    x2 = x.view(rows, n) if x.is_contiguous() else x.reshape(rows, n)
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    heads = x.shape[1] if x.dim() == 3 else 1
+    stride_h = x.stride(1) if x.dim() == 3 else 0
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = out.numel() // n if n else 0
     if rows == 0:
-        return out.view(x.shape)
-    d2 = x2 if delta is None else delta.reshape(rows, n)
+        return out.view(shape)
+    d2 = out if delta is None else delta.reshape(rows, n)
     if d2.stride(-1) != 1:
         d2 = d2.contiguous()
     _rms_norm_kernel[(rows,)](
-        x2, d2, weight, out, x2.stride(0), d2.stride(0), out.stride(0), eps,
+        x, d2, weight, out, heads, x.stride(0), stride_h, d2.stride(0), n, eps,
         N=n, BLOCK=triton.next_power_of_2(n), HAS_DELTA=delta is not None,
     )  # fmt: skip
-    return out.view(x.shape)
+    return out.view(shape)
 
 
 @triton.jit
