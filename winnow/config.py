@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from winnow.distributed.layout import RankLayout
 from winnow.flags import flag
 from winnow.limits import MAX_TOP_LOGPROBS
 from winnow.structured.tool_formats import ToolFormatName
@@ -43,6 +44,7 @@ STATS_INTERVAL_S = 10.0  # vLLM's interval between stats log lines
 
 ModelDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 KVCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
+KernelChoice = Literal["auto", "torch", "triton"]
 UvicornLogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -62,6 +64,24 @@ def _sampling_defaults_source(source: str) -> str:
     if source in ("auto", "vllm") or os.path.isdir(os.path.expanduser(source)):
         return source
     raise ValueError("not 'auto', 'vllm' or a folder")
+
+
+def _positive(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _rank(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("not a TCP port (0-65535; 0: a free one, one node only)")
+    return value
 
 
 def _logging_level(name: str) -> str:
@@ -138,6 +158,12 @@ class EngineConfig:
         inverted=True,
         help="fp32 on CPU: use PyTorch's matmul and attention instead of Winnow's AVX2 kernels",
     )
+    kernels: KernelChoice = flag(
+        "auto",
+        help="auto: the fastest kernels for the device; torch: PyTorch's reference on any "
+        "device; triton: the CUDA path's Triton kernels (on a CPU only under TRITON_INTERPRET=1, "
+        "for testing the GPU path without a GPU)",
+    )
     num_threads: int = flag(0, help="torch CPU threads for the engine (0: one per core)")
     max_n: int = flag(16, help="largest `n` (choices per request) accepted")
     max_logprobs: int = flag(
@@ -160,6 +186,31 @@ class EngineConfig:
         False, help="allow a model's own Python code for its config and tokenizer"
     )
 
+    tensor_parallel_size: int = flag(
+        1,
+        aliases=("-tp",),
+        check=_positive,
+        help="devices (ranks) one model is split over, by attention heads, MLP columns and "
+        "vocabulary; rank 0 serves, the others run worker processes",
+    )
+    nnodes: int = flag(
+        1, check=_positive, help="machines the tensor-parallel ranks span (ranks split evenly)"
+    )
+    node_rank: int = flag(
+        0,
+        check=_rank,
+        help="this machine's index among --nnodes; only node 0 serves HTTP, the others run "
+        "worker ranks only",
+    )
+    master_addr: str = flag(
+        "127.0.0.1", help="address of node 0, where every rank meets (torch.distributed)"
+    )
+    master_port: int = flag(
+        0,
+        check=_port,
+        help="TCP port on node 0 where every rank meets (0: a free port; set it with --nnodes)",
+    )
+
     def for_device(self, device_type: str) -> ResolvedEngineConfig:
         """This config with every "auto" step size filled in for a device type."""
         seqs, tokens = STEP_DEFAULTS.get(device_type, STEP_DEFAULTS["cpu"])
@@ -168,6 +219,17 @@ class EngineConfig:
             "max_num_batched_tokens": self.max_num_batched_tokens or tokens,
         }
         return ResolvedEngineConfig(**{**vars(self), **sizes})
+
+
+def rank_layout(config: EngineConfig) -> RankLayout:
+    """The tensor-parallel ranks of this config and which of them this node runs."""
+    return RankLayout(
+        config.tensor_parallel_size,
+        config.nnodes,
+        config.node_rank,
+        config.master_addr,
+        config.master_port,
+    )
 
 
 @dataclass
@@ -247,26 +309,11 @@ class ServerConfig:
     )
 
 
-def _one_device(size: int) -> int:
-    if size != 1:
-        raise ValueError(
-            "Winnow runs one model on one device; only 1 is supported (serve one replica per "
-            "GPU behind a load balancer)"
-        )
-    return size
-
-
 @dataclass
 class VllmCompatibility:
     """`vllm serve` flags Winnow takes so that a vLLM command line runs: each accepts what
     Winnow serves and refuses the rest with the reason (its check)."""
 
-    tensor_parallel_size: int = flag(
-        1,
-        aliases=("-tp",),
-        check=_one_device,
-        help="devices one replica spans; only 1 (run one server per GPU behind a balancer)",
-    )
     disable_log_requests: bool = flag(
         False, help="accepted for vLLM command lines: Winnow never logs request contents"
     )

@@ -68,6 +68,22 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response on a kept-alive connection (headers and body may arrive apart)."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def status_and_error(reply: bytes) -> tuple[int, dict[str, object]]:
     head, _, body = reply.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)["error"]
@@ -95,7 +111,7 @@ def test_a_body_sent_one_byte_per_second_is_cut_off(slow_server: ServerProcess) 
 def test_an_idle_kept_alive_connection_is_closed(slow_server: ServerProcess) -> None:
     with connect(slow_server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        first = sock.recv(65536)
+        first = read_response(sock)
         assert first.startswith(b"HTTP/1.1 200")
         sock.settimeout(REQUEST_TIMEOUT_S * 10)
         assert sock.recv(65536) == b""  # closed by the server, nothing more sent

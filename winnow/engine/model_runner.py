@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from winnow.distributed.group import cpu_group
+from winnow.distributed.step_input import flat_step, run_step, send_step
 from winnow.engine.block_tables import BlockTables
 from winnow.engine.decode_graphs import DecodeGraphs
 from winnow.engine.host_staging import HostStaging
@@ -22,7 +24,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, block_size: int, kv_dtype: torch.dtype) -> None:
         self.model = loaded.model
-        self.model_config = loaded.config
+        self.model_config = loaded.model.layer_config  # this rank's heads (tensor parallel)
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
         self.kv_dtype = kv_dtype
@@ -50,9 +52,19 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward over a padding row (slot 0 of block 0, never handed out): kernels that
+        compile on first use (Triton's) do it now, before the server says it is ready."""
+        attn = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model(token, token, self.kv_caches, attn)
+
+    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling, vocab] for the sequences whose
         `samples` is true, in scheduled order."""
+        if self.model.tp is not None:
+            return self._execute_sharded(scheduled)
         self.staging.begin_step()
         inputs = StepInputs.build(scheduled, self.block_size, self.block_tables)
         self.block_tables.upload()
@@ -76,6 +88,23 @@ class ModelRunner:
         """The step's block tables [B, width]: its sequences' rows of the device tables."""
         rows = self.staging.to_device("table-rows", inputs.table_rows)
         return self.block_tables.table[:, :width].index_select(0, rows)
+
+    def _execute_sharded(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """Tensor parallel: the flat step input goes to every worker rank, then all run it."""
+        step = flat_step(
+            [
+                item.seq.token_ids_slice(
+                    item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
+                )
+                for item in scheduled
+            ],
+            [item.seq.num_computed_tokens for item in scheduled],
+            [item.seq.block_table for item in scheduled],
+            [item.samples for item in scheduled],
+            self.block_size,
+        )
+        send_step(step, cpu_group())
+        return run_step(self.model, self.kv_caches, step, self.block_size, self.device)
 
     def _run_decode_graph(self, graphs: DecodeGraphs, inputs: StepInputs) -> torch.Tensor:
         """Decode inputs go from pinned host buffers straight into the graphs' static ones."""

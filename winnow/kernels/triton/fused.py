@@ -49,5 +49,6 @@ class TritonRopeAttention:
         attn: AttentionMetadata,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        q, _ = pointwise.rope_qk(q, k, cos, sin, v, kv_cache, attn.slot_mapping)
+        q, k = pointwise.rope_qk(q, k, cos, sin, v, kv_cache, attn.slot_mapping)
+        self.attention.warm(q, k, v, kv_cache)
         return self.attention.attend(q, kv_cache, attn, sliding_window)
