@@ -23,6 +23,7 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 256
 MAX_TOOLS = 128
 MAX_MESSAGES = 4096
+MAX_INPUT_ITEMS = MAX_MESSAGES  # items in a Responses `input` list
 
 # The logprob reported for a token the sampler ruled out (-inf is not JSON), as OpenAI reports it.
 LOGPROB_FLOOR = -9999.0
