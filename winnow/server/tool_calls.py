@@ -3,8 +3,10 @@ OpenAI objects (message.tool_calls, delta.tool_calls) built from a choice's pars
 
 tool_choice semantics (OpenAI's, as vLLM serves them): absent means "auto" when tools are given,
 else "none"; "none" renders the tools into the prompt but parses nothing; "auto" parses the
-model's own format; "required" and a named function force calls with a grammar (a named function:
-exactly one call to it); `parallel_tool_calls: false` allows one call.
+model's own format, and when any tool is `strict` a grammar lets the model write text or start a
+call, which it then holds to one of the tools with schema-valid arguments; "required" and a named
+function force calls with a grammar (a named function: exactly one call to it);
+`parallel_tool_calls: false` allows one call.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from winnow.server.protocol import (
     ChatDelta,
     ChatFinishReason,
     FunctionDelta,
+    Tool,
     ToolCallDelta,
 )
 from winnow.structured.backend import GrammarError
 from winnow.structured.schema_limits import check_schema_depth
 from winnow.structured.spec import GrammarSpec
 from winnow.structured.tool_formats import FunctionSpec, ToolFormat
-from winnow.structured.tool_grammar import forced_call_grammar
+from winnow.structured.tool_grammar import auto_call_grammar, forced_call_grammar
 from winnow.structured.tool_parser import (
     CallArguments,
     CallOpened,
@@ -68,7 +71,10 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 'tool_choice "auto" needs the server started with --enable-auto-tool-choice',
                 param="tool_choice",
             )
-        return ToolPlan(fmt, parse=True, max_calls=max_calls)
+        if not any(tool.function.strict for tool in tools):
+            return ToolPlan(fmt, parse=True, max_calls=max_calls)
+        grammar = auto_call_grammar(fmt, _functions(tools, tools), parallel=max_calls is None)
+        return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
     if isinstance(choice, str):  # "required"
         chosen = tools
     else:
@@ -80,6 +86,12 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 param="tool_choice",
             )
         max_calls = 1
+    grammar = forced_call_grammar(fmt, _functions(tools, chosen), parallel=max_calls is None)
+    return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
+
+
+def _functions(tools: list[Tool], chosen: list[Tool]) -> list[FunctionSpec]:
+    """The chosen tools as grammar functions; 400 for a schema nested too deep."""
     for position, tool in enumerate(tools):
         if tool in chosen and tool.function.parameters is not None:
             try:
@@ -87,9 +99,7 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
             except GrammarError as exc:
                 param = f"tools[{position}].function.parameters"
                 raise ApiError(400, str(exc), param=param) from None
-    functions = [FunctionSpec(tool.function.name, tool.function.parameters) for tool in chosen]
-    grammar = forced_call_grammar(fmt, functions, parallel=max_calls is None)
-    return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
+    return [FunctionSpec(tool.function.name, tool.function.parameters) for tool in chosen]
 
 
 def message_content(text: str, has_calls: bool) -> str | None:
