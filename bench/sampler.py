@@ -7,6 +7,10 @@ device->host copy and state update; HF: the processor chain, softmax and torch.m
     .venv/bin/python bench/sampler.py            # batch {1, 8, 64, 256} x vocab {32768, 131072}
     .venv/bin/python bench/sampler.py --quick    # a small subset
     .venv/bin/python bench/sampler.py --decode-step  # pipeline vs a demo-large decode step, B=64
+    .venv/bin/python bench/sampler.py --targets  # B {64, 256}, V 131072: the stages issue 21 bounds
+
+Every row also prints its time over greedy's for the same batch and vocabulary, measured in the
+same run (greedy first), so loaded-machine noise mostly cancels in the ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from winnow.sampling.params import SamplingParams
 from winnow.sampling.sampler import Sampler
 
 PROMPT_LEN, HISTORY_LEN = 512, 128
+CPU = torch.device("cpu")
 BIAS = {11: 5.0, 12: -5.0, 13: 100.0, 14: -100.0, 15: 1.5}
 
 # stage -> (winnow parameters, HF processors); None: HF has no equivalent
@@ -72,7 +77,15 @@ STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
     "top_p": (dict(top_p=0.9), lambda: [TopPLogitsWarper(0.9)]),
     "min_p": (dict(min_p=0.05), lambda: [MinPLogitsWarper(0.05)]),
     "xtc": (dict(xtc_probability=0.5, xtc_threshold=0.1), None),
+    "t=1": (dict(temperature=1.0), lambda: []),
+    "t=.7 p=.95": (
+        dict(temperature=0.7, top_p=0.95),
+        lambda: [TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.95)],
+    ),
+    "t=1 freq/pres": (dict(frequency_penalty=0.2, presence_penalty=0.1), None),
 }
+# issue 21's targets: each of these within 2x greedy, all stages within 4x
+TARGET_STAGES = ("greedy", "t=1", "t=.7 p=.95", "t=1 freq/pres", "all stages")
 
 
 def llm_like_logits(batch: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -83,7 +96,7 @@ def llm_like_logits(batch: int, vocab: int, generator: torch.Generator) -> torch
     return logits.scatter_(1, strong, boost)
 
 
-def median_ms(run: Callable[[], object], repeats: int, budget_s: float) -> float:
+def median_ms_host(run: Callable[[], object], repeats: int, budget_s: float) -> float:
     run()  # warm-up
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
@@ -94,33 +107,76 @@ def median_ms(run: Callable[[], object], repeats: int, budget_s: float) -> float
     return 1e3 * statistics.median(times)
 
 
-def bench_case(batch: int, vocab: int, stage: str, repeats: int) -> tuple[float, float | None]:
-    params, hf_chain = STAGES[stage]
+def median_ms(
+    run: Callable[[], object], repeats: int, budget_s: float, device: torch.device
+) -> float:
+    def synced() -> None:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return median_ms_host(synced, repeats, budget_s)
+
+
+def sampler_step(
+    batch: int, vocab: int, stage: str, device: torch.device
+) -> tuple[Callable[[], object], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One `Sampler.sample` call on LM-like logits for rows of `stage` (repeatable), and the
+    logits, prompts and histories it uses."""
     generator = torch.Generator().manual_seed(batch * 7 + vocab)
-    logits = llm_like_logits(batch, vocab, generator)
+    logits = llm_like_logits(batch, vocab, generator).to(device)
     prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=generator)
     history = torch.randint(0, vocab, (batch, HISTORY_LEN), generator=generator)
-    sampler = Sampler(vocab, batch, torch.device("cpu"), eos_token_ids=[2])
+    sampler = Sampler(vocab, batch, device, eos_token_ids=[2])
     for row in range(batch):
         sampler.add_row(
             row,
-            SamplingParams(**params),
+            SamplingParams(**STAGES[stage][0]),
             seed=row,
             prompt_token_ids=prompt[row].tolist(),
             output_token_ids=history[row].tolist(),
         )
     keys = list(range(batch))
-    ours = median_ms(lambda: sampler.sample(logits, keys), repeats, budget_s=10.0)
+    return lambda: sampler.sample(logits, keys), logits, prompt, history
+
+
+def ratio_to_greedy(
+    batch: int, vocab: int, stage: str, repeats: int, device: torch.device
+) -> tuple[float, float, float]:
+    """(stage ms, greedy ms, median of per-pair ratios), the two steps timed alternately so
+    that a loaded machine's slow spells hit both."""
+    steps = [sampler_step(batch, vocab, name, device)[0] for name in (stage, "greedy")]
+    times: list[list[float]] = [[], []]
+    for step in steps:
+        step()
+    for _ in range(repeats):
+        for step, spent in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            spent.append(1e3 * (time.perf_counter() - start))
+    ratios = [a / b for a, b in zip(*times, strict=True)]
+    medians = [statistics.median(t) for t in times]
+    return medians[0], medians[1], statistics.median(ratios)
+
+
+def bench_case(
+    batch: int, vocab: int, stage: str, repeats: int, device: torch.device = CPU
+) -> tuple[float, float | None]:
+    hf_chain = STAGES[stage][1]
+    step, logits, prompt, history = sampler_step(batch, vocab, stage, device)
+    ours = median_ms(step, repeats, 10.0, device)
     if hf_chain is None:
         return ours, None
     chain = LogitsProcessorList(hf_chain())
-    input_ids = torch.cat([prompt, history], dim=1)
+    input_ids = torch.cat([prompt, history], dim=1).to(device)
 
     def hf_step() -> torch.Tensor:
         scores = chain(input_ids, logits)
         return torch.multinomial(torch.softmax(scores, dim=-1), 1)
 
-    return ours, median_ms(hf_step, repeats, budget_s=20.0)
+    return ours, median_ms(hf_step, repeats, 20.0, device)
 
 
 def decode_step_ms(batch: int, context: int, repeats: int) -> tuple[float, int]:
@@ -144,13 +200,16 @@ def decode_step_ms(batch: int, context: int, repeats: int) -> tuple[float, int]:
             hidden = loaded.model(input_ids, positions, caches, attn)
             return loaded.model.compute_logits(hidden)
 
-    return median_ms(step, repeats, budget_s=30.0), loaded.config.vocab_size
+    return median_ms_host(step, repeats, budget_s=30.0), loaded.config.vocab_size
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="where logits and sampler live (cuda)")
+    parser.add_argument("--targets", action="store_true", help="issue 21's bounded stages")
+    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: keep)")
     parser.add_argument(
         "--decode-step", action="store_true", help="all stages vs a demo-large decode step, B=64"
     )
@@ -163,6 +222,12 @@ def main() -> None:
             f"all stages: {sampling:.2f} ms = {100 * sampling / forward:.1f}% of the forward"
         )
         return
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.targets:
+        targets(device, args.repeats)
+        return
     if args.quick:
         cases = [(64, 131072, s) for s in ("all stages", "greedy", "temperature", "top_p")]
         cases += [(b, v, "all stages") for b, v in ((1, 32768), (8, 131072), (256, 32768))]
@@ -173,15 +238,32 @@ def main() -> None:
             for batch in (1, 8, 64, 256)
             for stage in STAGES
         ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU")
+    print(f"torch {torch.__version__}, {where(device)}, float32 logits on {device.type}")
     print("| batch |  vocab | stage       | winnow ms |     HF ms |  HF / winnow |")
     print("|------:|-------:|:------------|----------:|----------:|-------------:|")
     for batch, vocab, stage in cases:
-        ours, theirs = bench_case(batch, vocab, stage, args.repeats)
+        ours, theirs = bench_case(batch, vocab, stage, args.repeats, device)
         hf = f"{theirs:9.2f}" if theirs is not None else f"{'-':>9}"
         ratio = f"{theirs / ours:11.1f}x" if theirs is not None else f"{'-':>12}"
         row = f"| {batch:>5} | {vocab:>6} | {stage:<11} | {ours:9.2f} | {hf} | {ratio} |"
         print(row, flush=True)
+
+
+def where(device: torch.device) -> str:
+    return f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+
+
+def targets(device: torch.device, repeats: int) -> None:
+    """Issue 21's table: each bounded stage against greedy, timed alternately in this run."""
+    print(f"torch {torch.__version__}, {where(device)}, float32 logits on {device.type}")
+    print("| batch |  vocab | stage         |  ms | greedy ms | median ratio | target |")
+    print("|------:|-------:|:--------------|----:|----------:|-------------:|-------:|")
+    for batch in (64, 256):
+        for stage in TARGET_STAGES[1:]:
+            ours, greedy, ratio = ratio_to_greedy(batch, 131072, stage, repeats, device)
+            target = 4 if stage == "all stages" else 2
+            row = f"| {batch:>5} | 131072 | {stage:<13} | {ours:.2f} | {greedy:.2f} | "
+            print(row + f"{ratio:.2f}x | <= {target}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ Prints output tokens/s of the Winnow engine (continuous batching, all requests s
 and of one batched `generate` call over the same prompts, their ratio, and single-stream decode
 tokens/s of both. Medians over `--runs`; every run draws fresh prompts, so that no run is served
 from the prefix cache the one before filled.
+
+    .venv/bin/python bench/throughput.py --model smollm2 --temperature 1 --skip-hf --runs 5
+
+`--temperature T` also times the engine sampling at T (each run alternating with a greedy run
+on other fresh prompts of the same shape) and prints the median ratio of their throughputs.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ def make_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[in
     return torch.randint(1000, vocab, (count, length), generator=generator).tolist()
 
 
-def winnow_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> float:
+def winnow_run(
+    engine: LLMEngine, prompts: list[list[int]], output_len: int, temperature: float = 0.0
+) -> float:
     """Seconds to generate `output_len` tokens for every prompt with continuous batching."""
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(GenerationRequest(f"bench-{start}-{i}", prompt, params))
@@ -73,6 +80,7 @@ def main() -> None:
     parser.add_argument("--single-output-len", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--temperature", type=float, help="also time sampling at T vs greedy")
     args = parser.parse_args()
 
     loaded = load_model(args.model, dtype="float32", device="cpu")
@@ -97,6 +105,17 @@ def main() -> None:
         f"winnow: {ours:8.1f} output tok/s ({args.num_requests} requests x "
         f"{args.input_len} in / {args.output_len} out); single stream {ours_single:6.1f} tok/s"
     )
+    if args.temperature is not None:
+        ratios = []
+        for run in range(args.runs):
+            prompts = make_prompts(args.num_requests, args.input_len, vocab, seed=1000 + run)
+            sampled = winnow_run(engine, prompts, args.output_len, args.temperature)
+            greedy = winnow_run(engine, [p[::-1] for p in prompts], args.output_len)
+            ratios.append(greedy / sampled)
+        print(
+            f"winnow at temperature {args.temperature:g} / greedy throughput: "
+            f"{statistics.median(ratios):.3f} (median of {args.runs} alternating runs)"
+        )
     if args.skip_hf:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()

@@ -115,6 +115,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     from winnow.engine.async_engine import AsyncEngine
     from winnow.engine.stats_log import log_stats_periodically
     from winnow.server.app import build_app
+    from winnow.server.connections import ConnectionLimits, bounded_http_protocol
     from winnow.server.lifecycle import DrainingServer
 
     logger.info("loading %s", engine_config.model)
@@ -126,6 +127,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         port=server_config.port,
         log_level=server_config.uvicorn_log_level,
         timeout_graceful_shutdown=_CLOSE_GRACE_S,
+        timeout_keep_alive=server_config.timeout_keep_alive,
+        http=bounded_http_protocol(
+            ConnectionLimits(server_config.request_timeout, server_config.max_connections)
+        ),
     )
     server = DrainingServer(uv_config, engine, server_config.shutdown_timeout)
 
@@ -175,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         engine_config, server_config = serve_configs(args, serve_parser)
         _configure_logging(server_config.log_level)
+        _check_device(engine_config.device)
         sys.exit(serve(engine_config, server_config))
     _configure_logging("info")
     if args.command == "demo-model":
@@ -183,6 +189,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(build_demo_model(args.name))
         return
     _bench_serve(args)
+
+
+def _check_device(device: str) -> None:
+    """End the program with one line (no traceback, exit 1) when `--device` cannot be served
+    here, before anything loads."""
+    from winnow.models.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as exc:
+        sys.exit(f"winnow serve: error: {exc}")
 
 
 def _configure_logging(level: str) -> None:

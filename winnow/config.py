@@ -43,6 +43,7 @@ STATS_INTERVAL_S = 10.0  # vLLM's interval between stats log lines
 
 ModelDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 KVCacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
+KernelChoice = Literal["auto", "torch", "triton"]
 UvicornLogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -146,6 +147,12 @@ class EngineConfig:
         inverted=True,
         help="fp32 on CPU: use PyTorch's matmul and attention instead of Winnow's AVX2 kernels",
     )
+    kernels: KernelChoice = flag(
+        "auto",
+        help="auto: the fastest kernels for the device; torch: PyTorch's reference on any "
+        "device; triton: the CUDA path's Triton kernels (on a CPU only under TRITON_INTERPRET=1, "
+        "for testing the GPU path without a GPU)",
+    )
     num_threads: int = flag(0, help="torch CPU threads for the engine (0: one per core)")
     max_n: int = flag(16, help="largest `n` (choices per request) accepted")
     max_logprobs: int = flag(
@@ -211,6 +218,17 @@ class ServerConfig:
     )
     allowed_origins: list[str] = flag(
         default_factory=list, help="CORS origins allowed to call the API (default: CORS off)"
+    )
+    request_timeout: float = flag(
+        60.0,
+        help="seconds a client may take to send a request's headers and body (408 and closed "
+        "beyond: slow clients cannot hold connections)",
+    )
+    timeout_keep_alive: int = flag(
+        5, help="seconds an idle keep-alive connection stays open between requests"
+    )
+    max_connections: int = flag(
+        1000, help="open connections at most; one more is answered 503 and closed"
     )
     public_metrics: bool = flag(False, help="serve /metrics without the API key")
     shutdown_timeout: float = flag(30.0, help="seconds in-flight requests may run on after SIGTERM")

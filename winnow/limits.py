@@ -24,6 +24,16 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_TOOLS = 128
 MAX_MESSAGES = 4096
 MAX_INPUT_ITEMS = MAX_MESSAGES  # items in a Responses `input` list
+MAX_STOP_TOTAL_CHARS = 4096  # all stop strings of a request together
+
+# The shape of a JSON schema (response_format, a tool's parameters), checked before the grammar
+# compiler sees it: the compiler recurses per property and per required name (30,000 names
+# overflowed its stack), and meta-validation takes time in proportion to the schema's size.
+# Near OpenAI's own structured-output bounds (5,000 properties, 1,000 enum values).
+MAX_SCHEMA_PROPERTIES = 5000  # all `properties` entries in one schema together
+MAX_SCHEMA_REQUIRED = 5000  # names in one `required` list
+MAX_SCHEMA_ENUM = 1000  # values in one `enum` list
+MAX_SCHEMA_NODES = 100_000  # JSON values (objects, arrays, scalars) in one schema
 
 # The logprob reported for a token the sampler ruled out (-inf is not JSON), as OpenAI reports it.
 LOGPROB_FLOOR = -9999.0

@@ -133,12 +133,14 @@ def wait_ready_seeing_loading(url: str, process: subprocess.Popen[bytes]) -> lis
         try:
             health = httpx.get(url + "/health", timeout=5)
             models = httpx.get(url + "/v1/models", timeout=5)
+            live = httpx.get(url + "/livez", timeout=5)
         except httpx.TransportError:
             time.sleep(0.005)
             continue
         if health.status_code == 200:
             return loading
         assert health.status_code == 503 and health.json()["status"] == "loading"
+        assert live.status_code == 200, live.text  # liveness does not wait for the model
         loading.append(models)
         time.sleep(0.05)  # leave the GIL to the loading engine thread
     raise AssertionError("the server did not become ready")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,9 +61,21 @@ def test_cuda_takes_triton_attention_when_present() -> None:
     if has_backend:
         assert type(kernels.attention).__name__ == "TritonAttentionBackend"
         assert "Triton" in kernels.description
+        assert kernels.decode_graphs  # graph-safe: the engine captures decode steps
     else:
         assert type(kernels.attention) is TorchAttentionBackend
+        assert not kernels.decode_graphs
     assert type(kernels.pointwise) is TorchPointwise
+
+
+def test_forced_choices() -> None:
+    """--kernels torch keeps any device on the reference; an unknown choice is refused."""
+    for device in ("cpu", "cuda"):
+        kernels = select_kernels(device, torch.float32, choice="torch")
+        assert type(kernels.attention) is TorchAttentionBackend
+        assert not kernels.decode_graphs
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        select_kernels("cpu", torch.float32, choice="fast")
 
 
 def test_every_module_of_a_loaded_model_shares_its_kernels(demo_model_dir) -> None:
@@ -68,3 +83,17 @@ def test_every_module_of_a_loaded_model_shares_its_kernels(demo_model_dir) -> No
     holders = [m for m in loaded.model.modules() if hasattr(m, "kernels")]
     assert len(holders) > 3 * loaded.config.num_layers
     assert all(m.kernels is loaded.kernels for m in holders)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_on_a_cpu_needs_the_interpreter() -> None:
+    """--kernels triton on a CPU without TRITON_INTERPRET=1 says what to set (in a process of
+    its own: the interpreter is switched on or off when the kernels are imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import torch, winnow.kernels as k\n"
+    code += "k.select_kernels('cpu', torch.float32, True, 'triton')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "set TRITON_INTERPRET=1" in result.stderr.splitlines()[-1]

@@ -1,93 +1,137 @@
-"""Compile every Triton attention kernel ahead of time for NVIDIA GPUs, on a machine without one.
+"""Compile every Triton kernel variant the server launches for an H100 (sm_90), on a machine
+without a GPU, and check each against the hardware's limits.
 
-The interpreter accepts constructs the GPU compiler rejects (and the reverse): this runs the real
-compiler down to a cubin for each kernel in the shapes the backend launches, so a kernel that
-would fail to build on the GPU fails here. Run as a script in a process without TRITON_INTERPRET
-(the interpreter replaces the kernels at import time):
-    python -m tests.kernels.triton_cuda_compile [--all]
-By default it builds for Hopper only: each kernel in bf16, and once in fp32 each kernel kind whose
-dots must stay IEEE fp32; --all builds every kernel in both pairings for Ampere and Hopper.
+The interpreter accepts constructs the GPU compiler rejects (and the reverse), and says nothing
+of registers: this runs the backend's start-up `warm_up` for the layouts of real models with each
+launch replaced by a compile for sm_90, so every variant is built with the very specialisation
+(dtypes, constexprs, 16-divisibility of its arguments) a GPU run would give it. Each cubin must
+use no local memory (register spills) and at most the shared memory an H100 block may have.
+Run as a script in a process without TRITON_INTERPRET (the interpreter replaces the kernels at
+import time); prints one line per variant and exits non-zero on a failure:
+    python -m tests.kernels.triton_cuda_compile [LAYOUT ...]
+Triton's compile cache makes a rerun take seconds.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from winnow.kernels.triton import decode, kv_write, prefill
+from winnow.kernels.triton.warm_up import warm_up
 
-# NVIDIA generations: Ampere (A100) and Hopper (H100/H200).
-ARCHITECTURES = (80, 90)
-
-
-def signature(kernel: triton.JITFunction, pointers: dict[str, str], constants: dict) -> dict:
-    """Triton's signature strings: the given element types for pointers, fp32 for the scale,
-    int32 for every other runtime argument (strides, lengths)."""
-    types = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            types[name] = "constexpr"
-        elif name in pointers:
-            types[name] = "*" + pointers[name]
-        else:
-            types[name] = "fp32" if name == "qk_scale" else "i32"
-    return types
+HOPPER = GPUTarget("cuda", 90, 32)
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 
-def kernel_builds(dtype: str, cache_dtype: str) -> list[tuple[triton.JITFunction, dict, dict]]:
-    """(kernel, pointer element types, constexprs) of each launch for one dtype pairing."""
-    precision = "ieee" if dtype == "fp32" else "tf32"
-    tables = {"block_tables_ptr": "i64", "seq_lens_ptr": "i64"}
-    io = {"q_ptr": dtype, "out_ptr": dtype, "cache_ptr": cache_dtype, **tables}
-    tile = dict(BLOCK_N=64, BLOCK_D=128, HEAD_DIM=128, BLOCK_SIZE=16, PRECISION=precision)
-    tile["UPCAST_DOT"] = False
-    return [
-        (
-            kv_write._write_kv_kernel,
-            {"k_ptr": dtype, "v_ptr": dtype, "cache_ptr": cache_dtype, "slots_ptr": "i64"},
-            dict(NUM_KV_HEADS=8, HEADS_PAD=8, BLOCK_D=128, HEAD_DIM=128),
-        ),
-        *(
-            (
-                decode._decode_kernel,
-                {**io, "partial_ptr": "fp32", "lse_ptr": "fp32"},
-                dict(NUM_HEADS=32, GROUP=4, ROWS=16, SPLIT=split, **tile),
-            )
-            for split in (False, True)
-        ),
-        (
-            decode._merge_splits_kernel,
-            {"partial_ptr": "fp32", "lse_ptr": "fp32", "out_ptr": dtype},
-            dict(NUM_HEADS=32, SPLITS=16, BLOCK_D=128, HEAD_DIM=128),
-        ),
-        (
-            prefill._prefill_kernel,
-            {**io, "query_starts_ptr": "i64"},
-            dict(GROUP=7, GROUP_PAD=8, BLOCK_Q=8, **tile),
-        ),
-    ]
+@dataclass(frozen=True)
+class Layout:
+    """One model's attention shapes and dtypes."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    cache_dtype: torch.dtype
+    block_size: int = 16
+
+    def tensors(self, tokens: int = 4) -> tuple[torch.Tensor, ...]:
+        """q, k, v and a layer's cache laid out as the model hands them to the backend: q and k
+        fresh from the rotary embedding, v a view into the fused qkv projection's output."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.empty(tokens, (h + 2 * kv) * d, dtype=self.dtype)
+        q = torch.empty(tokens, h, d, dtype=self.dtype)
+        k = torch.empty(tokens, kv, d, dtype=self.dtype)
+        v = qkv[:, (h + kv) * d :].view(tokens, kv, d)
+        cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
+        return q, k, v, cache
 
 
-def main(argv: list[str]) -> int:
+BF16, F32 = torch.bfloat16, torch.float32
+LAYOUTS = [
+    Layout("llama-3-8b", 32, 8, 128, BF16, BF16),
+    Layout("qwen2.5-0.5b", 14, 2, 64, BF16, BF16),
+    Layout("head-dim-256", 8, 1, 256, BF16, BF16),
+    Layout("llama-3-8b-fp32", 32, 8, 128, F32, F32),
+]
+
+
+@dataclass
+class Variant:
+    layout: str
+    kernel: str
+    compiled: Any
+
+
+def compile_instead_of_launching(variants: list[Variant], layout: str) -> Any:
+    """A JITFunction.run that builds the launch's variant for sm_90 and launches nothing."""
+    backend = make_backend(HOPPER)
+    binders: dict[str, Any] = {}
+
+    def run(self: JITFunction, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        name = self.fn.__name__
+        if name not in binders:
+            binders[name] = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binders[name](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(
+            backend, kwargs, bound, specialization, options
+        )
+        source = ASTSource(self, signature, constexprs, attrs)
+        compiled = triton.compile(source, target=HOPPER, options=options.__dict__)
+        variants.append(Variant(layout, name, compiled))
+
+    return run
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """cuobjdump's REG / STACK / SHARED / LOCAL figures of the cubin's one kernel."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run(
+            [str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    return {key: int(value) for key, value in re.findall(r"\b([A-Z]+):(\d+)", text)}
+
+
+def main(names: list[str]) -> int:
+    """Every layout, or those named."""
     if triton.knobs.runtime.interpret:
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
         return 2
-    every = "--all" in argv
-    for arch in ARCHITECTURES if every else ARCHITECTURES[-1:]:
-        for dtype, cache_dtype in (("bf16", "bf16"), ("fp32", "fp16")):
-            for kernel, pointers, constants in kernel_builds(dtype, cache_dtype):
-                # Quick: fp32 only where IEEE dots are built (the direct decode repeats the split)
-                has_dot = "PRECISION" in constants and constants.get("SPLIT", True)
-                if not every and dtype == "fp32" and not has_dot:
-                    continue
-                source = ASTSource(kernel, signature(kernel, pointers, constants), constants)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
-                assert compiled.asm["cubin"], kernel.__name__
-                print(f"sm_{arch} {dtype}/{cache_dtype} {kernel.__name__}: cubin")
-    return 0
+    variants: list[Variant] = []
+    original = JITFunction.run
+    try:
+        for layout in [lay for lay in LAYOUTS if not names or lay.name in names]:
+            JITFunction.run = compile_instead_of_launching(variants, layout.name)  # type: ignore[method-assign]
+            warm_up(*layout.tensors())
+    finally:
+        JITFunction.run = original  # type: ignore[method-assign]
+    failures = 0
+    for variant in variants:
+        usage = resource_usage(variant.compiled.asm["cubin"])
+        shared = variant.compiled.metadata.shared
+        ok = usage.get("LOCAL", 0) == 0 and usage.get("STACK", 0) == 0
+        ok = ok and shared <= H100_SHARED_BYTES
+        failures += not ok
+        print(
+            f"sm_90 {variant.layout} {variant.kernel}: REG {usage.get('REG')} "
+            f"LOCAL {usage.get('LOCAL')} STACK {usage.get('STACK')} shared {shared} "
+            f"{'ok' if ok else 'FAIL'}"
+        )
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

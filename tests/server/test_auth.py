@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import AppFactory, asgi_client, chat_body
+from winnow.server.lifecycle import PROBE_PATHS
 
 pytestmark = pytest.mark.anyio
 
@@ -22,6 +23,7 @@ PROTECTED = [
     ("GET", "/metrics"),
     ("GET", "/no/such/route"),
     ("GET", "/health/"),
+    ("GET", "/livez/"),
 ]
 ORIGIN = "https://app.example"
 
@@ -60,9 +62,10 @@ async def test_every_key_opens_every_route(make_app: AppFactory) -> None:
         assert (await http.get("/v1/models", headers=lowercase_scheme)).status_code == 200
 
 
-async def test_health_is_public_and_metrics_only_when_asked(make_app: AppFactory) -> None:
+async def test_probes_are_public_and_metrics_only_when_asked(make_app: AppFactory) -> None:
     async with asgi_client(make_app(api_keys=KEYS)) as http:
-        assert (await http.get("/health")).status_code == 200
+        for path in PROBE_PATHS:
+            assert (await http.get(path)).status_code == 200, path
         assert (await http.get("/metrics")).status_code == 401
     async with asgi_client(make_app(api_keys=KEYS, public_metrics=True)) as http:
         # passes authentication; whether /metrics exists is another room's business

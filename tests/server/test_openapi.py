@@ -16,6 +16,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
 from tests.server.conftest import MAX_MODEL_LEN
+from winnow.server.lifecycle import PROBE_PATHS
 from winnow.server.openapi import CROSS_FIELD_RULES, ERROR_SCHEMA
 
 EXAMPLES_PER_OPERATION = 25
@@ -74,7 +75,7 @@ async def test_401_is_listed_exactly_where_the_key_is_required(make_app: Any) ->
         response = await http.get("/openapi.json", headers={"authorization": "Bearer sk-test"})
     for path, operations in response.json()["paths"].items():
         for operation in operations.values():
-            assert ("401" in operation["responses"]) == (path != "/health"), path
+            assert ("401" in operation["responses"]) == (path not in PROBE_PATHS), path
 
 
 @pytest.mark.anyio

@@ -65,8 +65,12 @@ async def test_tokenize_messages_counts_the_chat_prompt(client: httpx.AsyncClien
 
 
 async def test_health_follows_the_engine(client: httpx.AsyncClient, engine: Any) -> None:
-    response = await client.get("/health")
-    assert response.status_code == 200 and engine.is_ready
+    for path in ("/health", "/readyz"):
+        response = await client.get(path)
+        assert response.status_code == 200 and engine.is_ready
+        assert response.json() == {"status": "ok"}
+    live = await client.get("/livez")
+    assert live.status_code == 200 and live.json() == {"status": "alive", "state": "ready"}
 
 
 async def test_an_engine_that_is_not_ready_answers_503(
@@ -76,8 +80,11 @@ async def test_an_engine_that_is_not_ready_answers_503(
     monkeypatch.setattr(type(engine), "is_ready", property(lambda self: False))
     async with asgi_client(make_app()) as http:
         health = await http.get("/health")
+        ready = await http.get("/readyz")
         chat = await http.post("/v1/chat/completions", json=chat_body())
-    for response in (health, chat):
+        live = await http.get("/livez")
+    assert live.status_code == 200 and live.json()["state"] == "loading"
+    for response in (health, ready, chat):
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "service_unavailable"
         assert int(response.headers["retry-after"]) >= 1

@@ -10,7 +10,7 @@ import pytest
 from winnow.models import LoadedModel
 from winnow.structured.backend import GrammarError
 from winnow.structured.llguidance_backend import LLGuidanceBackend
-from winnow.structured.schema_limits import MAX_SCHEMA_NESTING, check_schema_depth
+from winnow.structured.schema_limits import MAX_SCHEMA_NESTING, check_schema_shape
 from winnow.structured.spec import GrammarSpec
 
 
@@ -54,8 +54,8 @@ def test_depth_is_bounded_without_recursion() -> None:
     for _ in range(10_000):
         deep = {"items": deep}
     with pytest.raises(GrammarError, match=f"deeper than {MAX_SCHEMA_NESTING}"):
-        check_schema_depth(deep)
-    check_schema_depth({"type": "object", "properties": {"a": {"type": "array"}}})
+        check_schema_shape(deep)
+    check_schema_shape({"type": "object", "properties": {"a": {"type": "array"}}})
 
 
 def test_json_has_no_whitespace_between_tokens(backend: LLGuidanceBackend, loaded) -> None:

@@ -104,6 +104,7 @@ class AsyncEngine:
                 trust_remote_code=config.trust_remote_code,
                 chat_template=config.chat_template,
                 cpu_kernels_enabled=config.cpu_kernels,
+                kernels=config.kernels,
                 tokenizer=config.tokenizer,
                 revision=config.revision,
                 download_dir=config.download_dir,

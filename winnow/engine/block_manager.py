@@ -40,6 +40,9 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._hash_of_block: dict[int, BlockHash] = {}
         self._block_of_hash: dict[BlockHash, int] = {}
+        # Tokens looked up in the prefix cache, and of those the ones found (vLLM's counters).
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -97,6 +100,8 @@ class BlockManager:
             self._ref_counts[block] += 1
             blocks.append(block)
             hashes.append(parent)
+        self.prefix_queried_tokens += len(token_ids)
+        self.prefix_hit_tokens += len(blocks) * size
         return blocks, hashes
 
     def register(self, block: int, hash_: BlockHash) -> None:

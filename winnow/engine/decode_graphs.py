@@ -6,8 +6,12 @@ lives in a static buffer sized for the largest batch; a batch runs in the smalle
 that holds it, its extra rows padded: they write their key/value into slot 0 of block 0 (never
 handed out by the block manager) and attend over that one slot, and their outputs are dropped.
 
+Every step of a bucket launches the same kernels with the same grids: an attention backend
+sizes them from `graph_max_seq_len` (max_model_len in whole blocks), never from the lengths the
+step brings, which it reads from the static `seq_lens` on the device.
+
 With `capture=False` the same buffers, buckets, padding and slicing run the model eagerly:
-how the CPU tests check this path against the plain one.
+how the CPU tests (and `--kernels triton` on a CPU) run this path.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
             self._capture_all()
+        else:
+            logger.info("decode: static buffers for batch sizes %s, run eagerly", self.sizes)
 
     @property
     def max_batch(self) -> int:
@@ -119,13 +125,14 @@ class DecodeGraphs:
             query_lens=[1] * size,
             seq_lens=host_seq_lens,
             block_size=self.block_size,
+            graph_max_seq_len=self.max_blocks_per_seq * self.block_size,
         )
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, attn)
 
     def _capture_all(self) -> None:
         """Largest size first, all graphs in one memory pool (only one runs at a time). Every
-        row is a padding row while capturing; the host lengths the metadata carries then are
-        never read by a backend that allows graphs (`Kernels.decode_graphs`)."""
+        row is a padding row while capturing; a backend that allows graphs (`Kernels.decode_graphs`)
+        then reads no host length (see `AttentionMetadata.graph_max_seq_len`)."""
         pool = None
         for size in reversed(self.sizes):
             self._pad(0, size)

@@ -51,6 +51,8 @@ class EngineStats:
     kv_blocks_free: int
     kv_blocks_cached: int
     preemptions: int
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 def as_rejection(exc: Exception) -> InvalidRequest:
@@ -79,8 +81,11 @@ class LLMEngine:
         plan = self._plan_kv_cache(loaded, device, kv_dtype)
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
-        if device.type == "cuda" and not config.enforce_eager and loaded.kernels.decode_graphs:
-            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
+        self.runner.warm_up()
+        if loaded.kernels.decode_graphs and not config.enforce_eager:
+            # captured on CUDA; elsewhere (Triton's interpreter) the same path runs eagerly
+            capture = device.type == "cuda"
+            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -279,6 +284,8 @@ class LLMEngine:
             kv_blocks_free=self.block_manager.num_free_blocks,
             kv_blocks_cached=self.block_manager.num_cached_blocks,
             preemptions=self._preemptions,
+            prefix_queried_tokens=self.block_manager.prefix_queried_tokens,
+            prefix_hit_tokens=self.block_manager.prefix_hit_tokens,
         )
 
     def step(self) -> list[RequestOutput]:

@@ -43,6 +43,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward over a padding row (slot 0 of block 0, never handed out): kernels that
+        compile on first use (Triton's) do it now, before the server says it is ready."""
+        attn = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model(token, token, self.kv_caches, attn)
+
+    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling, vocab] for the sequences whose
         `samples` is true, in scheduled order."""

@@ -23,6 +23,11 @@ class AttentionMetadata:
     query_lens: list[int]
     seq_lens: list[int]
     block_size: int
+    # Set for decode steps that a CUDA graph replays (by DecodeGraphs): a bound on every length
+    # the graph will ever be replayed with (max_model_len, in whole blocks). A backend then takes
+    # its launch shapes (context splits) from it, never from `seq_lens`, which only describe the
+    # capture's padding rows; each sequence's own range is read from `seq_lens_tensor`.
+    graph_max_seq_len: int | None = None
     # What an attention backend derives once per step and reuses in every layer (masks, gather
     # indices). An AttentionMetadata describes exactly one step: build a new one per step.
     memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)

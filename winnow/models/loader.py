@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,12 @@ from winnow.kernels import Kernels, select_kernels
 from winnow.models.config import ModelConfig
 from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
+from winnow.models.device import resolve_device, startup_line, use_device
 from winnow.models.llama import LlamaForCausalLM
 from winnow.models.sampling_defaults import read_sampling_defaults
 from winnow.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,6 +62,7 @@ def load_model(
     revision: str | None = None,
     download_dir: str | None = None,
     generation_config: str = "auto",
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Load a local HF directory, the default model's or a demo model's name, or a hub id
     (downloaded if not a local path).
@@ -67,15 +72,17 @@ def load_model(
     sampling defaults come from (see read_sampling_defaults).
     The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
     with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
-    be built here)."""
+    be built here); `kernels` "torch" or "triton" forces one backend (see `select_kernels`)."""
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
+    use_device(torch_device)
+    logger.info("%s", startup_line(torch_device))
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    kernels = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled)
+    chosen = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled, kernels)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, kernels)
+        module = LlamaForCausalLM(config, chosen)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
     module.load_weights(_with_progress(iter_safetensors(path), count_tensors(path)))
     module.prepare_kernels()
@@ -94,7 +101,7 @@ def load_model(
     )
     defaults = read_sampling_defaults(generation_config, path)
     return LoadedModel(
-        module, config, loaded_tokenizer, path, torch_dtype, torch_device, kernels, defaults
+        module, config, loaded_tokenizer, path, torch_dtype, torch_device, chosen, defaults
     )
 
 
@@ -123,12 +130,6 @@ def resolve_model_path(
             repo_id=model, revision=revision, cache_dir=download_dir, allow_patterns=patterns
         )
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:

@@ -17,6 +17,7 @@ from winnow.limits import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    MAX_STOP_TOTAL_CHARS,
     MAX_TOP_LOGPROBS,
     PENALTY_MAX,
     TEMPERATURE_MAX,
@@ -116,6 +117,10 @@ class SamplingParams:
         if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
             raise SamplingParamError(
                 "stop", f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters long"
+            )
+        if sum(len(s) for s in self.stop) > MAX_STOP_TOTAL_CHARS:
+            raise SamplingParamError(
+                "stop", f"the stop strings may be at most {MAX_STOP_TOTAL_CHARS} characters in all"
             )
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingParamError(

@@ -3,6 +3,8 @@
 Only tokens a row has seen are touched, so a step costs O(batch x history), not O(batch x vocab).
 Logit updates go through a flat view of the logits buffer whose last element is a trash cell:
 padding entries point there, so every gather/scatter has a fixed shape and no masking branch.
+They use index_select / index_copy_ (torch's advanced indexing on a CPU tensor this large costs
+a pass over the whole buffer per call).
 """
 
 from __future__ import annotations
@@ -61,17 +63,18 @@ class PenaltyHistory:
         outputs = self.output.take(slots, out_width)
         if repetition is not None:
             ids = torch.cat([self.prompt.take(slots, self.prompt.width(host_slots)), outputs], 1)
-            flat = flat_index(rows, ids, vocab_size, trash, ids >= 0)
-            z = z_flat[flat]
+            flat = flat_index(rows, ids, vocab_size, trash, ids >= 0).view(-1)
+            z = z_flat.index_select(0, flat).view(ids.shape)
             r = repetition[:, None]
             # duplicate ids write identical values, so the scatter is deterministic
-            z_flat[flat] = torch.where(z > 0, z / r, z * r)
+            z_flat.index_copy_(0, flat, torch.where(z > 0, z / r, z * r).view(-1))
         if frequency_presence is not None and out_width:
             counts = self.counts.take(slots, out_width)
-            flat = flat_index(rows, outputs, vocab_size, trash, counts > 0)
+            flat = flat_index(rows, outputs, vocab_size, trash, counts > 0).view(-1)
             c = counts.to(torch.float32)
             frequency, presence = frequency_presence[:, :1], frequency_presence[:, 1:]
-            z_flat[flat] = z_flat[flat] - c * frequency - (c > 0) * presence
+            z = z_flat.index_select(0, flat).view(counts.shape)
+            z_flat.index_copy_(0, flat, (z - c * frequency - (c > 0) * presence).view(-1))
 
     def record(
         self,

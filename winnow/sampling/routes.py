@@ -1,11 +1,30 @@
 """Stages 3-6 for each route of a step (see sampler.py), plus the thresholded route's fallbacks.
 
+    Sampler.sample(logits, keys)
+      |-- all greedy, nothing to apply ------------------> numpy argmax           (no pipeline)
+      |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
+      '-- plan, load (by route), penalise, then per route block of rows:
+            greedy       argmax of z
+            thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
+                           | a row's slice may miss a survivor (flag, one device->host copy)
+                           v
+                         widen: a slice of >= wide_candidates (4x the first), same stages
+                           | still flagged
+                           v
+                         redo_exact: the whole sorted row, then Gumbel-max over it
+            free         Gumbel-max over the whole vocabulary (XTC first if asked)
+
 * greedy: argmax of z.
 * thresholded: truncation, XTC, noise and pick on a top-n candidate slice of z.
 * free: Gumbel-max over the whole vocabulary, perhaps after XTC.
 
 A slice "overflows" when it might miss a survivor of the whole row; such rows are redone by
 `widen` (a wider slice) and then, if still flagged, by `redo_exact` (the whole sorted row).
+
+On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the whole-row work
+is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
+normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py);
+elsewhere the torch expressions run.
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling import noise
 from winnow.sampling.step import (
     MIN_P,
@@ -54,6 +74,8 @@ class Routes:
         self.token_mix = noise.token_mix(torch.arange(vocab_size, device=device))
         self._noise = noise.NoiseScratch(vocab_size, device)
         self._scratch: torch.Tensor | None = None  # [max_rows * V] for whole-row temporaries
+        self.fused_cpu = device.type == "cpu" and gumbel_max.available() and row_stats.available()
+        self.mix_table = gumbel_max.mix_table(self.token_mix) if self.fused_cpu else None
 
     def choose(self, step: Step) -> None:
         """One token per row into step.tokens."""
@@ -99,12 +121,17 @@ class Routes:
             ids = torch.arange(self.vocab_size, device=self.device)[None, :]
             keep = xtc_filter(y, keep, ids, floats[:, XTC_THRESHOLD], apply)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
-        step.tokens.index_copy_(
-            0, index, noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
-        )
+        values = torch.where(keep, y, -torch.inf)
+        if self.mix_table is not None and not flags[:, XTC].any():
+            # removed = -inf gives the same pick: the row max survives top_k/top_p/min_p
+            ones = torch.ones(len(rows), dtype=torch.float32)
+            tokens = gumbel_max.gumbel_argmax(values, ones, keys, self.mix_table)
+        else:
+            tokens = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
+        step.tokens.index_copy_(0, index, tokens)
         if step.overflow is not None:
             step.overflow.index_fill_(0, index, False)
-        return torch.where(keep, y, -torch.inf)
+        return values
 
     def _thresholded(self, step: Step, rows: slice) -> None:
         """The thresholded route on its first candidate slice."""
@@ -131,7 +158,11 @@ class Routes:
     ) -> Pick:
         """Truncation, XTC, noise and pick on the top-`width` slice of the rows `z`."""
         flags, floats, top_k = params.flags, params.floats, params.top_k
-        values, ids = z.topk(min(width, self.vocab_size), dim=1)
+        width = min(width, self.vocab_size)
+        if self.fused_cpu:
+            values, ids = row_stats.top_candidates(z, width)
+        else:
+            values, ids = z.topk(width, dim=1)
         ys = (values / floats[:, TEMPERATURE : TEMPERATURE + 1]).clamp_(max=FLOAT32_MAX)
         keep = sorted_survivors(
             ys,
@@ -149,7 +180,8 @@ class Routes:
         if apply is not None:
             keep = xtc_filter(ys, keep, ids, floats[:, XTC_THRESHOLD], apply)
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
-        score = ys + noise.gumbel(noise.hash_bits(keys[:, None], self.token_mix[ids]))
+        mixed = self.token_mix.index_select(0, ids.view(-1)).view(ids.shape)
+        score = ys + noise.gumbel(noise.hash_bits(keys[:, None], mixed))
         score = torch.where(keep, score, -torch.inf)
         best = score.amax(1, keepdim=True)
         tokens = torch.where(keep & (score == best), ids, self.vocab_size).amin(1)
@@ -157,6 +189,10 @@ class Routes:
 
     def _total_mass(self, z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
         """sum_j exp(y_j - max y) over whole rows, float64 (y = z / T, computed in scratch)."""
+        if self.fused_cpu:
+            rows = z.shape[0]
+            t = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(temperature)
+            return row_stats.total_mass(z, t.to(torch.float32).reshape(-1).expand(rows))
         if self._scratch is None:
             self._scratch = torch.empty(self.max_rows * self.vocab_size, device=self.device)
         rows = z.shape[0]
@@ -167,13 +203,19 @@ class Routes:
     def _free(self, step: Step, rows: slice) -> None:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
+        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+        z = step.z[rows]
+        if self.mix_table is not None and not params.flags[:, XTC].any():  # one pass, y over z
+            temperature = params.floats[:, TEMPERATURE]
+            step.tokens[rows] = gumbel_max.gumbel_argmax(z, temperature, keys, self.mix_table, z)
+            step.free_y, step.free_keep = z, None
+            return
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
-        y = step.z[rows].div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
+        y = z.div_(temperature).clamp_(max=FLOAT32_MAX)  # in place: z is not reused
         keep = None
         if params.flags[:, XTC].any():
             lowest = float(step.xtc_threshold[rows][params.flags[:, XTC]].min())
             keep = self._free_xtc(y, params, lowest)
-        keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         step.tokens[rows] = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
         step.free_y, step.free_keep = y, keep
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from winnow.sampling import step_logprobs
+from winnow.kernels.cpu import gumbel_max, row_stats
+from winnow.sampling import noise, step_logprobs
 from winnow.sampling.bitmask import TokenMasks, apply_bitmask
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
@@ -58,6 +59,7 @@ from winnow.sampling.step import (
     PROCESSED,
     REP_V,
     REPETITION,
+    TEMPERATURE,
     TOP_K,
     TOP_P,
     XTC,
@@ -68,6 +70,8 @@ from winnow.sampling.step import (
 _ROUTES = ("greedy", "thresholded", "free")
 # flags that give a greedy row more to do than an argmax of the model's logits
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
+# flags that take a row off the plain temperature step (the free route with nothing before it)
+_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, *_BEYOND_ARGMAX]
 
 
 @dataclass
@@ -199,6 +203,8 @@ class Sampler:
         """
         if bitmasks is None or bitmasks.rows.size == 0:
             plain = self._plain_argmax(logits, keys)
+            if plain is None:
+                plain = self._plain_temperature(logits, keys)
             if plain is not None:
                 return plain
         step = self._prepare(logits, keys, bitmasks)
@@ -240,6 +246,31 @@ class Sampler:
         if flagged.size:
             values[step.index(flagged)] = self._routes.redo_exact(step, flagged)
         return values.index_select(0, step.index(np.argsort(step.order)))
+
+    def _plain_temperature(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+        """The OpenAI SDK's default step (temperature only, maybe 1) on a CPU with the fused
+        kernel: every row on the free route with nothing to apply before it (no penalty, bias,
+        ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the work
+        buffer -- and gives the pipeline's pick (its NaN and +inf rules included). Anything
+        else -> None, and the full pipeline runs."""
+        batch = len(keys)
+        mix = self._routes.mix_table
+        if mix is None or logits.dtype != torch.float32 or logits.stride(1) != 1:
+            return None
+        if logits.shape != (batch, self.vocab_size) or logits.device.type != "cpu":
+            return None
+        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        flags = self._flags[slots]
+        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
+        if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
+            return None
+        index = torch.from_numpy(slots)
+        positions = torch.from_numpy(self._prompt_len[slots] + self._out_len[slots])
+        row_keys = noise.row_keys(self._seeds_top_k[index, 0], positions, noise.GUMBEL_STREAM)
+        temperature = self._floats[index, TEMPERATURE]
+        tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
+        self._out_len[slots] += 1
+        return SamplerOutput(tokens)
 
     def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
         """The common greedy step on a CPU without the pipeline's per-step setup (most of the
@@ -347,6 +378,10 @@ class Sampler:
         self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None
     ) -> None:
         """z = float32(logits) in work-row order; NaN -> -inf, +inf -> float32 max."""
+        fused = self._routes.fused_cpu and logits.device.type == "cpu"
+        if fused and logits.dtype == torch.float32 and logits.stride(1) == 1:
+            row_stats.load_rows(logits.detach(), order, z)
+            return
         if order is None and logits.dtype == torch.float32:
             torch.nan_to_num(logits, nan=-torch.inf, neginf=-torch.inf, out=z)
             return
@@ -386,7 +421,9 @@ class Sampler:
             rows = subsets["banned"]
             width = self._ban_ids.width(step.host_slots[rows.host])
             ids = self._ban_ids.take(step.slots.index_select(0, rows.device), width)
-            z_flat[flat_index(rows.device, ids, vocab, trash, ids >= 0)] = -torch.inf
+            z_flat.index_fill_(
+                0, flat_index(rows.device, ids, vocab, trash, ids >= 0).view(-1), -torch.inf
+            )
 
     # ------------------------------------------------------------------ host side
 

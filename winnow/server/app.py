@@ -20,8 +20,15 @@ from winnow.server.chat import create_chat_completion
 from winnow.server.completions import create_completion
 from winnow.server.context import ServerContext, model_not_found
 from winnow.server.errors import ApiError, install_error_handlers
-from winnow.server.json_body import require_json_body
-from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH, ReadinessGate, health_response
+from winnow.server.json_body import ThreadedBodyRoute, require_json_body
+from winnow.server.lifecycle import (
+    LIVE_PATH,
+    METRICS_PATH,
+    READINESS_PATHS,
+    ReadinessGate,
+    health_response,
+    liveness_response,
+)
 from winnow.server.openapi import install_openapi, served_limits
 from winnow.server.prompts import chat_prompt, check_token_ids, text_prompt
 from winnow.server.protocol import (
@@ -49,6 +56,7 @@ from winnow.server.tokenizer_pool import with_tokenizer
 
 if TYPE_CHECKING:
     from winnow.engine.async_engine import AsyncEngine
+    from winnow.models import Tokenizer
 
 DEFAULT_KEEPALIVE_S = 10.0
 
@@ -59,6 +67,7 @@ def build_app(
     """The OpenAI-compatible app; `keepalive_s` is the SSE `: ping` interval while idle."""
     ctx = ServerContext(engine, config, keepalive_s)
     app = FastAPI(title="Winnow", version=__version__)
+    app.router.route_class = ThreadedBodyRoute
     install_error_handlers(app)
     json_body = [Depends(require_json_body)]
 
@@ -110,7 +119,7 @@ def build_app(
         return _model_card(ctx, model_id)
 
     @app.post("/tokenize", dependencies=json_body)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         """Token ids of a text prompt, or of chat messages rendered with the chat template."""
         ctx.resolve_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -128,16 +137,19 @@ def build_app(
         else:
             assert body.prompt is not None
             job = partial(text_prompt, text=body.prompt, add_special_tokens=body.add_special_tokens)
-        tokens = await with_tokenizer(engine.tokenizer, job)
+        tokens = await with_tokenizer(engine.tokenizer, job, size=len(await request.body()))
         return TokenizeResponse(
             count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
         )
 
     @app.post("/detokenize", dependencies=json_body)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
         ctx.resolve_model(body.model)
-        check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
-        text = await with_tokenizer(engine.tokenizer, lambda own: own.decode(body.tokens))
+        text = await with_tokenizer(
+            engine.tokenizer,
+            partial(_checked_decode, tokens=body.tokens),
+            size=len(await request.body()),
+        )
         return DetokenizeResponse(prompt=text)
 
     @app.get(METRICS_PATH)
@@ -145,10 +157,18 @@ def build_app(
         """Prometheus text; behind the API key unless --public-metrics."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get(HEALTH_PATH)
     async def health() -> Response:
-        """200 while the engine runs; 503 with the state while it loads, drains or is dead."""
+        """Readiness: 200 while the engine runs; 503 with the state while it loads, drains or
+        is dead."""
         return health_response(engine.state)
+
+    for path in READINESS_PATHS:
+        app.add_api_route(path, health, methods=["GET"])
+
+    @app.get(LIVE_PATH)
+    async def livez() -> Response:
+        """Liveness: 200 while the process is up, the model loading included; 503 once dead."""
+        return liveness_response(engine.state)
 
     install_openapi(app, lambda: served_limits(ctx))
     # Middleware wraps in reverse order of adding: CORS, request id, auth, body limit, readiness
@@ -173,6 +193,11 @@ def build_app(
             expose_headers=["X-Request-Id"],
         )
     return app
+
+
+def _checked_decode(tokenizer: Tokenizer, tokens: list[int]) -> str:
+    check_token_ids(tokens, tokenizer.vocab_size, "tokens")
+    return tokenizer.decode(tokens)
 
 
 def _model_card(ctx: ServerContext, name: str) -> ModelCard:

@@ -53,7 +53,12 @@ async def create_chat_completion(
     if body.max_completion_tokens is not None:
         max_tokens, renames = body.max_completion_tokens, {"max_tokens": "max_completion_tokens"}
     chat = await prepare_chat(
-        body, ctx, f"chatcmpl-{request_id(request)}", max_tokens=max_tokens, renames=renames
+        body,
+        ctx,
+        f"chatcmpl-{request_id(request)}",
+        max_tokens=max_tokens,
+        renames=renames,
+        size=len(await request.body()),
     )
     if body.stream:
         builder = ChatChunkBuilder(chat.meta, include_usage, chat.tools)
@@ -80,10 +85,12 @@ async def prepare_chat(
     *,
     max_tokens: int | None,
     renames: dict[str, str],
+    size: int,
 ) -> PreparedChat:
     """Template, tools, grammar and sampling of a chat request, submitted to the engine; the
     one path under both /v1/chat/completions and /v1/responses. `renames` maps engine-side
-    parameter names to the request's own (see engine_error)."""
+    parameter names to the request's own (see engine_error); `size`: the request body's bytes
+    (see with_tokenizer)."""
     tools = plan_tools(body, ctx.tool_format, auto_enabled=ctx.config.enable_auto_tool_choice)
     model = ctx.resolve_model(body.model)
     with client_errors(renames):
@@ -105,14 +112,16 @@ async def prepare_chat(
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
         ),
+        size=size,
     )
     # a tool grammar (forced calls, or strict tools under "auto") wins over response_format
-    if tools.grammar is not None:
-        grammar = await prepare_grammar(ctx.engine, tools.grammar, param="tools")
+    tool_grammar = tools.grammar
+    if tool_grammar is not None:
+        grammar = await prepare_grammar(ctx.engine, lambda: tool_grammar, param="tools")
     else:
         param = renames.get("response_format", "response_format")
-        spec = grammar_spec(body.response_format, param)
-        grammar = await prepare_grammar(ctx.engine, spec, param)
+        build = partial(grammar_spec, body.response_format, param)
+        grammar = await prepare_grammar(ctx.engine, build, param)
     with client_errors(renames):
         generation = Generation(
             ctx.engine,

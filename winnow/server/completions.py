@@ -82,7 +82,7 @@ async def create_completion(
             defaults=ctx.engine.sampling_defaults,
         )
     job = partial(prompt_batch, prompt=body.prompt, vocab_size=ctx.engine.vocab_size)
-    prompts = await with_tokenizer(ctx.engine.tokenizer, job)
+    prompts = await with_tokenizer(ctx.engine.tokenizer, job, size=len(await request.body()))
     if len(prompts) * params.n > ctx.engine.admission_capacity:
         raise ApiError(
             400,
@@ -90,7 +90,7 @@ async def create_completion(
             f"admits at once ({ctx.engine.admission_capacity} sequences)",
             param="n" if params.n > ctx.engine.admission_capacity else "prompt",
         )
-    grammar = await prepare_grammar(ctx.engine, grammar_spec(body.response_format))
+    grammar = await prepare_grammar(ctx.engine, partial(grammar_spec, body.response_format))
     public_id = f"cmpl-{request_id(request)}"
 
     def start(index: int) -> Generation:

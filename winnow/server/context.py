@@ -13,7 +13,7 @@ from fastapi import Request
 from winnow import __version__
 from winnow.config import ServerConfig
 from winnow.server.errors import ApiError
-from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH
+from winnow.server.lifecycle import METRICS_PATH, PROBE_PATHS
 from winnow.server.metrics import ServerMetrics
 from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
 
@@ -48,7 +48,7 @@ class ServerContext:
     @property
     def public_paths(self) -> list[str]:
         """Routes that need no API key (when the server has keys)."""
-        return [HEALTH_PATH] + ([METRICS_PATH] if self.config.public_metrics else [])
+        return [*PROBE_PATHS] + ([METRICS_PATH] if self.config.public_metrics else [])
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to report back: the one asked for when it is served, else the default."""

@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Readiness (200 only while the engine serves): `/health` as in vLLM, `/readyz` as Kubernetes
+# spells it. Liveness (200 while the process is up, the model loading included): `/livez`.
 HEALTH_PATH = "/health"
+READY_PATH = "/readyz"
+LIVE_PATH = "/livez"
+READINESS_PATHS = (HEALTH_PATH, READY_PATH)
+PROBE_PATHS = (*READINESS_PATHS, LIVE_PATH)
 METRICS_PATH = "/metrics"
 _STATE_MESSAGES = {
     "loading": "The model is loading; retry shortly.",
@@ -53,8 +59,16 @@ def health_response(state: EngineState) -> JSONResponse:
     )
 
 
+def liveness_response(state: EngineState) -> JSONResponse:
+    """200 with the state while the engine loads, serves or drains; 503 once it is dead (the
+    process then exits on its own)."""
+    if state == "dead":
+        return health_response(state)
+    return JSONResponse({"status": "alive", "state": state})
+
+
 class ReadinessGate:
-    """ASGI middleware: while the engine is not ready, every route but /health answers 503.
+    """ASGI middleware: while the engine is not ready, every route but the probes answers 503.
 
     /metrics stays open while draining, so a scraper sees the drain happen.
     """
@@ -73,7 +87,7 @@ class ReadinessGate:
         await response(scope, receive, send)
 
     def _open(self, path: str, state: EngineState) -> bool:
-        return path == HEALTH_PATH or (path == METRICS_PATH and state == "draining")
+        return path in PROBE_PATHS or (path == METRICS_PATH and state == "draining")
 
 
 class DrainingServer(uvicorn.Server):

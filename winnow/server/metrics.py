@@ -1,5 +1,6 @@
 """Prometheus metrics: vLLM's metric names under a `winnow:` prefix, with bounded labels
-(the served model name and the finish reason, never raw user input)."""
+(the served model name and the finish reason, never raw user input); the engine gauges the
+routers read are exported under vLLM's own `vllm:` names too."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+# The label vLLM puts beside model_name on its engine gauges: the engine's index in a data-
+# parallel group (one engine per Winnow server).
+VLLM_ENGINE_INDEX = "0"
+
+
 class EngineCollector(Collector):
-    """Gauges read from the engine's stats at scrape time."""
+    """Gauges read from the engine's stats at scrape time, under Winnow's names and again under
+    the vLLM names that routers (vllm-router, smg, the Gateway API Inference Extension) read."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self._engine = engine
@@ -27,25 +34,54 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats()
-        labels = ["model_name"]
-        values = [self._model_name]
-        for name, doc, value in (
-            ("winnow:num_requests_running", "Sequences in the running batch.", stats.running),
-            ("winnow:num_requests_waiting", "Sequences waiting to be scheduled.", stats.waiting),
-            (
-                "winnow:kv_cache_usage_perc",
-                "Fraction of KV-cache blocks in use (1 = full).",
-                1.0 - stats.kv_blocks_free / max(stats.kv_blocks_total, 1),
-            ),
-        ):
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            gauge.add_metric(values, value)
-            yield gauge
-        preemptions = CounterMetricFamily(
-            "winnow:num_preemptions", "Sequences preempted for recompute.", labels=labels
+        kv_usage = 1.0 - stats.kv_blocks_free / max(stats.kv_blocks_total, 1)
+        gauges = (
+            ("num_requests_running", "Sequences in the running batch.", stats.running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", stats.waiting),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", kv_usage),
         )
-        preemptions.add_metric(values, stats.preemptions)
-        yield preemptions
+        counters = (
+            ("num_preemptions", "Sequences preempted for recompute.", stats.preemptions),
+            (
+                "prefix_cache_queries",
+                "Tokens looked up in the prefix cache.",
+                stats.prefix_queried_tokens,
+            ),
+            ("prefix_cache_hits", "Tokens found in the prefix cache.", stats.prefix_hit_tokens),
+        )
+        winnow = (["model_name"], [self._model_name])
+        vllm = (["model_name", "engine"], [self._model_name, VLLM_ENGINE_INDEX])
+        for prefix, (labels, values) in (("winnow:", winnow), ("vllm:", vllm)):
+            for name, doc, value in gauges:
+                gauge = GaugeMetricFamily(prefix + name, doc, labels=labels)
+                gauge.add_metric(values, value)
+                yield gauge
+            for name, doc, value in counters:
+                counter = CounterMetricFamily(prefix + name, doc, labels=labels)
+                counter.add_metric(values, value)
+                yield counter
+        # vLLM's older name of kv_cache_usage_perc, still read by some routers.
+        legacy = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache usage.", labels=vllm[0])
+        legacy.add_metric(vllm[1], kv_usage)
+        yield legacy
+        yield self._cache_config_info()
+
+    def _cache_config_info(self) -> Metric:
+        """vLLM's info gauge (value 1) whose labels describe the KV cache."""
+        config = self._engine.engine.config
+        labels = {
+            "engine": VLLM_ENGINE_INDEX,
+            "block_size": str(config.block_size),
+            "cache_dtype": config.kv_cache_dtype,
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "gpu_memory_utilization": str(config.gpu_memory_utilization),
+            "num_gpu_blocks": str(self._engine.stats().kv_blocks_total),
+        }
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the KV cache.", labels=list(labels)
+        )
+        info.add_metric(list(labels.values()), 1.0)
+        return info
 
 
 class ServerMetrics:

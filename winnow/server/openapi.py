@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from winnow.limits import INT64_MAX
 from winnow.server.context import ServerContext
 from winnow.server.errors import ERROR_TYPES
-from winnow.server.lifecycle import HEALTH_PATH, METRICS_PATH
+from winnow.server.lifecycle import METRICS_PATH, PROBE_PATHS
 from winnow.server.protocol import ChatCompletionChunk, Completion
 
 ERROR_SCHEMA = "ErrorResponse"
@@ -155,7 +155,7 @@ def _error_statuses(path: str, method: str, limits: ServedLimits) -> list[int]:
         statuses.append(404)
     if path in _GENERATION_ROUTES:
         statuses += [429, 503]
-    if path == HEALTH_PATH:
+    if path in PROBE_PATHS:
         statuses.append(503)
     if limits.public_paths and path not in limits.public_paths:
         statuses.append(401)

@@ -41,6 +41,8 @@ from winnow.limits import (
     PENALTY_MAX,
     TEMPERATURE_MAX,
 )
+from winnow.structured.backend import GrammarError
+from winnow.structured.schema_limits import check_schema_shape
 
 
 def _integral(value: Any) -> Any:
@@ -144,6 +146,10 @@ class FunctionDefinition(_Request):
     @classmethod
     def _valid_json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
+            try:
+                check_schema_shape(value)
+            except GrammarError as exc:
+                raise PydanticCustomError("json_schema_too_large", str(exc)) from None
             try:
                 validator_for(value).check_schema(value)
             except SchemaError as exc:

@@ -52,7 +52,10 @@ async def create_response(
     chat = chat_request(body, items, len(history))
     response_id = f"resp_{uuid.uuid4().hex}"
     max_tokens = body.max_output_tokens if body.max_output_tokens is not None else body.max_tokens
-    prepared = await prepare_chat(chat, ctx, response_id, max_tokens=max_tokens, renames=_RENAMES)
+    size = len(await request.body())
+    prepared = await prepare_chat(
+        chat, ctx, response_id, max_tokens=max_tokens, renames=_RENAMES, size=size
+    )
     keep = body.store is not False and store.enabled
     shell = ResponseObject(
         id=response_id,

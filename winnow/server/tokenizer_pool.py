@@ -4,6 +4,10 @@ Rendering a long chat and encoding tens of thousands of tokens takes long enough
 open stream if it runs on the event loop. Fast tokenizers are not re-entrant, so each worker
 thread works on its own copy of a tokenizer, made the first time the thread needs it and kept
 for as long as the original lives. The pool is shared by every app in the process.
+
+Jobs come in two lanes by the size of the request behind them: a few 4 MiB prompts take the
+large lane's one thread for seconds each, and ordinary prompts keep the small lane's threads to
+themselves instead of queueing behind them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from winnow.models import Tokenizer
 
 T = TypeVar("T")
 
-TOKENIZER_THREADS = 2
+TOKENIZER_THREADS = 2  # the small lane
+LARGE_LANE_THREADS = 1
+# Requests of this many bytes or more (body, text, ids) go to the large lane.
+LARGE_JOB_BYTES = 64 * 1024
 # Niceness the worker threads add to the process's: on a host with few cores a long prompt's
 # encoding competes with the engine's decode threads for CPU; the running streams win.
 WORKER_NICENESS = 10
@@ -38,16 +45,22 @@ def _start_worker() -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(niceness, MAX_NICENESS))
 
 
-_executor = ThreadPoolExecutor(
+_small_lane = ThreadPoolExecutor(
     TOKENIZER_THREADS, thread_name_prefix="winnow-tokenizer", initializer=_start_worker
+)
+_large_lane = ThreadPoolExecutor(
+    LARGE_LANE_THREADS, thread_name_prefix="winnow-tokenizer-large", initializer=_start_worker
 )
 _copies = threading.local()  # per thread: WeakKeyDictionary[original Tokenizer, its copy]
 
 
-async def with_tokenizer(tokenizer: Tokenizer, job: Callable[[Tokenizer], T]) -> T:
-    """`job(copy)` on a worker thread, where `copy` is that thread's own copy of `tokenizer`."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, _run, tokenizer, job)
+async def with_tokenizer(
+    tokenizer: Tokenizer, job: Callable[[Tokenizer], T], *, size: int = 0
+) -> T:
+    """`job(copy)` on a worker thread, where `copy` is that thread's own copy of `tokenizer`;
+    `size`: the bytes of the request behind the job, which pick its lane."""
+    lane = _large_lane if size >= LARGE_JOB_BYTES else _small_lane
+    return await asyncio.get_running_loop().run_in_executor(lane, _run, tokenizer, job)
 
 
 def _run(tokenizer: Tokenizer, job: Callable[[Tokenizer], T]) -> T:

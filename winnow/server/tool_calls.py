@@ -26,8 +26,6 @@ from winnow.server.protocol import (
     Tool,
     ToolCallDelta,
 )
-from winnow.structured.backend import GrammarError
-from winnow.structured.schema_limits import check_schema_depth
 from winnow.structured.spec import GrammarSpec
 from winnow.structured.tool_formats import FunctionSpec, ToolFormat
 from winnow.structured.tool_grammar import auto_call_grammar, forced_call_grammar
@@ -73,7 +71,7 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
             )
         if not any(tool.function.strict for tool in tools):
             return ToolPlan(fmt, parse=True, max_calls=max_calls)
-        grammar = auto_call_grammar(fmt, _functions(tools, tools), parallel=max_calls is None)
+        grammar = auto_call_grammar(fmt, _functions(tools), parallel=max_calls is None)
         return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
     if isinstance(choice, str):  # "required"
         chosen = tools
@@ -86,20 +84,12 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 param="tool_choice",
             )
         max_calls = 1
-    grammar = forced_call_grammar(fmt, _functions(tools, chosen), parallel=max_calls is None)
+    grammar = forced_call_grammar(fmt, _functions(chosen), parallel=max_calls is None)
     return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
 
 
-def _functions(tools: list[Tool], chosen: list[Tool]) -> list[FunctionSpec]:
-    """The chosen tools as grammar functions; 400 for a schema nested too deep."""
-    for position, tool in enumerate(tools):
-        if tool in chosen and tool.function.parameters is not None:
-            try:
-                check_schema_depth(tool.function.parameters)
-            except GrammarError as exc:
-                param = f"tools[{position}].function.parameters"
-                raise ApiError(400, str(exc), param=param) from None
-    return [FunctionSpec(tool.function.name, tool.function.parameters) for tool in chosen]
+def _functions(tools: list[Tool]) -> list[FunctionSpec]:
+    return [FunctionSpec(tool.function.name, tool.function.parameters) for tool in tools]
 
 
 def message_content(text: str, has_calls: bool) -> str | None:

@@ -20,7 +20,7 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from winnow.structured.backend import GrammarError
-from winnow.structured.schema_limits import check_schema_depth
+from winnow.structured.schema_limits import check_schema_shape
 from winnow.structured.spec import GrammarSpec
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class LLGuidanceBackend:
                 raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict | bool):
                 raise GrammarError("the JSON schema must be an object or a boolean")
-            check_schema_depth(schema)
+            check_schema_shape(schema)
         try:
             text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         except ValueError as exc:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from winnow.text.detokenizer import IncrementalDetokenizer
+from winnow.text.stop_matcher import stop_matcher
 from winnow.text.tokenizer import TextTokenizer
 
 
@@ -31,33 +32,6 @@ class TextDelta:
     stop_string: str | None = None
 
 
-def _earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """(start, stop) of the match that ends first; on a tie the longer stop (earlier start)."""
-    best: tuple[int, int, str] | None = None
-    for stop in stops:
-        start = text.find(stop)
-        if start < 0:
-            continue
-        key = (start + len(stop), start, stop)
-        if best is None or key < best:
-            best = key
-    return None if best is None else (best[1], best[2])
-
-
-def _held_suffix_start(text: str, stops: Sequence[str]) -> int:
-    """Start of the longest suffix of `text` that is a proper prefix of some stop string."""
-    held = len(text)
-    for stop in stops:
-        lowest = max(0, len(text) - len(stop) + 1)
-        start = text.find(stop[0], lowest, held)
-        while start >= 0:
-            if stop.startswith(text[start:]):
-                held = start
-                break
-            start = text.find(stop[0], start + 1, held)
-    return held
-
-
 class TextStream:
     """Text of one generated choice, fed one token at a time.
 
@@ -65,9 +39,9 @@ class TextStream:
     returns the held-back text that is now final. Concatenating every delta and the flush gives
     the choice's final text, also available as `text`.
 
-    Stop strings are matched on the detokenised text across token boundaries. Only the text not
-    yet sent is scanned; it is the held-back suffix (shorter than the longest stop string) plus
-    the new text, so each step costs O(new text + longest stop) per stop string.
+    Stop strings are matched on the detokenised text across token boundaries by an automaton
+    (`winnow.text.stop_matcher`) that only reads the new text: each step costs O(new text),
+    however many and however long the stop strings.
     """
 
     def __init__(
@@ -80,7 +54,8 @@ class TextStream:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
-        self._stops = tuple(dict.fromkeys(stop))
+        self._stops = stop_matcher(tuple(dict.fromkeys(stop))) if stop else None
+        self._state = 0
         self._include_stop = include_stop_str_in_output
         self._pending = ""
         self._parts: list[str] = []
@@ -116,18 +91,17 @@ class TextStream:
         return delta.text + rest
 
     def _advance(self, new_text: str) -> TextDelta:
-        if not self._stops:
+        if self._stops is None:
             return self._emit(new_text)
         unsent = self._pending + new_text
-        match = _earliest_stop(unsent, self._stops)
-        if match is not None:
-            start, stop = match
+        self._state, consumed, stop = self._stops.feed(self._state, new_text)
+        if stop is not None:
+            end = len(self._pending) + consumed
             self._pending = ""
             self._stop_string = stop
             self._finished = True
-            end = start + len(stop) if self._include_stop else start
-            return self._emit(unsent[:end], stop)
-        held = _held_suffix_start(unsent, self._stops)
+            return self._emit(unsent[: end if self._include_stop else end - len(stop)], stop)
+        held = len(unsent) - self._stops.held(self._state)
         self._pending = unsent[held:]
         return self._emit(unsent[:held])
 

@@ -1,7 +1,8 @@
 """TritonAttentionBackend: the paged-attention backend for CUDA, built from this package's kernels.
 
 On a CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels are
-imported), which is how the test suite checks it against the torch reference.
+imported): how the test suite checks it against the torch reference, and how `--kernels triton`
+runs the whole engine on the CUDA path's kernels without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from winnow.kernels.attention_metadata import AttentionMetadata
 from winnow.kernels.triton.decode import paged_decode, split_count
 from winnow.kernels.triton.kv_write import write_kv
 from winnow.kernels.triton.prefill import paged_prefill
+from winnow.kernels.triton.warm_up import layout_key, warm_up
 
 # Decode programs to aim for when the device does not say how many cores it has.
 DEFAULT_TARGET_PROGRAMS = 256
@@ -26,16 +28,17 @@ class TritonAttentionBackend:
     - any other step: the varlen kernel over every sequence (fresh prompts, chunks after a cached
       prefix, and the step's single-token decodes in the same launch).
 
-    `decode_splits` fixes the number of context splits of decode steps (e.g. for a captured
-    CUDA graph, whose launch grid cannot change); None picks it per step from the longest
-    context and the batch size.
+    Decode launches read every length from `seq_lens_tensor`; their grid depends only on the
+    batch size and, in a step a CUDA graph replays, on `graph_max_seq_len`: so decode steps may
+    be captured (`cuda_graph_safe`). The first forward over a new tensor layout launches every
+    kernel variant once (`warm_up`), so none compiles while serving.
     """
 
-    def __init__(
-        self, device: torch.device | str = "cuda", decode_splits: int | None = None
-    ) -> None:
+    cuda_graph_safe = True
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
-        self.decode_splits = decode_splits
+        self._warm_layouts: set[tuple[object, ...]] = set()
 
     @functools.cached_property
     def target_programs(self) -> int:
@@ -55,9 +58,13 @@ class TritonAttentionBackend:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the step's flat tokens -> output [T, Hq, D]."""
+        layout = layout_key(q, k, v, kv_cache)
+        if layout not in self._warm_layouts:
+            warm_up(q, k, v, kv_cache)
+            self._warm_layouts.add(layout)
         write_kv(kv_cache, k, v, attn.slot_mapping)
         if attn.is_decode_only:
-            splits = self.decode_splits or self._decode_splits(attn, kv_cache, sliding_window)
+            splits = self.decode_splits(q.shape[0], attn, kv_cache, sliding_window)
             return paged_decode(
                 q, kv_cache, attn.block_tables, attn.seq_lens_tensor, sliding_window, splits
             )
@@ -66,14 +73,22 @@ class TritonAttentionBackend:
             sliding_window,
         )  # fmt: skip
 
-    def _decode_splits(
-        self, attn: AttentionMetadata, kv_cache: torch.Tensor, sliding_window: int | None
+    def decode_splits(
+        self,
+        batch: int,
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        sliding_window: int | None,
     ) -> int:
-        context = max(attn.seq_lens)
+        """Context splits of a decode step: from the longest host length, or in a graph-replayed
+        step from `graph_max_seq_len` (a captured launch grid is fixed, so it is cut for the
+        longest context it may meet; shorter ones leave some splits empty)."""
+        bound = attn.graph_max_seq_len
+        context = max(attn.seq_lens) if bound is None else bound
         if sliding_window is not None:
             context = min(context, sliding_window)
         num_kv_heads = kv_cache.shape[-2]
-        return split_count(len(attn.seq_lens), num_kv_heads, context, self.target_programs)
+        return split_count(batch, num_kv_heads, context, self.target_programs)
 
 
 def _query_starts(attn: AttentionMetadata) -> torch.Tensor:

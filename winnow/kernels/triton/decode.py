@@ -24,10 +24,13 @@ from winnow.kernels.triton.tile import attend_range
 
 BLOCK_N = 64  # keys per inner-loop tile
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it saves
-MAX_SPLITS = 32
+MAX_SPLITS = 32  # a power of two: the merge kernel's one tile of splits
 
 
-@triton.jit
+# Arguments that change from step to step: Triton must not compile a variant per value.
+@triton.jit(
+    do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "stride_table", "window", "num_splits"]
+)
 def _decode_kernel(
     q_ptr,
     out_ptr,
@@ -95,7 +98,7 @@ def _decode_kernel(
         tl.store(o_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_ptr,
     lse_ptr,
@@ -169,7 +172,7 @@ def paged_decode(
     if split:
         _merge_splits_kernel[(batch, num_heads)](
             partial, lse, out, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=num_heads, SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            NUM_HEADS=num_heads, SPLITS=MAX_SPLITS, BLOCK_D=block_d,
             HEAD_DIM=head_dim,
         )  # fmt: skip
     return out

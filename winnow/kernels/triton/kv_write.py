@@ -9,7 +9,7 @@ import triton.language as tl
 from winnow.kernels.triton.launch import cache_strides
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slots_ptr"])  # a step's slots sit anywhere in a staging buffer
 def _write_kv_kernel(
     k_ptr,
     v_ptr,

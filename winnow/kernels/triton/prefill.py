@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from winnow.kernels.triton.launch import (
+    MIN_DOT,
     cache_strides,
     dot_precision,
     padded,
@@ -28,7 +29,12 @@ from winnow.kernels.triton.launch import (
 from winnow.kernels.triton.tile import attend_range
 
 BLOCK_N = 64  # keys per inner-loop tile
-TILE_ROWS = 64  # query rows (tokens x grouped heads) per program; a power of two >= 16
+MAX_TILE_ROWS = 64  # query rows (tokens x grouped heads) per program; a power of two >= 16
+# Query rows x padded head_dim x element size squared that fit four warps' registers beside the
+# key/value tiles, as built for sm_90 (tests/kernels/triton_cuda_compile.py): 64 rows of bf16 at
+# head_dim 128; 32 at 256; fp32, whose IEEE dots run on the FMA units, 16 rows at 128 (64 fp32
+# rows spilled 10 KB per thread to local memory, 64 bf16 rows at head_dim 256 56 bytes).
+TILE_BUDGET = 64 * 128 * 2**2
 
 
 @triton.jit
@@ -44,7 +50,13 @@ def _sequence_of_tile(query_starts_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+# Arguments that change from step to step: Triton must not compile a variant per value.
+@triton.jit(
+    do_not_specialize=[
+        "block_tables_ptr", "query_starts_ptr", "seq_lens_ptr", "num_seqs", "stride_table",
+        "window",
+    ]
+)  # fmt: skip
 def _prefill_kernel(
     q_ptr,
     out_ptr,
@@ -109,6 +121,11 @@ def _prefill_kernel(
     tl.store(o_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
+def tile_rows_for(element_size: int, block_d: int) -> int:
+    """Query rows per program for this element size and padded head_dim (a power of two)."""
+    return max(MIN_DOT, min(MAX_TILE_ROWS, TILE_BUDGET // (element_size**2 * block_d)))
+
+
 def paged_prefill(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -126,7 +143,8 @@ def paged_prefill(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, TILE_ROWS // group_pad)  # rows: TILE_ROWS, or one token's padded group
+    tile_rows = tile_rows_for(q.element_size(), padded(head_dim))
+    block_q = max(1, tile_rows // group_pad)  # rows: tile_rows, or one token's padded group
     num_seqs = seq_lens.shape[0]
     grid = (q.shape[0] // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](

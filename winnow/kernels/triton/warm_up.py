@@ -1,0 +1,58 @@
+"""Compile every kernel variant before serving: Triton compiles a kernel on its first launch
+with each new specialisation (seconds each on a GPU), which would stall every stream mid-serving.
+
+A variant is fixed by the constexprs and by what Triton specialises of the other arguments: the
+dtypes, and the 16-divisibility of each pointer and integer it is not told to leave alone
+(`do_not_specialize` in the kernels: every argument that changes from step to step). What is
+left depends only on the tensors' layout, which `layout_key` captures; `warm_up` launches each
+kernel once in every variant that layout can take (decode with and without context splits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from winnow.kernels.triton.decode import paged_decode
+from winnow.kernels.triton.kv_write import write_kv
+from winnow.kernels.triton.prefill import paged_prefill
+
+# Triton's widest pointer specialisation: 16-byte alignment.
+ALIGNMENT = 16
+
+
+def layout_key(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+) -> tuple[object, ...]:
+    """What fixes the kernels' specialisations of a forward over these tensors: dtypes, the
+    shapes the kernels take as constexprs, and what Triton keys on of each stride (equal to 1,
+    divisible by 16) and pointer (16-byte aligned)."""
+    tensors = (q, k, v, kv_cache)
+    return (
+        q.device,
+        tuple(t.dtype for t in tensors),
+        q.shape[1:],
+        kv_cache.shape[2:],
+        tuple(_specialised(stride) for t in tensors for stride in t.stride()),
+        tuple(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
+    )
+
+
+def _specialised(value: int) -> object:
+    return "one" if value == 1 else value % ALIGNMENT == 0
+
+
+def warm_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """Launch every kernel variant for tensors laid out as q [T, Hq, D], k/v [T, Hkv, D] and the
+    cache, on one row of each: its key/value write is skipped (slot -1) and its attention reads
+    slot 0 of block 0 (never handed out), so neither the cache nor any output changes."""
+    if q.shape[0] == 0:
+        return
+    device = q.device
+    no_slot = torch.full((1,), -1, dtype=torch.int64, device=device)
+    table = torch.zeros((1, 1), dtype=torch.int64, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int64, device=device)
+    query_starts = torch.tensor([0, 1], dtype=torch.int64, device=device)
+    write_kv(kv_cache, k[:1], v[:1], no_slot)
+    for splits in (1, 2):  # the direct decode, and the split one with its merge
+        paged_decode(q[:1], kv_cache, table, seq_lens, None, splits)
+    paged_prefill(q[:1], kv_cache, table, query_starts, seq_lens, None)
