@@ -64,6 +64,7 @@ def chat_calls(client: OpenAI, bias: dict[str, int], strict: bool) -> list[bool]
             messages=[{"role": "user", "content": "Weather in Oslo?"}],
             tools=chat_tools(strict),
             tool_choice="auto",
+            parallel_tool_calls=False,
             temperature=1,
             n=N,
             seed=seed,
@@ -71,6 +72,8 @@ def chat_calls(client: OpenAI, bias: dict[str, int], strict: bool) -> list[bool]
             logit_bias=bias,
         )
         for choice in completion.choices:
+            # one call, then the grammar ends the reply: never cut by max_tokens
+            assert choice.finish_reason != "length" or not strict
             for call in choice.message.tool_calls or []:
                 assert call.type == "function"
                 verdicts.append(valid(call.function.name, call.function.arguments))
@@ -91,6 +94,7 @@ def test_strict_auto_streamed_chat(client: OpenAI, marker_bias: dict[str, int]) 
         model="demo",
         messages=[{"role": "user", "content": "Weather in Oslo?"}],
         tools=chat_tools(True),
+        parallel_tool_calls=False,
         temperature=1,
         n=4,
         seed=11,
@@ -124,6 +128,7 @@ def test_strict_auto_in_responses(
             "model": "demo",
             "input": "Weather in Oslo?",
             "tools": [responses_tool(True)],
+            "parallel_tool_calls": False,
             "temperature": 1,
             "max_output_tokens": MAX_TOKENS,
             "store": False,
