@@ -82,7 +82,7 @@ def test_a_vllm_command_line_maps_onto_the_configs() -> None:
     assert server.uvicorn_log_level == "warning"
     assert server.log_stats is False
     assert server.api_keys == ["k1", "k2"] and server.served_model_names == ["a", "b"]
-    assert vllm.disable_log_requests is True and vllm.tensor_parallel_size == 1
+    assert vllm.disable_log_requests is True and engine.tensor_parallel_size == 1
 
 
 def test_defaults_without_flags() -> None:
@@ -127,8 +127,16 @@ def test_max_logprobs_minus_one_is_the_api_bound() -> None:
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [
-        (("--tensor-parallel-size", "2"), "--tensor-parallel-size 2: Winnow runs one model"),
-        (("-tp", "4"), "only 1 is supported"),
+        (("-tp", "0"), "--tensor-parallel-size 0: must be 1 or more"),
+        (("--max-connections", "0"), "--max-connections 0: must be 1 or more"),
+        (("--request-timeout", "0"), "--request-timeout 0.0: must be more than 0"),
+        (("--master-port", "70000"), "not a TCP port"),
+        (("-tp", "3", "--nnodes", "2"), "3 ranks do not split evenly over 2 nodes"),
+        (
+            ("-tp", "2", "--nnodes", "2", "--node-rank", "2"),
+            "--node-rank 2 is not below --nnodes 2",
+        ),
+        (("-tp", "2", "--nnodes", "2"), "--nnodes 2 needs --master-port"),
         (("--generation-config", "/no/such/dir"), "not 'auto', 'vllm' or a folder"),
         (("--max-logprobs", "21"), "at most 20"),
         (("--max-logprobs", "-2"), "must be -1 or 0-20"),
@@ -194,11 +202,10 @@ def parsed_field(field: str) -> Any:
     raise AssertionError(f"no config has {field}")
 
 
-# Every flag but --tensor-parallel-size, whose only accepted value is its default (its variable
-# is read: test_env_refusals_say_why_too).
+# Every flag but --nnodes and --node-rank, which need -tp and each other beside them.
 @pytest.mark.parametrize(
     "option",
-    [option for option in ALL_OPTIONS if option.field != "tensor_parallel_size"],
+    [option for option in ALL_OPTIONS if option.field not in ("nnodes", "node_rank")],
     ids=lambda option: option.names[0],
 )
 def test_every_flag_reads_its_env_var(option: Option, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,7 +237,7 @@ def test_an_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "reason"),
     [
-        ("WINNOW_TENSOR_PARALLEL_SIZE", "2", "WINNOW_TENSOR_PARALLEL_SIZE=2: Winnow runs one"),
+        ("WINNOW_TENSOR_PARALLEL_SIZE", "0", "WINNOW_TENSOR_PARALLEL_SIZE=0: must be 1 or more"),
         ("WINNOW_PORT", "abc", "WINNOW_PORT='abc': invalid int value: 'abc'"),
         ("WINNOW_DTYPE", "int8", "WINNOW_DTYPE='int8': invalid choice: 'int8'"),
         ("WINNOW_KV_CACHE_DTYPE", "int4", "invalid choice: 'int4'"),

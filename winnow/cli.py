@@ -13,7 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from winnow.config import STATS_INTERVAL_S, EngineConfig, ServerConfig, VllmCompatibility
+from winnow.config import (
+    STATS_INTERVAL_S,
+    EngineConfig,
+    ServerConfig,
+    VllmCompatibility,
+    rank_layout,
+)
 from winnow.flags import add_flags, read_flags
 
 logger = logging.getLogger("winnow")
@@ -27,6 +33,8 @@ SERVE_CONFIGS = {
 }
 # After a drain has ended every request, how long responses get to reach their clients.
 _CLOSE_GRACE_S = 5
+# After the engine dies, how long /health answers 503 before the server exits.
+_DEATH_GRACE_S = 1.0
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,7 +55,12 @@ def serve_configs(
     """The configs of parsed `winnow serve` arguments and WINNOW_* variables; what Winnow
     refuses ends the program through `parser.error`."""
     read_flags(parser, args, VllmCompatibility)
-    return read_flags(parser, args, EngineConfig), read_flags(parser, args, ServerConfig)
+    engine = read_flags(parser, args, EngineConfig)
+    try:
+        rank_layout(engine).check()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return engine, read_flags(parser, args, ServerConfig)
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -109,7 +122,12 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Bind the port at once (503 "loading" until the model is up), serve until SIGTERM drains
-    the server; non-zero when the engine died or the model failed to load (so Docker restarts)."""
+    the server; non-zero when the engine died or the model failed to load (so Docker restarts).
+    A node other than node 0 (--node-rank) runs its tensor-parallel worker ranks only."""
+    if engine_config.node_rank != 0:
+        from winnow.distributed.launcher import run_worker_node
+
+        return run_worker_node(engine_config)
     import uvicorn
 
     from winnow.engine.async_engine import AsyncEngine
@@ -142,6 +160,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
                 await asyncio.sleep(0.5)
             if engine.load_error is not None:
                 logger.error("the model failed to load", exc_info=engine.load_error)
+            else:  # the streams' error events leave, and probes see the 503, before the exit
+                await asyncio.sleep(_DEATH_GRACE_S)
             server.should_exit = True
 
         background = [asyncio.create_task(watch_engine())]

@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from winnow.distributed.layout import RankLayout
 from winnow.flags import flag
 from winnow.limits import MAX_TOP_LOGPROBS
 from winnow.structured.tool_formats import ToolFormatName
@@ -71,6 +72,30 @@ def _response_store(spec: str) -> str:
     ):
         return spec
     raise ValueError("not sqlite, sqlite:///PATH, postgresql://... or none")
+
+
+def _positive(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _above_zero(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _rank(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("not a TCP port (0-65535; 0: a free one, one node only)")
+    return value
 
 
 def _logging_level(name: str) -> str:
@@ -175,6 +200,31 @@ class EngineConfig:
         False, help="allow a model's own Python code for its config and tokenizer"
     )
 
+    tensor_parallel_size: int = flag(
+        1,
+        aliases=("-tp",),
+        check=_positive,
+        help="devices (ranks) one model is split over, by attention heads, MLP columns and "
+        "vocabulary; rank 0 serves, the others run worker processes",
+    )
+    nnodes: int = flag(
+        1, check=_positive, help="machines the tensor-parallel ranks span (ranks split evenly)"
+    )
+    node_rank: int = flag(
+        0,
+        check=_rank,
+        help="this machine's index among --nnodes; only node 0 serves HTTP, the others run "
+        "worker ranks only",
+    )
+    master_addr: str = flag(
+        "127.0.0.1", help="address of node 0, where every rank meets (torch.distributed)"
+    )
+    master_port: int = flag(
+        0,
+        check=_port,
+        help="TCP port on node 0 where every rank meets (0: a free port; set it with --nnodes)",
+    )
+
     def for_device(self, device_type: str) -> ResolvedEngineConfig:
         """This config with every "auto" step size filled in for a device type."""
         seqs, tokens = STEP_DEFAULTS.get(device_type, STEP_DEFAULTS["cpu"])
@@ -183,6 +233,17 @@ class EngineConfig:
             "max_num_batched_tokens": self.max_num_batched_tokens or tokens,
         }
         return ResolvedEngineConfig(**{**vars(self), **sizes})
+
+
+def rank_layout(config: EngineConfig) -> RankLayout:
+    """The tensor-parallel ranks of this config and which of them this node runs."""
+    return RankLayout(
+        config.tensor_parallel_size,
+        config.nnodes,
+        config.node_rank,
+        config.master_addr,
+        config.master_port,
+    )
 
 
 @dataclass
@@ -221,14 +282,15 @@ class ServerConfig:
     )
     request_timeout: float = flag(
         60.0,
+        check=_above_zero,
         help="seconds a client may take to send a request's headers and body (408 and closed "
         "beyond: slow clients cannot hold connections)",
     )
     timeout_keep_alive: int = flag(
-        5, help="seconds an idle keep-alive connection stays open between requests"
+        5, check=_positive, help="seconds an idle keep-alive connection stays open between requests"
     )
     max_connections: int = flag(
-        1000, help="open connections at most; one more is answered 503 and closed"
+        1000, check=_positive, help="open connections at most; one more is answered 503 and closed"
     )
     public_metrics: bool = flag(False, help="serve /metrics without the API key")
     shutdown_timeout: float = flag(30.0, help="seconds in-flight requests may run on after SIGTERM")
@@ -259,10 +321,12 @@ class ServerConfig:
         "directory), sqlite:///PATH, postgresql://USER@HOST/DB (shared by replicas) or none",
     )
     response_store_ttl: float = flag(
-        720.0, help="hours a stored response is kept (then GET and previous_response_id 404)"
+        720.0,
+        check=_above_zero,
+        help="hours a stored response is kept (then GET and previous_response_id 404)",
     )
     response_store_max_responses: int = flag(
-        100_000, help="stored responses kept at most; the oldest go first"
+        100_000, check=_positive, help="stored responses kept at most; the oldest go first"
     )
     log_level: str = flag(
         "info",
@@ -274,26 +338,11 @@ class ServerConfig:
     )
 
 
-def _one_device(size: int) -> int:
-    if size != 1:
-        raise ValueError(
-            "Winnow runs one model on one device; only 1 is supported (serve one replica per "
-            "GPU behind a load balancer)"
-        )
-    return size
-
-
 @dataclass
 class VllmCompatibility:
     """`vllm serve` flags Winnow takes so that a vLLM command line runs: each accepts what
     Winnow serves and refuses the rest with the reason (its check)."""
 
-    tensor_parallel_size: int = flag(
-        1,
-        aliases=("-tp",),
-        check=_one_device,
-        help="devices one replica spans; only 1 (run one server per GPU behind a balancer)",
-    )
     disable_log_requests: bool = flag(
         False, help="accepted for vLLM command lines: Winnow never logs request contents"
     )

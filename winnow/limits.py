@@ -35,6 +35,13 @@ MAX_SCHEMA_REQUIRED = 5000  # names in one `required` list
 MAX_SCHEMA_ENUM = 1000  # values in one `enum` list
 MAX_SCHEMA_NODES = 100_000  # JSON values (objects, arrays, scalars) in one schema
 
+# Tensor parallel: how long a rank waits for the others to join (loading the weights included),
+# and for one step's collective, before the wait is an error rather than a hang.
+TP_STARTUP_TIMEOUT_S = 600
+TP_STEP_TIMEOUT_S = 20
+# How long a stopping server waits for its worker ranks to exit before killing them.
+TP_WORKER_EXIT_S = 10
+
 # The logprob reported for a token the sampler ruled out (-inf is not JSON), as OpenAI reports it.
 LOGPROB_FLOOR = -9999.0
 

@@ -5,12 +5,16 @@ same code tiny on a CPU). Each part writes one JSON file.
     python bench/gpu/check.py speed --shape llama-3.1-8b --device cuda --out results/speed.json
     python bench/gpu/check.py offline --shape qwen2.5-0.5b --device cuda --out results/off.json
     python bench/gpu/check.py sampler --device cuda --out results/sampler.json
+    python bench/gpu/check.py long_context --shape qwen2.5-0.5b --device cuda --out lc.json
+
+Every JSON names its `device`; bench/gpu/report.py judges each part PASS / FAIL / MISSING.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -22,12 +26,16 @@ from shapes import build_hf, hf_config, native_from, parameter_count, random_pro
 
 from winnow.config import EngineConfig
 from winnow.engine.engine import LLMEngine
+from winnow.engine.outputs import PositionLogprobs
 from winnow.engine.request import GenerationRequest
 from winnow.models import AttentionMetadata, LoadedModel, allocate_kv_cache
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.sampler import Sampler
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
+# A seeded run that parts from itself at another batch size, where rounding alone gave it less
+# than this chance to, is a bug (a test at the 0.1% level).
+DIVERGENCE_ALPHA = 1e-3
 
 
 def sync(device: str) -> None:
@@ -37,6 +45,12 @@ def sync(device: str) -> None:
 
 def engine_for(loaded: LoadedModel, **overrides: object) -> LLMEngine:
     return LLMEngine(loaded, EngineConfig(model="random", **overrides))  # type: ignore[arg-type]
+
+
+def graphs_captured(engine: LLMEngine) -> bool:
+    """Whether decode steps replay CUDA graphs (not the same buffers run eagerly)."""
+    graphs = engine.runner.decode_graphs
+    return graphs is not None and graphs.capture
 
 
 def run_requests(
@@ -139,9 +153,16 @@ def correctness(args: argparse.Namespace) -> dict[str, object]:
         "pass": same is None or bool(near_tie),
     }
 
-    # seeded sampling: one request alone, then among others, same tokens
-    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=new_tokens, ignore_eos=True)
-    alone = run_requests(engine, [GenerationRequest("s", prompt, seeded)])[0]["s"]
+    # seeded sampling at batch 1 and batch 8: identical, or parted where rounding could part them
+    seeded = SamplingParams(
+        temperature=1.0,
+        seed=1234,
+        max_tokens=new_tokens,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    alone = run_logprobs(engine, [GenerationRequest("s", prompt, seeded)])["s"]
     others = [
         GenerationRequest(
             f"o{i}",
@@ -150,14 +171,69 @@ def correctness(args: argparse.Namespace) -> dict[str, object]:
         )
         for i in range(7)
     ]
-    mixed = run_requests(engine, others[:3] + [GenerationRequest("s", prompt, seeded)] + others[3:])
-    invariant = {"tokens": new_tokens, "pass": mixed[0]["s"] == alone}
+    mixed = run_logprobs(
+        engine, others[:3] + [GenerationRequest("s", prompt, seeded)] + others[3:]
+    )["s"]
+    invariant = seeded_invariance(alone, mixed)
     return {
         "shape": shape,
         "kernels": ours.kernels.description,
         "logits_vs_cpu_fp32": logits,
         "greedy_vs_hf_generate": greedy_result,
         "seeded_batch_invariant": invariant,
+    }
+
+
+def run_logprobs(
+    engine: LLMEngine, requests: list[GenerationRequest]
+) -> dict[str, list[PositionLogprobs]]:
+    """All requests at once, stepped to the end: the logprobs of each position per request
+    (empty lists for requests that did not ask)."""
+    positions: dict[str, list[PositionLogprobs]] = {r.request_id: [] for r in requests}
+    for request in requests:
+        engine.add_request(request)
+    while engine.has_work:
+        for output in engine.step():
+            for choice in output.choices:
+                positions[output.request_id].extend(choice.logprobs or [])
+    return positions
+
+
+def seeded_invariance(
+    alone: list[PositionLogprobs], mixed: list[PositionLogprobs]
+) -> dict[str, object]:
+    """Compare one seeded request decoded alone and among 7 others.
+
+    cuBLAS picks other kernels for 1 and 8 rows, so bf16 logits differ in the last bits and a
+    sample may legitimately part where two tokens' cumulative probabilities straddle the
+    seeded draw. With shared randomness, a step whose distributions p, q differ parts with
+    chance at most 2 TV(p, q) = sum |p - q|; from the top 20 logprobs that sum is bounded by
+    the top tokens' differences plus both runs' mass outside them. A parting whose summed bound
+    up to it is below DIVERGENCE_ALPHA is not rounding: it fails.
+    """
+    tokens_alone = [p.sampled.token_id for p in alone]
+    tokens_mixed = [p.sampled.token_id for p in mixed]
+    parted = next(
+        (i for i, (a, b) in enumerate(zip(tokens_alone, tokens_mixed, strict=True)) if a != b),
+        None,
+    )
+    last = len(alone) - 1 if parted is None else parted
+    bound = 0.0
+    gap = 0.0
+    for a, b in zip(alone[: last + 1], mixed[: last + 1], strict=True):
+        pa = {t.token_id: math.exp(t.logprob) for t in a.top}
+        pb = {t.token_id: math.exp(t.logprob) for t in b.top}
+        bound += sum(abs(pa.get(k, 0.0) - pb.get(k, 0.0)) for k in pa.keys() | pb.keys())
+        bound += max(0.0, 1.0 - sum(pa.values())) + max(0.0, 1.0 - sum(pb.values()))
+        gap = max(gap, abs(a.sampled.logprob - b.sampled.logprob))
+    return {
+        "tokens": len(alone),
+        "identical": parted is None,
+        "first_divergence": parted,
+        "divergence_chance_bound": min(bound, 1.0),
+        "alpha": DIVERGENCE_ALPHA,
+        "max_sampled_logprob_gap": gap,
+        "pass": len(alone) == len(mixed) and (parted is None or bound >= DIVERGENCE_ALPHA),
     }
 
 
@@ -259,7 +335,7 @@ def speed(args: argparse.Namespace) -> dict[str, object]:
         "shape": shape,
         "parameters": params,
         "kernels": loaded.kernels.description,
-        "decode_graphs": engine.runner.decode_graphs is not None,
+        "decode_graphs": graphs_captured(engine),
         "peaks": peaks,
         "single_stream": {
             "tok_per_s": single_tok_s,
@@ -272,6 +348,43 @@ def speed(args: argparse.Namespace) -> dict[str, object]:
             "tok_per_s": batch / step_s,
             "fraction_of_compute_roofline": step_flop / step_s / peaks["matmul_flop_per_s"],
         },
+    }
+
+
+def long_context(args: argparse.Namespace) -> dict[str, object]:
+    """Single-stream decode with 8k, 16k and 32k tokens of context against 128 (the dry run:
+    a few hundred): tok/s at each. Decode attention that does not split a long context over
+    the SMs runs it several times slower than its KV bytes explain."""
+    shape, device = args.shape, args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    contexts = [128, 256, 512] if args.dry_run else [128, 8192, 16384, 32000]
+    out_len = 8 if args.dry_run else 64
+    hf = build_hf(shape, device, dtype)
+    loaded = native_from(hf, device, dtype)
+    del hf
+    engine = engine_for(loaded, max_num_seqs=4, max_model_len=contexts[-1] + out_len + 1)
+    vocab = loaded.config.vocab_size
+    rates: dict[str, float] = {}
+    for context in [contexts[0], *contexts]:  # the first run warms up; the second counts
+        prompt = random_prompts(1, [context], vocab, seed=context)[0]
+        params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        engine.add_request(GenerationRequest(f"lc{context}", prompt, params))
+        while not any(o.request_id == f"lc{context}" for o in engine.step()):
+            pass  # prefill, chunked, until the first token
+        sync(device)
+        start = time.perf_counter()
+        steps = 0
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        rates[str(context)] = steps / (time.perf_counter() - start)
+    short, longest = rates[str(contexts[0])], rates[str(contexts[-1])]
+    return {
+        "shape": shape,
+        "kernels": loaded.kernels.description,
+        "decode_graphs": graphs_captured(engine),
+        "tok_per_s_by_context": rates,
+        "longest_vs_shortest": longest / short,
     }
 
 
@@ -375,12 +488,53 @@ def sampler(args: argparse.Namespace) -> dict[str, object]:
             )
         keys = list(range(batch))
         result[name + "_ms"] = 1e3 * median_seconds(
-            lambda s=engine_sampler, k=keys: s.sample(logits, k), args.device, 20
+            lambda s=engine_sampler, k=keys: s.sample(logits, k),
+            args.device,
+            3 if args.dry_run else 20,
         )
+    result["temperature_1_distribution"] = temperature_one(device, batch, vocab)
     return result
 
 
-PARTS = {"correctness": correctness, "speed": speed, "offline": offline, "sampler": sampler}
+def temperature_one(device: torch.device, batch: int, vocab: int) -> dict[str, object]:
+    """Seeded draws at temperature 1 on the device follow softmax(logits): four likely tokens
+    (the rest e^-30 below them) drawn batch x 64 times, each token's frequency within 5
+    standard errors sqrt(p (1 - p) / draws) of its probability."""
+    likely = torch.tensor([1.0, 0.5, 0.0, -0.5], dtype=torch.float64)
+    ids = [7, 11, 13, 17]  # none of them the EOS below
+    row = torch.full((vocab,), -30.0, dtype=torch.float64)
+    row[ids] = likely
+    expected = torch.softmax(row, 0)[ids]
+    logits = row.to(torch.float32).expand(batch, vocab).contiguous().to(device)
+    engine_sampler = Sampler(vocab, batch, device, eos_token_ids=[2])
+    for key in range(batch):
+        engine_sampler.add_row(key, SamplingParams(temperature=1.0), seed=key, prompt_token_ids=[])
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    rounds = 64
+    for _ in range(rounds):
+        drawn = engine_sampler.sample(logits, list(range(batch))).token_ids.cpu()
+        counts += torch.bincount(drawn, minlength=vocab).double()
+    draws = batch * rounds
+    frequency = counts[ids] / draws
+    standard_error = (expected * (1 - expected) / draws).sqrt()
+    worst = float(((frequency - expected).abs() / standard_error).max())
+    return {
+        "draws": draws,
+        "expected": expected.tolist(),
+        "observed": frequency.tolist(),
+        "outside_likely": float(draws - counts[ids].sum()),
+        "worst_standard_errors": worst,
+        "pass": worst <= 5.0 and float(counts[ids].sum()) == draws,
+    }
+
+
+PARTS = {
+    "correctness": correctness,
+    "speed": speed,
+    "offline": offline,
+    "sampler": sampler,
+    "long_context": long_context,
+}
 
 
 def main() -> None:
@@ -392,7 +546,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=90.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = PARTS[args.part](args)
+    result = {"device": args.device, **PARTS[args.part](args)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Literal, Self
 
 from winnow.config import EngineConfig
+from winnow.distributed.group import TensorParallel
 from winnow.engine.engine import EngineStats, LLMEngine, as_rejection
 from winnow.engine.outputs import RequestOutput
 from winnow.engine.request import (
@@ -19,7 +20,7 @@ from winnow.engine.request import (
     EngineOverloaded,
     GenerationRequest,
 )
-from winnow.models import Tokenizer, load_model
+from winnow.models import LoadedModel, Tokenizer, load_model
 from winnow.structured.backend import CompiledGrammar
 from winnow.structured.spec import GrammarSpec
 
@@ -28,6 +29,23 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
 
 EngineState = Literal["loading", "ready", "draining", "dead"]
+
+
+def _load(config: EngineConfig, tp: TensorParallel | None) -> LoadedModel:
+    return load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        chat_template=config.chat_template,
+        cpu_kernels_enabled=config.cpu_kernels,
+        kernels=config.kernels,
+        tokenizer=config.tokenizer,
+        revision=config.revision,
+        download_dir=config.download_dir,
+        generation_config=config.generation_config,
+        tp=tp,
+    )
 
 
 class RequestStream:
@@ -96,23 +114,44 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, wait: bool = True) -> AsyncEngine:
-        def build() -> LLMEngine:
-            loaded = load_model(
-                config.model,
-                dtype=config.dtype,
-                device=config.device,
-                trust_remote_code=config.trust_remote_code,
-                chat_template=config.chat_template,
-                cpu_kernels_enabled=config.cpu_kernels,
-                kernels=config.kernels,
-                tokenizer=config.tokenizer,
-                revision=config.revision,
-                download_dir=config.download_dir,
-                generation_config=config.generation_config,
-            )
-            return LLMEngine(loaded, config)
+        """With `config.tensor_parallel_size` > 1 the build also starts this node's worker
+        ranks; a worker that dies ends the engine (`fail`)."""
+        started: list[AsyncEngine] = []
+        early: list[BaseException] = []
 
-        return cls(build, config.model, wait=wait)
+        def worker_died(error: BaseException) -> None:
+            if started:
+                started[0].fail(error)
+            else:
+                early.append(error)
+
+        def build() -> LLMEngine:
+            workers, tp = None, None
+            if config.tensor_parallel_size > 1:
+                from winnow.distributed.launcher import start_tensor_parallel
+
+                workers, tp = start_tensor_parallel(config, worker_died)
+            try:
+                return LLMEngine(_load(config, tp), config, workers)
+            except BaseException:
+                if workers is not None:
+                    workers.stop(clean=False)
+                raise
+
+        engine = cls(build, config.model, wait=wait)
+        started.append(engine)
+        for error in early:
+            engine.fail(error)
+        return engine
+
+    def fail(self, error: BaseException) -> None:
+        """From any thread: the engine is dead (a worker rank failed). Every stream ends with
+        an error, /health turns 503 and the server exits non-zero."""
+        if self._dead_error is None:
+            self._dead_error = error
+        self._commands.put(("wake", None))
+        if self._loop is not None:
+            self._deliver_error(EngineDeadError(f"the engine failed: {error}"))
 
     def start(self) -> None:
         """Start stepping (once); call from inside the running event loop."""
@@ -231,10 +270,14 @@ class AsyncEngine:
         self._started.wait()
         if not self._stopping.is_set():
             self._run()
+        else:
+            self.engine.close(clean=True)
 
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
+                if self._dead_error is not None:
+                    raise self._dead_error
                 self._drain_commands(block=not self.engine.has_work)
                 if not self.engine.has_work:
                     self._stats = self.engine.stats()  # aborts may have freed everything
@@ -247,10 +290,12 @@ class AsyncEngine:
                     self._deliver(outputs)
         except BaseException as exc:
             logger.exception("engine loop died")
-            self._dead_error = exc
+            self._dead_error = self._dead_error or exc
             self._deliver_error(EngineDeadError(f"the engine failed: {exc!r}"))
+            self.engine.close(clean=False)
             return
         self._deliver_error(EngineDeadError("the server is shutting down"))
+        self.engine.close(clean=True)
 
     def _drain_commands(self, block: bool) -> None:
         try:

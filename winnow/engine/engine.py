@@ -8,13 +8,19 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from winnow.config import EngineConfig
+from winnow.config import EngineConfig, ResolvedEngineConfig
 from winnow.engine.block_manager import BlockManager, block_hash
-from winnow.engine.memory_plan import KVCachePlan, gpu_kv_budget, plan_kv_cache
+from winnow.engine.memory_plan import (
+    KVCachePlan,
+    agree_on_blocks,
+    gpu_kv_budget,
+    plan_kv_cache,
+)
 from winnow.engine.model_runner import ModelRunner
 from winnow.engine.outputs import (
     ChoiceDelta,
@@ -36,6 +42,9 @@ from winnow.structured.backend import CompiledGrammar, GrammarBackend
 from winnow.structured.llguidance_backend import LLGuidanceBackend
 from winnow.structured.spec import GrammarSpec
 from winnow.text import TextStream, build_token_bytes, token_text
+
+if TYPE_CHECKING:
+    from winnow.distributed.launcher import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +74,9 @@ def as_rejection(exc: Exception) -> InvalidRequest:
 class LLMEngine:
     """Owns the scheduler, the KV cache and the sampler. Not thread-safe: one thread drives it."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, workers: WorkerGroup | None = None
+    ) -> None:
         device = next(loaded.model.parameters()).device
         self.config = config = config.for_device(device.type)
         if config.num_threads > 0:
@@ -78,11 +89,19 @@ class LLMEngine:
             config.kv_cache_dtype, next(loaded.model.parameters()).dtype
         )
         self.runner = ModelRunner(loaded, config.block_size, kv_dtype)
-        plan = self._plan_kv_cache(loaded, device, kv_dtype)
+        plan = plan_kv_cache_for(config, loaded, self.runner, device, kv_dtype)
+        self.workers = workers
+        if loaded.model.tp is not None:
+            plan = agree_on_blocks(
+                plan, loaded.model.tp.min_int(plan.num_blocks), config.block_size
+            )
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.warm_up()
-        if loaded.kernels.decode_graphs and not config.enforce_eager:
+        # tensor parallel: no warm-up forward and no graphs (the workers would not join in)
+        sharded = loaded.model.tp is not None
+        if not sharded:
+            self.runner.warm_up()
+        if loaded.kernels.decode_graphs and not config.enforce_eager and not sharded:
             # captured on CUDA; elsewhere (Triton's interpreter) the same path runs eagerly
             capture = device.type == "cuda"
             self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture)
@@ -116,48 +135,6 @@ class LLMEngine:
             str(kv_dtype).removeprefix("torch."),
             self.max_model_len,
         )
-
-    def _plan_kv_cache(
-        self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype
-    ) -> KVCachePlan:
-        """Blocks that fit the memory budget (on CUDA measured around a profiling forward of
-        the largest step), capped at what max_num_seqs full contexts need, and the longest
-        sequence they hold."""
-        config = self.config
-        per_block = kv_cache_bytes_per_block(loaded.config, config.block_size, dtype)
-        if config.num_kv_blocks is not None:
-            budget = max(2, config.num_kv_blocks) * per_block
-        elif device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            peak = self.runner.profile_activation_bytes(
-                config.max_num_batched_tokens, config.max_num_seqs
-            )
-            budget = gpu_kv_budget(total, free, peak, config.gpu_memory_utilization)
-            logger.info(
-                "memory: %.2f GiB of %.2f GiB in use after loading, %.2f GiB peak activations "
-                "(profiled at %d tokens), %.2f GiB left for the KV cache",
-                (total - free) / GIB,
-                total / GIB,
-                peak / GIB,
-                config.max_num_batched_tokens,
-                budget / GIB,
-            )
-        else:
-            budget = int(config.kv_cache_memory_gib * GIB)
-        plan = plan_kv_cache(
-            budget,
-            per_block,
-            config.block_size,
-            loaded.config.max_position_embeddings,
-            config.max_model_len,
-            config.max_num_seqs if config.num_kv_blocks is None else None,
-        )
-        if plan.capped:
-            wanted = config.max_model_len or loaded.config.max_position_embeddings
-            log = logger.warning if config.max_model_len else logger.info
-            log("max_model_len %d: what the KV cache holds for one sequence (of %d wanted)",
-                plan.max_model_len, wanted)  # fmt: skip
-        return plan
 
     def validate(self, request: GenerationRequest) -> int:
         """Check that the request can ever be served (max_model_len never exceeds the KV pool, so
@@ -270,6 +247,12 @@ class LLMEngine:
         for seq in state.sequences:
             if not seq.is_finished:
                 self._release(seq)
+
+    def close(self, clean: bool) -> None:
+        """Stop the worker ranks (tensor parallel): `clean` tells them to leave their loop
+        first; else (a rank failed) they are killed."""
+        if self.workers is not None:
+            self.workers.stop(clean)
 
     @property
     def has_work(self) -> bool:
@@ -505,6 +488,50 @@ class LLMEngine:
                 )
             )
         return outputs
+
+
+def plan_kv_cache_for(
+    config: ResolvedEngineConfig,
+    loaded: LoadedModel,
+    runner: ModelRunner,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> KVCachePlan:
+    """Blocks that fit this rank's memory budget (on CUDA measured around a profiling forward
+    of the largest step), capped at what max_num_seqs full contexts need, and the longest
+    sequence they hold."""
+    per_block = kv_cache_bytes_per_block(loaded.model.layer_config, config.block_size, dtype)
+    if config.num_kv_blocks is not None:
+        budget = max(2, config.num_kv_blocks) * per_block
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        peak = runner.profile_activation_bytes(config.max_num_batched_tokens, config.max_num_seqs)
+        budget = gpu_kv_budget(total, free, peak, config.gpu_memory_utilization)
+        logger.info(
+            "memory: %.2f GiB of %.2f GiB in use after loading, %.2f GiB peak activations "
+            "(profiled at %d tokens), %.2f GiB left for the KV cache",
+            (total - free) / GIB,
+            total / GIB,
+            peak / GIB,
+            config.max_num_batched_tokens,
+            budget / GIB,
+        )
+    else:
+        budget = int(config.kv_cache_memory_gib * GIB)
+    plan = plan_kv_cache(
+        budget,
+        per_block,
+        config.block_size,
+        loaded.config.max_position_embeddings,
+        config.max_model_len,
+        config.max_num_seqs if config.num_kv_blocks is None else None,
+    )
+    if plan.capped:
+        wanted = config.max_model_len or loaded.config.max_position_embeddings
+        log = logger.warning if config.max_model_len else logger.info
+        log("max_model_len %d: what the KV cache holds for one sequence (of %d wanted)",
+            plan.max_model_len, wanted)  # fmt: skip
+    return plan
 
 
 def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:

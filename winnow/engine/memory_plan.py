@@ -54,3 +54,16 @@ def plan_kv_cache(
     num_blocks = fit
     pool_tokens = (num_blocks - 1) * block_size
     return KVCachePlan(num_blocks, min(wanted_len, pool_tokens), pool_tokens < wanted_len)
+
+
+def agree_on_blocks(plan: KVCachePlan, num_blocks: int, block_size: int) -> KVCachePlan:
+    """Tensor parallel: every rank's cache holds the same block ids, so the pool is the
+    smallest rank's `num_blocks`; max_model_len shrinks with it where it no longer fits."""
+    if num_blocks >= plan.num_blocks:
+        return plan
+    pool_tokens = (num_blocks - 1) * block_size
+    return KVCachePlan(
+        num_blocks,
+        min(plan.max_model_len, pool_tokens),
+        plan.capped or pool_tokens < plan.max_model_len,
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from winnow.distributed.group import cpu_group
+from winnow.distributed.step_input import flat_step, run_step, send_step
 from winnow.engine.decode_graphs import DecodeGraphs
 from winnow.engine.host_staging import HostStaging
 from winnow.engine.scheduler import ScheduledSequence
@@ -21,7 +23,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, block_size: int, kv_dtype: torch.dtype) -> None:
         self.model = loaded.model
-        self.model_config = loaded.config
+        self.model_config = loaded.model.layer_config  # this rank's heads (tensor parallel)
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
         self.kv_dtype = kv_dtype
@@ -54,6 +56,8 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling, vocab] for the sequences whose
         `samples` is true, in scheduled order."""
+        if self.model.tp is not None:
+            return self._execute_sharded(scheduled)
         self.staging.begin_step()
         graphs = self.decode_graphs
         decode_only = all(item.num_new_tokens == 1 for item in scheduled)
@@ -68,6 +72,23 @@ class ModelRunner:
         self.staging.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         return self.model.compute_logits(hidden[sample_rows])
+
+    def _execute_sharded(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """Tensor parallel: the flat step input goes to every worker rank, then all run it."""
+        step = flat_step(
+            [
+                item.seq.token_ids_slice(
+                    item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
+                )
+                for item in scheduled
+            ],
+            [item.seq.num_computed_tokens for item in scheduled],
+            [item.seq.block_table for item in scheduled],
+            [item.samples for item in scheduled],
+            self.block_size,
+        )
+        send_step(step, cpu_group())
+        return run_step(self.model, self.kv_caches, step, self.block_size, self.device)
 
     def _run_decode_graph(
         self, graphs: DecodeGraphs, scheduled: list[ScheduledSequence]

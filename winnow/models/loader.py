@@ -12,12 +12,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from winnow.distributed.group import TensorParallel
+from winnow.distributed.partition import check_divisible
 from winnow.kernels import Kernels, select_kernels
 from winnow.models.config import ModelConfig
 from winnow.models.default_model import DEFAULT_MODEL, default_model_dir
 from winnow.models.demo import DEMO_MODELS, build_demo_model
 from winnow.models.device import resolve_device, startup_line, use_device
-from winnow.models.llama import LlamaForCausalLM
+from winnow.models.llama import LlamaForCausalLM, TensorSource
 from winnow.models.sampling_defaults import read_sampling_defaults
 from winnow.models.tokenizer import Tokenizer
 
@@ -63,6 +65,7 @@ def load_model(
     download_dir: str | None = None,
     generation_config: str = "auto",
     kernels: str = "auto",
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a local HF directory, the default model's or a demo model's name, or a hub id
     (downloaded if not a local path).
@@ -72,18 +75,27 @@ def load_model(
     sampling defaults come from (see read_sampling_defaults).
     The kernels that run it are chosen here, once (`select_kernels`): an fp32 model on a CPU
     with AVX2 runs on Winnow's C kernels unless `cpu_kernels_enabled` is False (or they cannot
-    be built here); `kernels` "torch" or "triton" forces one backend (see `select_kernels`)."""
+    be built here); `kernels` "torch" or "triton" forces one backend (see `select_kernels`).
+
+    `tp` (size > 1): this rank's slice of the model, each weight read only where it is this
+    rank's; the fused C decode stack is off (its layers would skip the all-reduces)."""
     path = resolve_model_path(model, revision=revision, download_dir=download_dir)
     config = ModelConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_device = resolve_device(device)
     use_device(torch_device)
     logger.info("%s", startup_line(torch_device))
     torch_dtype = resolve_dtype(dtype, config, torch_device)
-    chosen = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled, kernels)
+    sharded = tp is not None and tp.size > 1
+    if sharded and tp is not None:
+        check_divisible(config, tp.size)
+    chosen = select_kernels(torch_device, torch_dtype, cpu_kernels_enabled and not sharded, kernels)
 
     with torch.device("meta"):
-        module = LlamaForCausalLM(config, chosen)
+        module = LlamaForCausalLM(config, chosen, tp)
     module = module.to(dtype=torch_dtype).to_empty(device=torch_device)
+    if sharded:
+        for param in module.parameters():
+            param.data.zero_()  # the vocab shards' padding rows stay zero
     module.load_weights(_with_progress(iter_safetensors(path), count_tensors(path)))
     module.prepare_kernels()
     module.eval()
@@ -183,16 +195,17 @@ def count_tensors(path: Path) -> int:
 
 
 def _with_progress(
-    tensors: Iterator[tuple[str, torch.Tensor]], total: int
-) -> Iterator[tuple[str, torch.Tensor]]:
+    tensors: Iterator[tuple[str, TensorSource]], total: int
+) -> Iterator[tuple[str, TensorSource]]:
     """A progress bar on stderr while the weights load, one step per tensor."""
     with tqdm(tensors, total=total, desc="Loading weights", unit="tensor") as bar:
         yield from bar
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, memory-mapped one at a time."""
+def iter_safetensors(path: Path) -> Iterator[tuple[str, TensorSource]]:
+    """(name, slice) for every tensor of the checkpoint, one at a time: indexing the slice
+    reads that part of the file only (`[:]` the whole tensor)."""
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
