@@ -60,12 +60,14 @@ def test_cuda_takes_triton_attention_when_present() -> None:
     has_backend = has_triton and importlib.util.find_spec("winnow.kernels.triton") is not None
     if has_backend:
         assert type(kernels.attention).__name__ == "TritonAttentionBackend"
+        assert type(kernels.pointwise).__name__ == "TritonPointwise"
+        assert kernels.rope_attention is not None
         assert "Triton" in kernels.description
         assert kernels.decode_graphs  # graph-safe: the engine captures decode steps
     else:
         assert type(kernels.attention) is TorchAttentionBackend
         assert not kernels.decode_graphs
-    assert type(kernels.pointwise) is TorchPointwise
+        assert type(kernels.pointwise) is TorchPointwise
 
 
 def test_forced_choices() -> None:

@@ -97,6 +97,7 @@ class LLMEngine:
             )
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.size_block_tables(config.max_num_seqs, self.max_model_len)
         # tensor parallel: no warm-up forward and no graphs (the workers would not join in)
         sharded = loaded.model.tp is not None
         if not sharded:
@@ -285,6 +286,7 @@ class LLMEngine:
             )
         for seq in plan.preempted:
             self._drop_sampler_row(seq)
+            self.runner.release(seq.seq_id)
         failed = self._add_sampler_rows([item.seq for item in plan.scheduled if item.samples])
         if failed:
             plan.scheduled = [i for i in plan.scheduled if i.seq.request.request_id not in failed]
@@ -455,6 +457,7 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         self._drop_sampler_row(seq)
+        self.runner.release(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
     def _collect(self, pending: dict[Sequence, PendingDelta]) -> list[RequestOutput]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from winnow.distributed.group import cpu_group
 from winnow.distributed.step_input import flat_step, run_step, send_step
+from winnow.engine.block_tables import BlockTables
 from winnow.engine.decode_graphs import DecodeGraphs
 from winnow.engine.host_staging import HostStaging
 from winnow.engine.scheduler import ScheduledSequence
+from winnow.engine.step_inputs import StepInputs
 from winnow.models import AttentionMetadata, LoadedModel, allocate_kv_cache
 
 
@@ -30,6 +31,12 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.staging = HostStaging(self.device)
+        self.block_tables = BlockTables(1, 1, self.staging)
+
+    def size_block_tables(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Size the device block tables for the engine's limits (they grow if exceeded)."""
+        width = -(-max_model_len // self.block_size)
+        self.block_tables = BlockTables(max_num_seqs, width, self.staging)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_cache(
@@ -59,19 +66,28 @@ class ModelRunner:
         if self.model.tp is not None:
             return self._execute_sharded(scheduled)
         self.staging.begin_step()
+        inputs = StepInputs.build(scheduled, self.block_size, self.block_tables)
+        self.block_tables.upload()
         graphs = self.decode_graphs
-        decode_only = all(item.num_new_tokens == 1 for item in scheduled)
-        if graphs is not None and decode_only and len(scheduled) <= graphs.max_batch:
-            hidden = self._run_decode_graph(graphs, scheduled)
-            sampling = [row for row, item in enumerate(scheduled) if item.samples]
-            if len(sampling) < len(scheduled):
-                hidden = hidden[self.staging.to_device("rows", np.asarray(sampling))]
+        if graphs is not None and inputs.decode_only and len(scheduled) <= graphs.max_batch:
+            hidden = self._run_decode_graph(graphs, inputs)
+            if len(inputs.sample_rows) < len(scheduled):
+                hidden = hidden[self.staging.to_device("rows", inputs.sample_rows)]
             self.staging.end_step()
             return self.model.compute_logits(hidden)
-        input_ids, positions, attn, sample_rows = self._prepare(scheduled)
+        input_ids, positions, attn, sample_rows = self._prepare(inputs)
         self.staging.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         return self.model.compute_logits(hidden[sample_rows])
+
+    def release(self, seq_id: int) -> None:
+        """A sequence finished or was preempted: its block-table row is free for another."""
+        self.block_tables.release(seq_id)
+
+    def _step_tables(self, inputs: StepInputs, width: int) -> torch.Tensor:
+        """The step's block tables [B, width]: its sequences' rows of the device tables."""
+        rows = self.staging.to_device("table-rows", inputs.table_rows)
+        return self.block_tables.table[:, :width].index_select(0, rows)
 
     def _execute_sharded(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """Tensor parallel: the flat step input goes to every worker rank, then all run it."""
@@ -90,33 +106,16 @@ class ModelRunner:
         send_step(step, cpu_group())
         return run_step(self.model, self.kv_caches, step, self.block_size, self.device)
 
-    def _run_decode_graph(
-        self, graphs: DecodeGraphs, scheduled: list[ScheduledSequence]
-    ) -> torch.Tensor:
+    def _run_decode_graph(self, graphs: DecodeGraphs, inputs: StepInputs) -> torch.Tensor:
         """Decode inputs go from pinned host buffers straight into the graphs' static ones."""
-        block_size = self.block_size
-        batch = len(scheduled)
-        token_ids = np.empty(batch, dtype=np.int64)
-        positions = np.empty(batch, dtype=np.int64)
-        width = max(len(item.seq.block_table) for item in scheduled)
-        tables = np.zeros((batch, width), dtype=np.int64)
-        for row, item in enumerate(scheduled):
-            seq = item.seq
-            position = seq.num_computed_tokens
-            token_ids[row] = seq.token_ids_slice(position, position + 1)[0]
-            positions[row] = position
-            tables[row, : len(seq.block_table)] = seq.block_table
-        slots = tables[np.arange(batch), positions // block_size] * block_size
-        slots += positions % block_size
-        seq_lens = positions + 1
         stage = self.staging.to_host
         return graphs.run(
-            stage("ids", token_ids),
-            stage("positions", positions),
-            stage("slots", slots),
-            stage("tables", tables),
-            stage("seq_lens", seq_lens),
-            seq_lens.tolist(),
+            stage("ids", inputs.token_ids),
+            stage("positions", inputs.positions),
+            stage("slots", inputs.slots),
+            self._step_tables(inputs, min(graphs.max_blocks_per_seq, self.block_tables.width)),
+            stage("seq_lens", inputs.seq_lens),
+            inputs.seq_lens.tolist(),
         )
 
     @torch.inference_mode()
@@ -151,43 +150,18 @@ class ModelRunner:
         return peak
 
     def _prepare(
-        self, scheduled: list[ScheduledSequence]
+        self, inputs: StepInputs
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        block_size = self.block_size
-        token_ids: list[int] = []
-        position_chunks: list[np.ndarray] = []
-        slot_chunks: list[np.ndarray] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
-        num_tokens = 0
-        for row, item in enumerate(scheduled):
-            seq = item.seq
-            start = seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            token_ids.extend(seq.token_ids_slice(start, end))
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            block_tables[row, : len(table)] = table
-            positions = np.arange(start, end, dtype=np.int64)
-            position_chunks.append(positions)
-            slot_chunks.append(table[positions // block_size] * block_size + positions % block_size)
-            query_lens.append(item.num_new_tokens)
-            seq_lens.append(end)
-            num_tokens += item.num_new_tokens
-            if item.samples:
-                sample_rows.append(num_tokens - 1)
         to_device = self.staging.to_device
         attn = AttentionMetadata(
-            slot_mapping=to_device("slots", np.concatenate(slot_chunks)),
-            block_tables=to_device("tables", block_tables),
-            seq_lens_tensor=to_device("seq_lens", np.asarray(seq_lens, dtype=np.int64)),
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            block_size=block_size,
+            slot_mapping=to_device("slots", inputs.slots),
+            block_tables=self._step_tables(inputs, inputs.max_blocks),
+            seq_lens_tensor=to_device("seq_lens", inputs.seq_lens),
+            query_lens=inputs.query_lens.tolist(),
+            seq_lens=inputs.seq_lens.tolist(),
+            block_size=self.block_size,
         )
-        input_ids = to_device("ids", np.asarray(token_ids, dtype=np.int64))
-        positions_tensor = to_device("positions", np.concatenate(position_chunks))
-        rows = to_device("rows", np.asarray(sample_rows, dtype=np.int64))
-        return input_ids, positions_tensor, attn, rows
+        input_ids = to_device("ids", inputs.token_ids)
+        positions = to_device("positions", inputs.positions)
+        rows = to_device("rows", inputs.sample_rows)
+        return input_ids, positions, attn, rows

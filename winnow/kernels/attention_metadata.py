@@ -31,10 +31,13 @@ class AttentionMetadata:
     # What an attention backend derives once per step and reuses in every layer (masks, gather
     # indices). An AttentionMetadata describes exactly one step: build a new one per step.
     memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
+    # derived once per step from the host lists, read by every layer
+    is_decode_only: bool = field(init=False)
+    max_seq_len: int = field(init=False)
 
-    @property
-    def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
+    def __post_init__(self) -> None:
+        self.is_decode_only = all(q == 1 for q in self.query_lens)
+        self.max_seq_len = max(self.seq_lens, default=0)
 
     @classmethod
     def build(

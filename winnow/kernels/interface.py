@@ -37,12 +37,43 @@ class PointwiseOps(Protocol):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
+    def add_rms_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """residual += delta in place (the residual add); returns rms_norm(residual), new."""
+        ...
+
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, D] rotated by cos/sin [T, 1, D / 2] (halves layout)."""
         ...
 
+    def rope_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope` of q and of k (one launch where a backend can)."""
+        ...
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2 I] (gate, then up) -> silu(gate) * up [T, I]."""
+        ...
+
+
+class RopeAttention(Protocol):
+    """RoPE on q and k, the KV write and attention, fused where a backend can (the KV write
+    inside the rotary kernel)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Unrotated q [T, Hq, D], k/v [T, Hkv, D] -> attention output [T, Hq, D]."""
         ...
 
 
@@ -86,6 +117,25 @@ class Kernels:
     # every length from the metadata's tensors (never its host lists) and its launch shapes
     # only from tensor shapes, which the graph runner keeps fixed per batch size
     decode_graphs: bool = False
+    # RoPE, KV write and attention together; None: `pointwise.rope_qk`, then `attention`
+    rope_attention: RopeAttention | None = None
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """RoPE on q and k, the KV write, attention: unrotated q/k/v -> output [T, Hq, D]."""
+        if self.rope_attention is not None:
+            return self.rope_attention.forward(q, k, v, cos, sin, kv_cache, attn, sliding_window)
+        q, k = self.pointwise.rope_qk(q, k, cos, sin)
+        return self.attention.forward(q, k, v, kv_cache, attn, sliding_window)
 
     def prepare(self, model: nn.Module, layers: Iterable[nn.Module]) -> None:
         """Adapt a loaded model's weights to these kernels (once, after loading)."""

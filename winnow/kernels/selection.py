@@ -67,8 +67,9 @@ def select_kernels(
 
 
 def _with_attention(attention: AttentionBackend, attention_name: str) -> Kernels:
-    """Torch for every family but attention."""
-    return Kernels(
+    """Torch for every family but attention; beside Triton's attention, Triton's fused
+    pointwise kernels too."""
+    kernels = Kernels(
         attention=attention,
         pointwise=TorchPointwise(),
         projections=TorchProjections(),
@@ -76,6 +77,18 @@ def _with_attention(attention: AttentionBackend, attention_name: str) -> Kernels
         description=f"torch reference, {attention_name} attention",
         decode_graphs=bool(getattr(attention, "cuda_graph_safe", False)),
     )
+    if attention_name.startswith("Triton paged"):
+        _use_triton_pointwise(kernels, attention_name)
+    return kernels
+
+
+def _use_triton_pointwise(kernels: Kernels, attention_name: str) -> None:
+    """Triton's fused norms, SiLU x up, and RoPE inside the KV write (see docs/kernels.md,
+    "Launch budget")."""
+    fused = importlib.import_module("winnow.kernels.triton.fused")
+    kernels.pointwise = fused.TritonPointwise()
+    kernels.rope_attention = fused.TritonRopeAttention(kernels.attention)
+    kernels.description = f"Triton fused pointwise, {attention_name} attention"
 
 
 def reference_kernels() -> Kernels:

@@ -28,8 +28,18 @@ class TorchPointwise:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, eps)
 
+    def add_rms_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        return self.rms_norm(residual.add_(delta), weight, eps)
+
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, cos, sin)
+
+    def rope_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(q, cos, sin), self.rope(k, cos, sin)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         half = gate_up.shape[-1] // 2
@@ -59,6 +69,7 @@ class LayerLoop:
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
     ) -> torch.Tensor:
+        pending: torch.Tensor | None = None
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, attn)
-        return hidden
+            pending = layer(hidden, cos, sin, kv_cache, attn, pending)
+        return hidden if pending is None else hidden.add_(pending)

@@ -46,6 +46,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.kernels = kernels
 
+    @property
+    def args(self) -> tuple[torch.Tensor, float]:
+        """(weight, eps), as the pointwise norms take them."""
+        return self.weight, self.eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.pointwise.rms_norm(x, self.weight, self.eps)
 
@@ -98,9 +103,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rope = self.kernels.pointwise.rope
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        out = self.kernels.attention.forward(q, k, v, kv_cache, attn, self.sliding_window)
+        out = self.kernels.attend(q, k, v, cos, sin, kv_cache, attn, self.sliding_window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -131,11 +134,18 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
+        pending: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Updates the residual stream `hidden` in place and returns it."""
-        hidden.add_(self.self_attn(self.input_norm(hidden), cos, sin, kv_cache, attn))
-        hidden.add_(self.mlp(self.post_attn_norm(hidden)))
-        return hidden
+        """Adds `pending` (the layer before's output) to the residual stream `hidden` in place,
+        then this layer's attention output; returns this layer's MLP output, not yet added.
+        Each residual add thus rides in the RMSNorm kernel that follows it."""
+        pointwise = self.input_norm.kernels.pointwise
+        if pending is None:
+            normed = self.input_norm(hidden)
+        else:
+            normed = pointwise.add_rms_norm(hidden, pending, *self.input_norm.args)
+        out = self.self_attn(normed, cos, sin, kv_cache, attn)
+        return self.mlp(pointwise.add_rms_norm(hidden, out, *self.post_attn_norm.args))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -58,11 +58,27 @@ class TritonAttentionBackend:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the step's flat tokens -> output [T, Hq, D]."""
+        self.warm(q, k, v, kv_cache)
+        write_kv(kv_cache, k, v, attn.slot_mapping)
+        return self.attend(q, kv_cache, attn, sliding_window)
+
+    def warm(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    ) -> None:
+        """Launch every kernel variant once for a tensor layout not seen before."""
         layout = layout_key(q, k, v, kv_cache)
         if layout not in self._warm_layouts:
             warm_up(q, k, v, kv_cache)
             self._warm_layouts.add(layout)
-        write_kv(kv_cache, k, v, attn.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Attention alone, over a cache that already holds the step's k/v -> [T, Hq, D]."""
         if attn.is_decode_only:
             splits = self.decode_splits(q.shape[0], attn, kv_cache, sliding_window)
             return paged_decode(

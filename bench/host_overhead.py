@@ -1,0 +1,164 @@
+"""Host time of one engine decode step, the model's forward replaced by a stub.
+
+B sequences decode together (greedy, ignore_eos) on the demo model's engine; the forward returns
+preallocated hidden states and logits at once, so what is left is the engine's own Python and the
+inputs it stages: scheduling, the model runner's inputs (eager path and the CUDA-graph path run
+eagerly), the sampler, appending tokens (detokenisation and stop checks) and collecting outputs.
+Times are the engine thread's CPU time (`time.thread_time`, torch on one thread), so that other
+processes on a loaded host do not count; each figure is the median over the timed steps.
+"total - sampler" is the host time the issue's target is about (the sampler has its own bench).
+
+    .venv/bin/python bench/host_overhead.py
+    .venv/bin/python bench/host_overhead.py --compare-with /path/to/other/checkout
+
+--compare-with runs the same measurement on another checkout's code (in a subprocess, turn about
+with this one's, `--rounds` times) and prints this checkout's time over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from winnow.config import EngineConfig
+from winnow.engine.engine import LLMEngine
+from winnow.engine.request import GenerationRequest
+from winnow.models import load_model
+from winnow.sampling.params import SamplingParams
+
+PROMPT_LEN = 40
+BATCHES = (1, 64, 256)
+
+
+class StubModel(torch.nn.Module):
+    """Stands in for the model: hidden rows and logits from preallocated tensors."""
+
+    def __init__(self, model: Any, max_tokens: int) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the runner reads the device from it
+        self.hidden = torch.zeros(max_tokens, 1)
+        self.logits = torch.zeros(max_tokens, model.config.vocab_size)
+        self.logits[:, 7] = 1.0
+        self.config = model.config
+
+    def forward(self, input_ids: torch.Tensor, *args: object) -> torch.Tensor:
+        return self.hidden[: input_ids.shape[0]]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits[: hidden.shape[0]]
+
+
+def timed(record: dict[str, list[float]], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record.setdefault(name, []).append(time.thread_time() - start)
+
+    return wrapper
+
+
+def measure(batch: int, steps: int, graphs: bool) -> dict[str, float]:
+    """Median milliseconds per decode step: total and its parts."""
+    loaded = load_model("demo")
+    config = EngineConfig(
+        model="demo", max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * PROMPT_LEN),
+        seed=0, max_model_len=PROMPT_LEN + steps + 64,
+    )  # fmt: skip
+    engine = LLMEngine(loaded, config)
+    stub = StubModel(loaded.model, max(2048, batch * PROMPT_LEN))
+    engine.runner.model = stub  # type: ignore[assignment]
+    if graphs:
+        engine.runner.use_decode_graphs(batch, engine.max_model_len, capture=False)
+    record: dict[str, list[float]] = {}
+    engine.scheduler.schedule = timed(record, "schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
+    engine.runner.execute = timed(record, "inputs", engine.runner.execute)  # type: ignore[method-assign]
+    engine.sampler.sample = timed(record, "sampler", engine.sampler.sample)  # type: ignore[method-assign]
+    engine._append_tokens = timed(record, "append+detok", engine._append_tokens)  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    for i in range(batch):
+        prompt = [(i * 31 + j * 7) % 30000 + 100 for j in range(PROMPT_LEN)]
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params))
+    while any(seq.num_computed_tokens < PROMPT_LEN for seq in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    record.clear()
+    totals = []
+    for _ in range(steps):
+        start = time.thread_time()
+        engine.step()
+        totals.append(time.thread_time() - start)
+    medians = {name: 1e3 * statistics.median(times) for name, times in record.items()}
+    medians["total"] = 1e3 * statistics.median(totals)
+    medians["total - sampler"] = 1e3 * statistics.median(
+        t - s for t, s in zip(totals, record["sampler"], strict=True)
+    )
+    return medians
+
+
+def run_here(steps: int) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)
+    return {
+        f"B={batch} {'graph path' if graphs else 'eager path'}": measure(batch, steps, graphs)
+        for batch in BATCHES
+        for graphs in (False, True)
+    }
+
+
+def run_in(checkout: Path, steps: int) -> dict[str, dict[str, float]]:
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    script = Path(__file__).resolve()
+    out = subprocess.run(
+        [sys.executable, str(script), "--json", "--steps", str(steps)],
+        env=env, cwd=checkout, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result: dict[str, dict[str, float]] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-with", type=Path)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(run_here(args.steps)))
+        return
+    here = Path(__file__).resolve().parents[1]
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"this": [], "other": []}
+    for _ in range(args.rounds if args.compare_with else 1):
+        runs["this"].append(run_in(here, args.steps))
+        if args.compare_with:
+            runs["other"].append(run_in(args.compare_with, args.steps))
+    for case in runs["this"][0]:
+        parts = runs["this"][0][case]
+        line = ", ".join(
+            f"{name} {statistics.median(r[case][name] for r in runs['this']):.3f}" for name in parts
+        )
+        print(f"{case}: {line} (ms)")
+        if runs["other"]:
+            key = "total - sampler"
+            ours = statistics.median(r[case][key] for r in runs["this"])
+            theirs = statistics.median(r[case][key] for r in runs["other"])
+            print(f"    host time without the sampler: {ours:.3f} ms vs {theirs:.3f} ms "
+                  f"({ours / theirs:.2f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
