@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-FMIX_1: tl.constexpr = 0x85EBCA6B
-FMIX_2: tl.constexpr = 0xC2B2AE35
-GUMBEL_STREAM: tl.constexpr = 0x243F6A88
-TOKEN_SALT: tl.constexpr = 0x13198A2E
-MASK32: tl.constexpr = 0xFFFFFFFF
-FLOAT32_MAX: tl.constexpr = 3.4028234663852886e38
+FMIX_1 = tl.constexpr(0x85EBCA6B)
+FMIX_2 = tl.constexpr(0xC2B2AE35)
+GUMBEL_STREAM = tl.constexpr(0x243F6A88)
+TOKEN_SALT = tl.constexpr(0x13198A2E)
+MASK32 = tl.constexpr(0xFFFFFFFF)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_V = 2048
 
 
