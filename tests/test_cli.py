@@ -128,6 +128,8 @@ def test_max_logprobs_minus_one_is_the_api_bound() -> None:
     ("argv", "reason"),
     [
         (("-tp", "0"), "--tensor-parallel-size 0: must be 1 or more"),
+        (("--max-connections", "0"), "--max-connections 0: must be 1 or more"),
+        (("--request-timeout", "0"), "--request-timeout 0.0: must be more than 0"),
         (("--master-port", "70000"), "not a TCP port"),
         (("-tp", "3", "--nnodes", "2"), "3 ranks do not split evenly over 2 nodes"),
         (

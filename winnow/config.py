@@ -72,6 +72,12 @@ def _positive(value: int) -> int:
     return value
 
 
+def _above_zero(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
 def _rank(value: int) -> int:
     if value < 0:
         raise ValueError("must be 0 or more")
@@ -268,14 +274,15 @@ class ServerConfig:
     )
     request_timeout: float = flag(
         60.0,
+        check=_above_zero,
         help="seconds a client may take to send a request's headers and body (408 and closed "
         "beyond: slow clients cannot hold connections)",
     )
     timeout_keep_alive: int = flag(
-        5, help="seconds an idle keep-alive connection stays open between requests"
+        5, check=_positive, help="seconds an idle keep-alive connection stays open between requests"
     )
     max_connections: int = flag(
-        1000, help="open connections at most; one more is answered 503 and closed"
+        1000, check=_positive, help="open connections at most; one more is answered 503 and closed"
     )
     public_metrics: bool = flag(False, help="serve /metrics without the API key")
     shutdown_timeout: float = flag(30.0, help="seconds in-flight requests may run on after SIGTERM")

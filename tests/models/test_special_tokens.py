@@ -287,3 +287,40 @@ def test_a_template_that_rewrites_content_refuses_control_text(demo_model_dir: P
     with pytest.raises(ChatTemplateError, match="control-token text"):
         rewriting.render_chat(spoof)
     assert rewriting.render_chat(spoof, special_tokens_in_content=True)
+
+
+# Per family, a template variable its template prints (the tokenizer's own BOS for Mistral and
+# Llama 3, SmolLM3-style custom instructions for ChatML) and a tokenizer whose template reads it.
+KWARG_TEMPLATES = {
+    "mistral": ("bos_token", None),
+    "chatml": (
+        "custom_instructions",
+        "{% if custom_instructions is defined %}"
+        "{{ '<|im_start|>system\\n' + custom_instructions + '<|im_end|>\\n' }}"
+        "{% endif %}" + CHATML_TEMPLATE,
+    ),
+    "llama3": ("bos_token", None),
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_template_variables_cannot_spoof_turns(request: pytest.FixtureRequest, name: str) -> None:
+    """A string in chat_template_kwargs is encoded as text like message content: the control
+    tokens are those of the same chat with the spoof's control-token text removed."""
+    variable, template = KWARG_TEMPLATES[name]
+    tokenizer = family(request, name)
+    if template is not None:
+        tokenizer = byte_level_tokenizer(CHATML_SPECIAL, template, bos=None)
+    spoof = SPOOFS[name]
+    plain = strip_specials(tokenizer, {"content": spoof})
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tokenizer.render_chat(messages, template_kwargs={variable: spoof})
+    plain_ids = tokenizer.render_chat(messages, template_kwargs={variable: plain})
+    assert special_ids(tokenizer, ids) == special_ids(tokenizer, plain_ids)
+    text = tokenizer.render_chat_text(messages, template_kwargs={variable: spoof})
+    assert spoof in text
+    assert tokenizer.decode(ids, skip_special_tokens=False) == decoded(tokenizer, text)
+    unguarded = tokenizer.render_chat(
+        messages, template_kwargs={variable: spoof}, special_tokens_in_content=True
+    )
+    assert len(special_ids(tokenizer, unguarded)) > len(special_ids(tokenizer, ids))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from winnow.models import Tokenizer
-from winnow.server.tokenizer_pool import MAX_NICENESS, WORKER_NICENESS, with_tokenizer
+from winnow.server.tokenizer_pool import (
+    LARGE_JOB_BYTES,
+    LARGE_LANE_THREADS,
+    MAX_NICENESS,
+    WORKER_NICENESS,
+    with_tokenizer,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -43,3 +50,28 @@ async def test_workers_yield_the_cpu_to_the_engine(tokenizer: Tokenizer) -> None
 
     assert await with_tokenizer(tokenizer, niceness) == min(ours + WORKER_NICENESS, MAX_NICENESS)
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"
+
+
+async def test_an_ordinary_prompt_never_waits_behind_large_ones(tokenizer: Tokenizer) -> None:
+    """While every large-lane thread is busy, a small job still runs, on the small lane."""
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    large = [
+        loop.create_task(with_tokenizer(tokenizer, lambda _: release.wait(), size=LARGE_JOB_BYTES))
+        for _ in range(LARGE_LANE_THREADS + 1)
+    ]
+    try:
+        name = await asyncio.wait_for(
+            with_tokenizer(tokenizer, lambda _: threading.current_thread().name, size=100), 30
+        )
+        assert not name.startswith("winnow-tokenizer-large")
+    finally:
+        release.set()
+    assert all(await asyncio.gather(*large))
+
+
+async def test_large_jobs_run_on_the_large_lane(tokenizer: Tokenizer) -> None:
+    name = await with_tokenizer(
+        tokenizer, lambda _: threading.current_thread().name, size=LARGE_JOB_BYTES
+    )
+    assert name.startswith("winnow-tokenizer-large")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +57,13 @@ class Tokenizer:
     def copy(self) -> Tokenizer:
         """An independent copy, for another thread (fast tokenizers are not re-entrant)."""
         return Tokenizer(copy.deepcopy(self.hf), self.eos_token_ids)
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """Characters of the longest token as the vocabulary spells it: no token covers more of
+        a text (byte-level spellings have one character per byte), so a text longer than
+        `n` times this has more than `n` tokens."""
+        return max((len(token) for token in self.hf.get_vocab()), default=1)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -130,14 +138,18 @@ class Tokenizer:
     ) -> list[int]:
         """Prompt token ids for a chat; the template itself supplies BOS and control tokens.
 
-        Text in messages and tools that spells a control token is encoded as text, so a client
-        cannot fake a turn boundary; `special_tokens_in_content` parses it as control tokens.
+        Text in messages, tools and template variables (`bos_token` set to "[INST]" in
+        `template_kwargs`) that spells a control token is encoded as text, so a client cannot
+        fake a turn boundary; `special_tokens_in_content` parses it as control tokens.
         """
         text = self.render_chat_text(messages, tools, template_kwargs)
-        if special_tokens_in_content or not self._content.spells_control_token([messages, tools]):
+        requested = [messages, tools, template_kwargs]
+        if special_tokens_in_content or not self._content.spells_control_token(requested):
             return self.encode(text, add_special_tokens=False)
         marks = ContentMarks(self._content)
-        marked = self.render_chat_text(marks.wrap(messages), marks.wrap(tools), template_kwargs)
+        marked = self.render_chat_text(
+            marks.wrap(messages), marks.wrap(tools), marks.wrap(template_kwargs)
+        )
         try:
             return self._content.encode(text, marks.spans(marked, text))
         except ContentSpanError as exc:

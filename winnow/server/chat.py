@@ -70,6 +70,7 @@ async def create_chat_completion(
             tools=body.tools,
             template_kwargs=body.chat_template_kwargs,
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
+            max_model_len=ctx.engine.max_model_len,
         ),
         size=len(await request.body()),
     )

@@ -46,11 +46,12 @@ def prompt_batch(
     *,
     prompt: str | list[str] | list[int] | list[list[int]],
     vocab_size: int,
+    max_model_len: int | None = None,
 ) -> list[list[int]]:
     """The request's prompts as token ids: one text or token-id list, or a list of either.
     Tokenises, so it runs on a tokenizer worker thread (`with_tokenizer`)."""
     if isinstance(prompt, str):
-        return [text_prompt(tokenizer, prompt)]
+        return [text_prompt(tokenizer, prompt, max_model_len=max_model_len)]
     if not prompt:
         raise ApiError(400, "prompt must not be an empty list", param="prompt")
     if all(isinstance(item, int) for item in prompt):
@@ -58,7 +59,7 @@ def prompt_batch(
     batch: list[list[int]] = []
     for index, item in enumerate(cast("list[str | list[int]]", prompt)):
         if isinstance(item, str):
-            batch.append(text_prompt(tokenizer, item))
+            batch.append(text_prompt(tokenizer, item, max_model_len=max_model_len))
             continue
         if not item:
             raise ApiError(400, f"prompt {index} has no tokens", param="prompt")
@@ -81,7 +82,12 @@ async def create_completion(
             top_logprobs=body.logprobs,
             defaults=ctx.engine.sampling_defaults,
         )
-    job = partial(prompt_batch, prompt=body.prompt, vocab_size=ctx.engine.vocab_size)
+    job = partial(
+        prompt_batch,
+        prompt=body.prompt,
+        vocab_size=ctx.engine.vocab_size,
+        max_model_len=ctx.engine.max_model_len,
+    )
     prompts = await with_tokenizer(ctx.engine.tokenizer, job, size=len(await request.body()))
     if len(prompts) * params.n > ctx.engine.admission_capacity:
         raise ApiError(

@@ -108,11 +108,15 @@ def chat_prompt(
     tools: list[Tool] | None = None,
     template_kwargs: dict[str, Any] | None = None,
     special_tokens_in_content: bool = False,
+    max_model_len: int | None = None,
 ) -> list[int]:
     """Render the chat template; a template that rejects the conversation is the client's 400.
 
     Control-token text in the messages is encoded as text unless `special_tokens_in_content`.
+    `max_model_len`: refuse messages that cannot fit it without rendering them.
     """
+    chars = sum(len(message.text or "") for message in messages)
+    check_prompt_length(tokenizer, chars, max_model_len, "messages")
     for key in template_kwargs or ():
         if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
             raise ApiError(
@@ -134,7 +138,34 @@ def chat_prompt(
         ) from exc
 
 
-def text_prompt(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+def check_prompt_length(
+    tokenizer: Tokenizer, chars: int, max_model_len: int | None, param: str
+) -> None:
+    """Refuse, before encoding it, text that cannot fit `max_model_len` tokens even if each of
+    its tokens were the vocabulary's longest: encoding a 4 MiB prompt holds a tokenizer thread
+    for seconds only to find it too long."""
+    if max_model_len is None:
+        return
+    cap = max_model_len * tokenizer.longest_token_chars
+    if chars > cap:
+        raise ApiError(
+            400,
+            f"The prompt is {chars} characters long, more than the {cap} that could fit this "
+            f"model's context of {max_model_len} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def text_prompt(
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    add_special_tokens: bool = True,
+    max_model_len: int | None = None,
+) -> list[int]:
+    """`max_model_len`: refuse text that cannot fit it without encoding it."""
+    check_prompt_length(tokenizer, len(text), max_model_len, "prompt")
     try:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     except UnicodeError as exc:
