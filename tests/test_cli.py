@@ -173,6 +173,7 @@ ENV_EXAMPLES: dict[str, tuple[str, Any]] = {
     "disable_log_requests": ("1", True),
     "tool_call_parser": ("mistral", "mistral"),
     "dtype": ("half", "half"),
+    "response_store": ("postgresql://u@h/db", "postgresql://u@h/db"),
 }
 
 

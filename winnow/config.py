@@ -66,6 +66,14 @@ def _sampling_defaults_source(source: str) -> str:
     raise ValueError("not 'auto', 'vllm' or a folder")
 
 
+def _response_store(spec: str) -> str:
+    if spec in ("none", "sqlite") or spec.startswith(
+        ("sqlite:///", "postgresql://", "postgres://")
+    ):
+        return spec
+    raise ValueError("not sqlite, sqlite:///PATH, postgresql://... or none")
+
+
 def _positive(value: int) -> int:
     if value < 1:
         raise ValueError("must be 1 or more")
@@ -305,6 +313,20 @@ class ServerConfig:
         True,
         help='parse tool calls for tool_choice "auto" (off: tool_choice "auto" is a 400, as '
         "in vLLM without this flag)",
+    )
+    response_store: str = flag(
+        "sqlite",
+        check=_response_store,
+        help="where stored Responses API responses live: sqlite (a file in the cache "
+        "directory), sqlite:///PATH, postgresql://USER@HOST/DB (shared by replicas) or none",
+    )
+    response_store_ttl: float = flag(
+        720.0,
+        check=_above_zero,
+        help="hours a stored response is kept (then GET and previous_response_id 404)",
+    )
+    response_store_max_responses: int = flag(
+        100_000, check=_positive, help="stored responses kept at most; the oldest go first"
     )
     log_level: str = flag(
         "info",

@@ -23,6 +23,7 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 256
 MAX_TOOLS = 128
 MAX_MESSAGES = 4096
+MAX_INPUT_ITEMS = MAX_MESSAGES  # items in a Responses `input` list
 MAX_STOP_TOTAL_CHARS = 4096  # all stop strings of a request together
 
 # The shape of a JSON schema (response_format, a tool's parameters), checked before the grammar

@@ -27,6 +27,7 @@ from winnow.distributed.layers import (
     vocab_parallel_logits,
 )
 from winnow.distributed.partition import Partition, check_divisible
+from winnow.engine.decode_graphs import capture_order, graph_batch_sizes, graph_plan_digest
 from winnow.models import ModelConfig, load_model
 
 # name -> HF architecture of tests/models/helpers plus overrides: each exercises one feature
@@ -127,8 +128,22 @@ def model_logits(
     return out
 
 
+def graph_plans(tp: TensorParallel) -> dict[str, Any]:
+    """Each rank's capture order, gathered; and whether the ranks agree on a plan that is the
+    same on both, and on one that is not (max_num_seqs 12 on rank 0, 13 on rank 1)."""
+    order = torch.tensor(capture_order(graph_batch_sizes(12)))
+    orders = tp.gather_last_dim(order[None])
+    same = graph_plan_digest(True, graph_batch_sizes(12), 32, True)
+    differs = graph_plan_digest(True, graph_batch_sizes(12 + tp.rank), 32, True)
+    return {"orders": orders, "agree": (tp.agree(same), tp.agree(differs))}
+
+
 def on_two_ranks(tp: TensorParallel, paths: dict[str, Path]) -> dict[str, Any]:
-    return {"layers": layer_checks(tp), "models": model_logits(tp, paths)}
+    return {
+        "layers": layer_checks(tp),
+        "graphs": graph_plans(tp),
+        "models": model_logits(tp, paths),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +175,14 @@ def test_tp2_logits_equal_tp1(
     for got, expected in zip(sharded, reference, strict=True):
         assert got.shape == expected.shape  # [tokens or sequences, full vocabulary]
         assert_within(got, expected, bound)
+
+
+def test_every_rank_captures_decode_graphs_in_one_order(tp2_results: dict[str, Any]) -> None:
+    """The order comes from max_num_seqs alone (largest first); the start-up check that guards
+    it tells equal plans from different ones."""
+    plans = tp2_results["graphs"]
+    assert plans["orders"].tolist() == [[12, 8, 4, 2, 1] * 2]
+    assert plans["agree"] == (True, False)
 
 
 def test_start_up_refuses_sizes_that_do_not_divide(models: dict[str, tuple[Any, Path]]) -> None:

@@ -60,6 +60,10 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=cpu_group())
         return int(t.item())
 
+    def agree(self, value: int) -> bool:
+        """Whether every rank passed the same `value` (on the CPU group)."""
+        return self.min_int(value) == -self.min_int(-value)
+
 
 _CPU_GROUP: dist.ProcessGroup | None = None
 

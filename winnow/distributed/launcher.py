@@ -21,7 +21,7 @@ import torch
 from winnow.config import EngineConfig, rank_layout
 from winnow.distributed.group import TensorParallel, cpu_group, init_group, leave_group
 from winnow.distributed.layout import RankLayout, threads_per_rank
-from winnow.distributed.step_input import send_stop
+from winnow.distributed.step_input import Stop, send_stop
 from winnow.distributed.worker import rank_device, worker_main
 from winnow.limits import TP_WORKER_EXIT_S
 
@@ -80,13 +80,14 @@ class WorkerGroup:
                 if self.on_death is not None:
                     self.on_death(self.death)
 
-    def stop(self, clean: bool) -> None:
-        """`clean`: tell the workers to leave their loop (rank 0 only) and wait for them;
-        else, or when they do not exit in TP_WORKER_EXIT_S, kill them."""
+    def stop(self, clean: bool, last_word: Stop | None = None) -> None:
+        """`clean`: tell the workers to leave their loop (rank 0 only; `last_word` carries its
+        decode-graph trace, which a worker whose own differs reports by exiting non-zero) and
+        wait for them; else, or when they do not exit in TP_WORKER_EXIT_S, kill them."""
         self._stopping = True
         if clean and self.death is None:
             try:
-                send_stop(cpu_group())
+                send_stop(cpu_group(), last_word or Stop())
             except Exception:  # noqa: BLE001 - a lost rank: killed below
                 logger.warning("could not tell the worker ranks to stop; killing them")
                 clean = False

@@ -21,7 +21,7 @@ import torch
 from winnow.config import EngineConfig
 from winnow.distributed.group import init_group, leave_group
 from winnow.distributed.layout import RankLayout
-from winnow.distributed.step_input import receive_step, run_step
+from winnow.distributed.step_input import StepInput, receive_step, run_step
 
 logger = logging.getLogger("winnow.distributed.worker")
 
@@ -64,6 +64,7 @@ def _exit_with_parent(parent: Connection) -> None:
 
 def _serve_steps(config: EngineConfig, layout: RankLayout, rank: int) -> None:
     from winnow.engine.engine import plan_kv_cache_for
+    from winnow.engine.memory_plan import agree_on_blocks
     from winnow.engine.model_runner import ModelRunner
     from winnow.models import load_model, resolve_kv_cache_dtype
 
@@ -86,7 +87,18 @@ def _serve_steps(config: EngineConfig, layout: RankLayout, rank: int) -> None:
     kv_dtype = resolve_kv_cache_dtype(resolved.kv_cache_dtype, loaded.dtype)
     runner = ModelRunner(loaded, resolved.block_size, kv_dtype)
     plan = plan_kv_cache_for(resolved, loaded, runner, device, kv_dtype)
-    runner.allocate_kv_cache(tp.min_int(plan.num_blocks))
-    while (step := receive_step(step_group)) is not None:
-        run_step(loaded.model, runner.kv_caches, step, resolved.block_size, device)
+    plan = agree_on_blocks(plan, tp.min_int(plan.num_blocks), resolved.block_size)
+    runner.allocate_kv_cache(plan.num_blocks)
+    # the calls rank 0's LLMEngine makes, in its order: warm-up, then the decode graphs
+    runner.start(
+        loaded.kernels.decode_graphs,
+        resolved.enforce_eager,
+        resolved.max_num_seqs,
+        plan.max_model_len,
+    )
+    graphs = runner.decode_graphs
+    while isinstance(message := receive_step(step_group), StepInput):
+        run_step(loaded.model, runner.kv_caches, message, resolved.block_size, device, graphs)
+    if (mismatch := message.mismatch(graphs, rank)) is not None:
+        raise RuntimeError(f"the decode-graph buckets differ: {mismatch}")
     leave_group()

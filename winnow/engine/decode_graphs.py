@@ -17,6 +17,7 @@ how the CPU tests (and `--kernels triton` on a CPU) run this path.
 from __future__ import annotations
 
 import logging
+import zlib
 
 import torch
 
@@ -34,8 +35,24 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(sizes)
 
 
+def capture_order(sizes: list[int]) -> list[int]:
+    """Largest first: the smaller graphs then fit in the pool the largest one left. At tensor
+    parallel every rank captures in this order, so the collectives inside the graphs pair up."""
+    return sorted(sizes, reverse=True)
+
+
+def graph_plan_digest(
+    enabled: bool, sizes: list[int], max_blocks_per_seq: int, capture: bool
+) -> int:
+    """What a rank is about to build, as one number the ranks compare before capturing."""
+    return zlib.crc32(repr((enabled, sizes, max_blocks_per_seq, capture)).encode())
+
+
 class DecodeGraphs:
-    """Static inputs, and a captured graph (or the eager forward) per batch size."""
+    """Static inputs, and a captured graph (or the eager forward) per batch size.
+
+    `replays` and `trace` (a running CRC of the bucket sizes run) let the tensor-parallel ranks
+    check at a clean stop that they replayed the same buckets in the same order."""
 
     def __init__(
         self,
@@ -62,6 +79,8 @@ class DecodeGraphs:
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0
+        self.trace = 0
         if capture:
             self._capture_all()
         else:
@@ -90,12 +109,19 @@ class DecodeGraphs:
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
         host_seq_lens: list[int],
+        size: int | None = None,
     ) -> torch.Tensor:
         """One decode token per sequence ([B] inputs, block tables [B, <= max_blocks_per_seq])
         -> final hidden states [B, hidden] (a view into the graph's output: use it before the
-        next step)."""
+        next step). `size`: the bucket to run (tensor parallel: the one rank 0 chose); by
+        default the smallest that holds B."""
         batch, width = block_tables.shape
-        size = self.bucket(batch)
+        if size is None:
+            size = self.bucket(batch)
+        elif size not in self.sizes or size < batch:
+            raise ValueError(f"no decode bucket {size} for a batch of {batch} in {self.sizes}")
+        self.replays += 1
+        self.trace = zlib.crc32(size.to_bytes(4, "little"), self.trace)
         self.input_ids[:batch].copy_(input_ids, non_blocking=True)
         self.positions[:batch].copy_(positions, non_blocking=True)
         self.slot_mapping[:batch].copy_(slot_mapping, non_blocking=True)
@@ -134,7 +160,7 @@ class DecodeGraphs:
         row is a padding row while capturing; a backend that allows graphs (`Kernels.decode_graphs`)
         then reads no host length (see `AttentionMetadata.graph_max_seq_len`)."""
         pool = None
-        for size in reversed(self.sizes):
+        for size in capture_order(self.sizes):
             self._pad(0, size)
             host = [1] * size
             for _ in range(2):  # warm-up: lazy initialisation, kernel compilation

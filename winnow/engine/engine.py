@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from winnow.config import EngineConfig, ResolvedEngineConfig
+from winnow.distributed.step_input import Stop
 from winnow.engine.block_manager import BlockManager, block_hash
 from winnow.engine.memory_plan import (
     KVCachePlan,
@@ -98,14 +99,13 @@ class LLMEngine:
         num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.size_block_tables(config.max_num_seqs, self.max_model_len)
-        # tensor parallel: no warm-up forward and no graphs (the workers would not join in)
-        sharded = loaded.model.tp is not None
-        if not sharded:
-            self.runner.warm_up()
-        if loaded.kernels.decode_graphs and not config.enforce_eager and not sharded:
-            # captured on CUDA; elsewhere (Triton's interpreter) the same path runs eagerly
-            capture = device.type == "cuda"
-            self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture)
+        # tensor parallel: each worker rank makes the same calls (winnow.distributed.worker)
+        self.runner.start(
+            loaded.kernels.decode_graphs,
+            config.enforce_eager,
+            config.max_num_seqs,
+            self.max_model_len,
+        )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -253,7 +253,7 @@ class LLMEngine:
         """Stop the worker ranks (tensor parallel): `clean` tells them to leave their loop
         first; else (a rank failed) they are killed."""
         if self.workers is not None:
-            self.workers.stop(clean)
+            self.workers.stop(clean, Stop.of(self.runner.decode_graphs))
 
     @property
     def has_work(self) -> bool:

@@ -7,7 +7,7 @@ import torch
 from winnow.distributed.group import cpu_group
 from winnow.distributed.step_input import flat_step, run_step, send_step
 from winnow.engine.block_tables import BlockTables
-from winnow.engine.decode_graphs import DecodeGraphs
+from winnow.engine.decode_graphs import DecodeGraphs, graph_batch_sizes, graph_plan_digest
 from winnow.engine.host_staging import HostStaging
 from winnow.engine.scheduler import ScheduledSequence
 from winnow.engine.step_inputs import StepInputs
@@ -18,7 +18,7 @@ class ModelRunner:
     """Owns the KV cache tensors and the forward pass of the loaded model.
 
     The cache is allocated by `allocate_kv_cache` once its size is known (on CUDA after
-    `profile_activation_bytes`); `use_decode_graphs` then routes decode-only steps through
+    `profile_activation_bytes`); `start` then warms up and may route decode-only steps through
     `DecodeGraphs`.
     """
 
@@ -42,6 +42,31 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(
             self.model_config, num_blocks, self.block_size, self.kv_dtype, self.device
         )
+
+    def start(
+        self, graph_safe: bool, enforce_eager: bool, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        """The warm-up forward, then the decode graphs when the attention is `graph_safe` and
+        not `enforce_eager` (captured on CUDA; elsewhere the same path runs eagerly).
+
+        Tensor parallel: every rank calls this with the same arguments at the same point (the
+        warm-up and the captures are collectives); the ranks first check that they are about
+        to build the same graphs, since a mismatch would hang inside NCCL."""
+        self.warm_up()
+        enabled = graph_safe and not enforce_eager
+        capture = self.device.type == "cuda"
+        max_blocks = -(-max_model_len // self.block_size)
+        tp = self.model.tp
+        if tp is not None:
+            plan = graph_plan_digest(enabled, graph_batch_sizes(max_num_seqs), max_blocks, capture)
+            if not tp.agree(plan):
+                raise RuntimeError(
+                    f"tensor-parallel rank {tp.rank} plans other decode graphs than its peers "
+                    f"(graphs {'on' if enabled else 'off'}, max_num_seqs {max_num_seqs}, "
+                    f"{max_blocks} blocks per sequence)"
+                )
+        if enabled:
+            self.use_decode_graphs(max_num_seqs, max_model_len, capture)
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Decode-only steps of up to max_num_seqs sequences run through static buffers, and
@@ -103,8 +128,12 @@ class ModelRunner:
             [item.samples for item in scheduled],
             self.block_size,
         )
+        graphs = self.decode_graphs
+        decode_only = all(item.num_new_tokens == 1 for item in scheduled)
+        if graphs is not None and decode_only and len(scheduled) <= graphs.max_batch:
+            step.bucket = graphs.bucket(len(scheduled))
         send_step(step, cpu_group())
-        return run_step(self.model, self.kv_caches, step, self.block_size, self.device)
+        return run_step(self.model, self.kv_caches, step, self.block_size, self.device, graphs)
 
     def _run_decode_graph(self, graphs: DecodeGraphs, inputs: StepInputs) -> torch.Tensor:
         """Decode inputs go from pinned host buffers straight into the graphs' static ones."""

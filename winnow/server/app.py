@@ -6,9 +6,9 @@ The app does not start the engine; whoever runs it calls `engine.start()` inside
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -44,6 +44,14 @@ from winnow.server.protocol import (
     TokenizeResponse,
 )
 from winnow.server.request_id import RequestIdMiddleware
+from winnow.server.response_store import AsyncResponseStore, Retention
+from winnow.server.responses import (
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
+from winnow.server.responses_protocol import ResponseObject, ResponsesRequest
 from winnow.server.tokenizer_pool import with_tokenizer
 
 if TYPE_CHECKING:
@@ -72,6 +80,33 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Legacy text completions, JSON or SSE."""
         return await create_completion(body, request, ctx)
+
+    retention = Retention(
+        ttl_s=config.response_store_ttl * 3600, max_responses=config.response_store_max_responses
+    )
+    store = AsyncResponseStore(config.response_store, retention)
+
+    @app.post("/v1/responses", dependencies=json_body, response_model=ResponseObject)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """The Responses API: JSON, or its typed SSE events when `"stream": true`."""
+        return await create_response(body, request, ctx, store)
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject)
+    async def get_response(response_id: str) -> Response:
+        return await retrieve_response(response_id, store)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> Response:
+        return await delete_response(response_id, store)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(
+        response_id: str,
+        order: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        after: str | None = None,
+    ) -> Response:
+        return await list_input_items(response_id, store, order, limit, after)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -153,7 +188,7 @@ def build_app(
             CORSMiddleware,
             allow_origins=config.allowed_origins,
             allow_credentials="*" not in config.allowed_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             expose_headers=["X-Request-Id"],
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 from fastapi import Request, Response
 
 from winnow.engine.outputs import ChoiceDelta, PositionLogprobs, RequestOutput
+from winnow.sampling.params import SamplingParams
 from winnow.server.context import SYSTEM_FINGERPRINT, ServerContext, engine_request_id, request_id
 from winnow.server.errors import client_errors
 from winnow.server.generation import (
@@ -45,13 +47,52 @@ from winnow.server.tool_calls import ToolCallAssembler, ToolPlan, event_delta, p
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, ctx: ServerContext
 ) -> Response:
-    tools = plan_tools(body, ctx.tool_format, auto_enabled=ctx.config.enable_auto_tool_choice)
     include_usage = usage_chunk_wanted(body)
-    model = ctx.resolve_model(body.model)
     max_tokens: int | None = body.max_tokens
     renames: dict[str, str] = {}
     if body.max_completion_tokens is not None:
         max_tokens, renames = body.max_completion_tokens, {"max_tokens": "max_completion_tokens"}
+    chat = await prepare_chat(
+        body,
+        ctx,
+        f"chatcmpl-{request_id(request)}",
+        max_tokens=max_tokens,
+        renames=renames,
+        size=len(await request.body()),
+    )
+    if body.stream:
+        builder = ChatChunkBuilder(chat.meta, include_usage, chat.tools)
+        return sse_response(chat.generation, sse_body(chat.generation, builder, ctx.keepalive_s))
+    result = await collect(chat.generation, request, chat.params.n)
+    completion = chat_completion(chat.meta, result, chat.params.logprobs, chat.tools)
+    return Response(completion.model_dump_json(), media_type="application/json")
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request admitted to the engine: what either wire format answers from."""
+
+    generation: Generation
+    params: SamplingParams
+    tools: ToolPlan
+    meta: ResponseMeta
+
+
+async def prepare_chat(
+    body: ChatCompletionRequest,
+    ctx: ServerContext,
+    public_id: str,
+    *,
+    max_tokens: int | None,
+    renames: dict[str, str],
+    size: int,
+) -> PreparedChat:
+    """Template, tools, grammar and sampling of a chat request, submitted to the engine; the
+    one path under both /v1/chat/completions and /v1/responses. `renames` maps engine-side
+    parameter names to the request's own (see engine_error); `size`: the request body's bytes
+    (see with_tokenizer)."""
+    tools = plan_tools(body, ctx.tool_format, auto_enabled=ctx.config.enable_auto_tool_choice)
+    model = ctx.resolve_model(body.model)
     with client_errors(renames):
         params = sampling_params(
             body,
@@ -72,15 +113,16 @@ async def create_chat_completion(
             special_tokens_in_content=ctx.config.allow_special_tokens_in_content,
             max_model_len=ctx.engine.max_model_len,
         ),
-        size=len(await request.body()),
+        size=size,
     )
-    # a forced tool call's grammar wins over response_format: the reply is the call
-    forced = tools.grammar
-    if forced is not None:
-        grammar = await prepare_grammar(ctx.engine, lambda: forced, param="tools")
+    # a tool grammar (forced calls, or strict tools under "auto") wins over response_format
+    tool_grammar = tools.grammar
+    if tool_grammar is not None:
+        grammar = await prepare_grammar(ctx.engine, lambda: tool_grammar, param="tools")
     else:
-        grammar = await prepare_grammar(ctx.engine, partial(grammar_spec, body.response_format))
-    public_id = f"chatcmpl-{request_id(request)}"
+        param = renames.get("response_format", "response_format")
+        build = partial(grammar_spec, body.response_format, param)
+        grammar = await prepare_grammar(ctx.engine, build, param)
     with client_errors(renames):
         generation = Generation(
             ctx.engine,
@@ -90,13 +132,7 @@ async def create_chat_completion(
             metrics=ctx.metrics,
             grammar=grammar,
         )
-    meta = ResponseMeta.of(public_id, model, body.seed)
-    if body.stream:
-        builder = ChatChunkBuilder(meta, include_usage, tools)
-        return sse_response(generation, sse_body(generation, builder, ctx.keepalive_s))
-    result = await collect(generation, request, params.n)
-    completion = chat_completion(meta, result, params.logprobs, tools)
-    return Response(completion.model_dump_json(), media_type="application/json")
+    return PreparedChat(generation, params, tools, ResponseMeta.of(public_id, model, body.seed))
 
 
 def chat_completion(

@@ -28,7 +28,12 @@ _CHUNKS: dict[str, type[BaseModel]] = {
     "/v1/completions": Completion,
 }
 _GENERATION_ROUTES = tuple(_CHUNKS)
-_REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest", "TokenizeRequest")
+_REQUEST_SCHEMAS = (
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "TokenizeRequest",
+    "ResponsesRequest",
+)
 _ERROR_DESCRIPTIONS = {
     400: "The request is invalid; `param` names the field.",
     401: "Missing or wrong API key.",
@@ -60,6 +65,11 @@ CROSS_FIELD_RULES = {
     "response_format": "a JSON schema the grammar cannot enforce (invalid, an unsupported "
     "keyword, too deep or too large) is refused",
     "chat_template_kwargs": "may not replace the chat template itself",
+    "input": "(responses) each item a message (text parts only), a function_call, or a "
+    "function_call_output answering a call made earlier in the conversation",
+    "text": "(responses) a json_schema format needs a name and a schema the grammar can enforce",
+    "max_output_tokens": "the prompt plus max_output_tokens must fit the context "
+    "(code context_length_exceeded)",
     "echo": "not served yet",
     "suffix": "not served by this model",
 }
@@ -206,7 +216,7 @@ def _served_limits(model: dict[str, Any], limits: ServedLimits) -> None:
     if not limits.accept_any_model:
         _narrow(properties["model"], {"enum": limits.model_names})
     room = {"maximum": limits.max_model_len - 1}  # the prompt takes at least one token
-    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens"):
         if name in properties:
             _narrow(properties[name], room)
     if "n" in properties:

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 _PARAM = "response_format"
 
 
-def grammar_spec(response_format: ResponseFormat | None) -> GrammarSpec | None:
-    """The constraint `response_format` asks for (None for text); 400 for a bad schema. The
-    schema's bounds are checked before its meta-validation, whose time grows with its size."""
+def grammar_spec(response_format: ResponseFormat | None, param: str = _PARAM) -> GrammarSpec | None:
+    """The constraint `response_format` asks for (None for text); 400 naming `param` for a bad
+    schema. The schema's bounds are checked before its meta-validation, whose time grows with
+    its size."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object" or response_format.json_schema is None:
@@ -42,11 +43,12 @@ def grammar_spec(response_format: ResponseFormat | None) -> GrammarSpec | None:
     try:
         check_schema_shape(schema)
     except GrammarError as exc:
-        raise ApiError(400, str(exc), param=_PARAM) from None
+        raise ApiError(400, str(exc), param=param) from None
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
-        raise ApiError(400, f"the JSON schema is not valid: {exc.message}", param=_PARAM) from None
+        message = f"the JSON schema is not valid: {exc.message}"
+        raise ApiError(400, message, param=param) from None
     return GrammarSpec("json_schema", json.dumps(schema))
 
 

@@ -3,8 +3,10 @@ OpenAI objects (message.tool_calls, delta.tool_calls) built from a choice's pars
 
 tool_choice semantics (OpenAI's, as vLLM serves them): absent means "auto" when tools are given,
 else "none"; "none" renders the tools into the prompt but parses nothing; "auto" parses the
-model's own format; "required" and a named function force calls with a grammar (a named function:
-exactly one call to it); `parallel_tool_calls: false` allows one call.
+model's own format, and when any tool is `strict` a grammar lets the model write text or start a
+call, which it then holds to one of the tools with schema-valid arguments; "required" and a named
+function force calls with a grammar (a named function: exactly one call to it);
+`parallel_tool_calls: false` allows one call.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from winnow.server.protocol import (
     ChatDelta,
     ChatFinishReason,
     FunctionDelta,
+    Tool,
     ToolCallDelta,
 )
 from winnow.structured.spec import GrammarSpec
 from winnow.structured.tool_formats import FunctionSpec, ToolFormat
-from winnow.structured.tool_grammar import forced_call_grammar
+from winnow.structured.tool_grammar import auto_call_grammar, forced_call_grammar
 from winnow.structured.tool_parser import (
     CallArguments,
     CallOpened,
@@ -66,7 +69,10 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 'tool_choice "auto" needs the server started with --enable-auto-tool-choice',
                 param="tool_choice",
             )
-        return ToolPlan(fmt, parse=True, max_calls=max_calls)
+        if not any(tool.function.strict for tool in tools):
+            return ToolPlan(fmt, parse=True, max_calls=max_calls)
+        grammar = auto_call_grammar(fmt, _functions(tools), parallel=max_calls is None)
+        return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
     if isinstance(choice, str):  # "required"
         chosen = tools
     else:
@@ -78,9 +84,12 @@ def plan_tools(request: ChatCompletionRequest, fmt: ToolFormat, *, auto_enabled:
                 param="tool_choice",
             )
         max_calls = 1
-    functions = [FunctionSpec(tool.function.name, tool.function.parameters) for tool in chosen]
-    grammar = forced_call_grammar(fmt, functions, parallel=max_calls is None)
+    grammar = forced_call_grammar(fmt, _functions(chosen), parallel=max_calls is None)
     return ToolPlan(fmt, parse=True, max_calls=max_calls, grammar=grammar)
+
+
+def _functions(tools: list[Tool]) -> list[FunctionSpec]:
+    return [FunctionSpec(tool.function.name, tool.function.parameters) for tool in tools]
 
 
 def message_content(text: str, has_calls: bool) -> str | None:

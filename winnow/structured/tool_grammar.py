@@ -31,15 +31,65 @@ def forced_call_grammar(
 ) -> GrammarSpec:
     """Output that is one call (`parallel` False) or one or more calls, each to one of
     `functions`, written in `fmt`; nothing before or after the calls."""
+    rules = [_start_rule(fmt, parallel), *_call_rules(fmt, functions)]
+    return GrammarSpec(kind="lark", source="\n".join(rules) + "\n")
+
+
+def auto_call_grammar(
+    fmt: ToolFormat, functions: list[FunctionSpec], *, parallel: bool
+) -> GrammarSpec:
+    """Free text, or text up to the format's call marker and from there on calls as
+    `forced_call_grammar` holds them (strict tools under tool_choice "auto").
+
+    The marker is a special token where the vocabulary has one (text cannot contain it), else
+    a lazy lexeme: llguidance ends the text at the first occurrence of the marker. A format
+    whose calls are bare JSON (Llama) starts them at the reply's first `{`, so its free text
+    may not begin with one.
+    """
+    text = r"/\s*([^{\s](.|\n)*)?/" if fmt.bare_json else r"/(.|\n)*/"
+    calls = _after_opener(fmt, parallel)
+    alternatives = ["TEXT"]
+    rules = []
+    if fmt.opener_token_id is not None:
+        alternatives.append(f"TEXT <[{fmt.opener_token_id}]> {calls}")
+    else:
+        alternatives.append(f"opened {calls}")
+        rules.append(f"opened[lazy]: TEXT {_literal(fmt.opener)}")
+    if fmt.bare_json:
+        alternatives.append(_repeated("call", _literal(fmt.separator), parallel))
+    head = ["%llguidance {}", "start: " + " | ".join(alternatives), f"TEXT: {text}"]
+    source = "\n".join([*head, *rules, *_call_rules(fmt, functions)]) + "\n"
+    return GrammarSpec(kind="lark", source=source)
+
+
+def _after_opener(fmt: ToolFormat, parallel: bool) -> str:
+    """What follows the call marker."""
+    if fmt.closer:
+        closing = _literal("\n" + fmt.closer)
+        first = f"{_literal(chr(10))} call {closing}"
+        more = f"{_literal(fmt.separator + fmt.opener + chr(10))} call {closing}"
+        return f"{first} ({more})*" if parallel else first
+    calls = _repeated("call", _literal(fmt.separator), parallel)
+    if fmt.bracketed:
+        return f"{_literal(' [')} {calls} {_literal(']')}"
+    return calls
+
+
+def _repeated(item: str, separator: str, parallel: bool) -> str:
+    return f"{item} ({separator} {item})*" if parallel else item
+
+
+def _call_rules(fmt: ToolFormat, functions: list[FunctionSpec]) -> list[str]:
+    """`call`: one call to one of `functions`, its arguments held to the function's schema."""
     if not functions:
-        raise ValueError("a forced tool call needs at least one function")
+        raise ValueError("a tool call grammar needs at least one function")
     rules = ["call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
     for i, function in enumerate(functions):
         head = f'{{"name": {json.dumps(function.name)}, "{fmt.arguments_key}": '
         schema = {**_closed(function.parameters or NO_PARAMETERS), "x-guidance": JSON_LAYOUT}
         rules.append(f"call_{i}: {_literal(head)} arguments_{i} {_literal('}')}")
         rules.append(f"arguments_{i}: %json {json.dumps(schema)}")
-    return GrammarSpec(kind="lark", source="\n".join([_start_rule(fmt, parallel), *rules]) + "\n")
+    return rules
 
 
 def _closed(schema: Mapping[str, Any]) -> Mapping[str, Any]:
