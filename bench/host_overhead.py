@@ -50,6 +50,7 @@ class StubModel(torch.nn.Module):
         self.logits = torch.zeros(max_tokens, model.config.vocab_size)
         self.logits[:, 7] = 1.0
         self.config = model.config
+        self.tp = None  # one process: no tensor-parallel group
 
     def forward(self, input_ids: torch.Tensor, *args: object) -> torch.Tensor:
         return self.hidden[: input_ids.shape[0]]

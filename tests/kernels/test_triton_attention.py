@@ -321,9 +321,10 @@ def test_model_forward_matches_torch_backend(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not INTERPRETED, reason="with CUDA the other tests compile every kernel")
 def test_kernels_compile_for_h100_without_spills() -> None:
-    """Every variant the backend's warm-up launches, for several real models' layouts, built by
-    the real GPU compiler for sm_90 (the interpreter never compiles them): none spills registers
-    to local memory or asks for more shared memory than an H100 block has."""
+    """Every variant the backend's warm-up and the layer's pointwise kernels launch, for several
+    real models' layouts, built by the real GPU compiler for sm_90 (the interpreter never
+    compiles them): none spills registers to local memory or asks for more shared memory than
+    an H100 block has."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns while the default is unset
     result = subprocess.run(
@@ -332,5 +333,7 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    # 4 layouts x (KV write, decode direct and split, merge, prefill)
-    assert len(lines) == 20 and all(line.endswith(" ok") for line in lines), result.stdout
+    # 4 layouts x (KV write, decode direct and split, merge, prefill; RMSNorm plain, with the
+    # residual add, on q heads and on k heads; RoPE with and without the KV write; SiLU x up)
+    assert len(lines) == 48 and all(line.endswith(" ok") for line in lines), result.stdout
+    assert sum("_rope_kv_kernel" in line for line in lines) == 8, result.stdout

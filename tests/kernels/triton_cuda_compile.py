@@ -1,5 +1,7 @@
 """Compile every Triton kernel variant the server launches for an H100 (sm_90), on a machine
-without a GPU, and check each against the hardware's limits.
+without a GPU, and check each against the hardware's limits: the attention backend's and the
+decoder layer's fused pointwise kernels (RMSNorm with its residual add, RoPE with the KV write,
+SiLU x up).
 
 The interpreter accepts constructs the GPU compiler rejects (and the reverse), and says nothing
 of registers: this runs the backend's start-up `warm_up` for the layouts of real models with each
@@ -28,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from winnow.kernels.triton import pointwise
 from winnow.kernels.triton.warm_up import warm_up
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -44,6 +47,7 @@ class Layout:
     head_dim: int
     dtype: torch.dtype
     cache_dtype: torch.dtype
+    intermediate: int
     block_size: int = 16
 
     def tensors(self, tokens: int = 4) -> tuple[torch.Tensor, ...]:
@@ -57,13 +61,37 @@ class Layout:
         cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
         return q, k, v, cache
 
+    def pointwise_launches(self, tokens: int = 4) -> None:
+        """Call the layer's pointwise kernels on tensors laid out as the model hands them over:
+        q, k and v views of the qkv output, cos/sin [T, 1, D / 2] in the activation dtype, the
+        residual stream and the gate/up output contiguous, per-head q/k norms (Qwen3) on views."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        hidden = h * d
+        qkv = torch.empty(tokens, (h + 2 * kv) * d, dtype=self.dtype)
+        q = qkv[:, : h * d].view(tokens, h, d)
+        k = qkv[:, h * d : (h + kv) * d].view(tokens, kv, d)
+        v = qkv[:, (h + kv) * d :].view(tokens, kv, d)
+        cos = torch.empty(tokens, 1, d // 2, dtype=self.dtype)
+        sin = torch.empty(tokens, 1, d // 2, dtype=self.dtype)
+        cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
+        slots = torch.zeros(tokens, dtype=torch.int64)
+        residual = torch.empty(tokens, hidden, dtype=self.dtype)
+        weight = torch.empty(hidden, dtype=self.dtype)
+        pointwise.rms_norm(residual, weight, 1e-6)
+        pointwise.rms_norm(residual, weight, 1e-6, torch.empty_like(residual))
+        pointwise.rms_norm(q, torch.empty(d, dtype=self.dtype), 1e-6)
+        pointwise.rms_norm(k, torch.empty(d, dtype=self.dtype), 1e-6)
+        pointwise.rope_qk(q, k, cos, sin, v, cache, slots)
+        pointwise.rope_qk(q, k, cos, sin)
+        pointwise.silu_mul(torch.empty(tokens, 2 * self.intermediate, dtype=self.dtype))
+
 
 BF16, F32 = torch.bfloat16, torch.float32
 LAYOUTS = [
-    Layout("llama-3-8b", 32, 8, 128, BF16, BF16),
-    Layout("qwen2.5-0.5b", 14, 2, 64, BF16, BF16),
-    Layout("head-dim-256", 8, 1, 256, BF16, BF16),
-    Layout("llama-3-8b-fp32", 32, 8, 128, F32, F32),
+    Layout("llama-3-8b", 32, 8, 128, BF16, BF16, 14336),
+    Layout("qwen2.5-0.5b", 14, 2, 64, BF16, BF16, 4864),
+    Layout("head-dim-256", 8, 1, 256, BF16, BF16, 8192),
+    Layout("llama-3-8b-fp32", 32, 8, 128, F32, F32, 14336),
 ]
 
 
@@ -117,6 +145,7 @@ def main(names: list[str]) -> int:
         for layout in [lay for lay in LAYOUTS if not names or lay.name in names]:
             JITFunction.run = compile_instead_of_launching(variants, layout.name)  # type: ignore[method-assign]
             warm_up(*layout.tensors())
+            layout.pointwise_launches()
     finally:
         JITFunction.run = original  # type: ignore[method-assign]
     failures = 0

@@ -296,9 +296,12 @@ class LLMEngine:
             logits = self.runner.execute(plan.scheduled)
             # after the forward is queued: on an accelerator the masks are filled meanwhile
             bitmasks = self._grammar_bitmasks(sampling)
+            block_size = self.block_manager.block_size
             for item in plan.scheduled:
-                item.seq.num_computed_tokens += item.num_new_tokens
-                self._register_full_blocks(item.seq)
+                seq = item.seq
+                seq.num_computed_tokens += item.num_new_tokens
+                if seq.num_computed_tokens // block_size > len(seq.block_hashes):
+                    self._register_full_blocks(seq)
             if sampling:
                 result = self.sampler.sample(logits, [seq.seq_id for seq in sampling], bitmasks)
                 self._append_tokens(sampling, result, pending)
@@ -376,13 +379,16 @@ class LLMEngine:
         for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
             params = seq.request.request.params
             seq.output_token_ids.append(token_id)
-            if seq.matcher is not None and not seq.matcher.consume(token_id):
+            matcher = seq.matcher
+            if matcher is not None and not matcher.consume(token_id):
                 logger.error(
                     "sequence %d: token %d breaks its grammar; ending it", seq.seq_id, token_id
                 )
-            delta = pending.setdefault(seq, PendingDelta())
+            delta = pending.get(seq)
+            if delta is None:
+                delta = pending[seq] = PendingDelta()
             delta.token_ids.append(token_id)
-            if params.logprobs and logprobs is not None:
+            if logprobs is not None and params.logprobs:
                 if delta.logprobs is None:
                     delta.logprobs = []
                 k = params.top_logprobs
@@ -394,8 +400,8 @@ class LLMEngine:
                         top_lps[row][:k] if top_lps is not None else [],
                     )
                 )
-            self._check_stop(seq, token_id, delta)
-            if not seq.is_finished and seq.matcher is not None and seq.matcher.is_finished:
+            self._check_stop(seq, params, token_id, delta)
+            if matcher is not None and not seq.is_finished and matcher.is_finished:
                 self._finish(seq, delta, "stop", None)
 
     def _position_logprobs(
@@ -408,21 +414,23 @@ class LLMEngine:
         raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
         return TokenLogprob(token_id, token_text(raw), logprob, list(raw))
 
-    def _check_stop(self, seq: Sequence, token_id: int, delta: PendingDelta) -> None:
-        params = seq.request.request.params
-        if token_id in params.stop_token_ids:
+    def _check_stop(
+        self, seq: Sequence, params: SamplingParams, token_id: int, delta: PendingDelta
+    ) -> None:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
             self._finish(seq, delta, "stop", token_id)
             return
         if token_id in self.eos_token_ids and not params.ignore_eos:
             self._finish(seq, delta, "stop", None)
             return
         text = seq.text.append(token_id)
-        delta.text += text.text
+        if text.text:
+            delta.text += text.text
         if text.stop_string is not None:
             self._finish(seq, delta, "stop", text.stop_string, flush=False)
         elif (
             len(seq.output_token_ids) >= seq.request.max_tokens
-            or seq.num_tokens >= self.max_model_len
+            or seq.num_prompt_tokens + len(seq.output_token_ids) >= self.max_model_len
         ):
             self._finish(seq, delta, "length", None)
 
@@ -461,36 +469,51 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
 
     def _collect(self, pending: dict[Sequence, PendingDelta]) -> list[RequestOutput]:
-        by_request: dict[str, list[ChoiceDelta]] = {}
+        """One RequestOutput per request that advanced, in the order its first choice did."""
+        by_request: dict[RequestState, list[ChoiceDelta]] = {}
         for seq, delta in pending.items():
-            by_request.setdefault(seq.request.request_id, []).append(
-                ChoiceDelta(
-                    index=seq.index,
-                    text=delta.text,
-                    token_ids=delta.token_ids,
-                    logprobs=delta.logprobs,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
+            choice = ChoiceDelta(
+                seq.index,
+                delta.text,
+                delta.token_ids,
+                delta.logprobs,
+                seq.finish_reason,
+                seq.stop_reason,
             )
+            choices = by_request.get(seq.request)
+            if choices is None:
+                by_request[seq.request] = [choice]
+            else:
+                choices.append(choice)
         outputs = []
-        for request_id, choices in by_request.items():
-            state = self.requests[request_id]
-            finished = state.is_finished
+        for state, choices in by_request.items():
+            sequences = state.sequences
+            if len(sequences) == 1:  # the common n = 1: no sums or sorts over choices
+                finished = sequences[0].status is SequenceStatus.FINISHED
+                completion_tokens = len(sequences[0].output_token_ids)
+            else:
+                finished = state.is_finished
+                completion_tokens = state.completion_tokens
+                choices.sort(key=_choice_index)
+            request_id = state.request.request_id
             if finished:
                 del self.requests[request_id]
             outputs.append(
                 RequestOutput(
                     request_id=request_id,
-                    choices=sorted(choices, key=lambda c: c.index),
-                    prompt_tokens=len(state.prompt_token_ids),
-                    cached_tokens=state.sequences[0].num_cached_prompt_tokens,
-                    completion_tokens=state.completion_tokens,
+                    choices=choices,
+                    prompt_tokens=len(state.request.prompt_token_ids),
+                    cached_tokens=sequences[0].num_cached_prompt_tokens,
+                    completion_tokens=completion_tokens,
                     finished=finished,
                     seed=state.seed,
                 )
             )
         return outputs
+
+
+def _choice_index(choice: ChoiceDelta) -> int:
+    return choice.index
 
 
 def plan_kv_cache_for(

@@ -67,13 +67,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        block_size = self.block_manager.block_size
+        running, scheduled = self.running, out.scheduled
         index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, num_new, out):
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            num_tokens = seq.num_tokens
+            target = min(num_tokens, seq.num_computed_tokens + budget)
+            num_new = target - seq.num_computed_tokens
+            # a decode mostly fits the blocks it holds: only a new block asks the block manager
+            if len(seq.block_table) * block_size < target and not self._reserve(seq, num_new, out):
                 continue  # seq itself was preempted; the list shifted under index
-            out.scheduled.append(ScheduledSequence.plan(seq, num_new))
+            scheduled.append(ScheduledSequence(seq, num_new, target == num_tokens))
             budget -= num_new
             index += 1
         if out.preempted:

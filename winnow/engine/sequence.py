@@ -44,6 +44,11 @@ class Sequence:
     matcher: GrammarMatcher | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    # the prompt never changes: its length is read for every sequence in every step
+    num_prompt_tokens: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.request.prompt_token_ids)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -51,7 +56,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Tokens at absolute positions [start, end) across prompt and output."""
