@@ -134,7 +134,7 @@ def test_uvicorn_log_level_silences_access_lines(vllm_style_server: ServerProces
 @pytest.mark.parametrize(
     ("flags", "reason"),
     [
-        (["--tensor-parallel-size", "2"], "only 1 is supported"),
+        (["-tp", "3", "--nnodes", "2"], "3 ranks do not split evenly over 2 nodes"),
         (["--generation-config", "/no/such/dir"], "not 'auto', 'vllm' or a folder"),
     ],
 )

@@ -17,7 +17,7 @@ from winnow.server.errors import ApiError
 from winnow.server.prompts import chat_prompt, template_inputs
 from winnow.server.protocol import ChatCompletionRequest
 from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
-from winnow.structured.tool_prompt import template_reads_tools, tool_instructions
+from winnow.structured.tool_prompt import template_reads_tools
 
 # Qwen2.5: tools in the system turn, calls as <tool_call> blocks, results as user turns.
 QWEN_TEMPLATE = r"""
@@ -242,25 +242,3 @@ def test_mistral_template_refuses_foreign_call_ids(demo_model_dir: Path) -> None
     with pytest.raises(ApiError) as caught:
         chat_prompt(tokenizer, conversation("call_1").messages, tool_format=fmt)
     assert caught.value.status_code == 400
-
-
-def test_injected_tool_prompt_shows_a_concrete_call() -> None:
-    """Small models copy placeholders into their calls: the example is a real call of the first
-    tool, with arguments of the schema's shape."""
-    parameters = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string"},
-            "unit": {"enum": ["celsius", "fahrenheit"]},
-            "days": {"type": "integer"},
-        },
-        "required": ["city", "unit"],
-    }
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
-    text = tool_instructions(tool_format("hermes", lambda _: None), tools)
-    assert "<function-name>" not in text and "<arguments" not in text
-    example = text.split("<tool_call>\n")[-1].split("\n</tool_call>")[0]
-    assert json.loads(example) == {
-        "name": "get_weather",
-        "arguments": {"city": "text", "unit": "celsius"},
-    }

@@ -28,6 +28,17 @@ _CHUNKS: dict[str, type[BaseModel]] = {
     "/v1/completions": Completion,
 }
 _GENERATION_ROUTES = tuple(_CHUNKS)
+RESPONSES_PATH = "/v1/responses"
+# A Responses stream: each event names its type and carries it as JSON, ending with
+# response.completed, response.incomplete or response.failed (no [DONE]).
+_TYPED_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "pattern": "^(response|error)"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 _REQUEST_SCHEMAS = (
     "ChatCompletionRequest",
     "CompletionRequest",
@@ -124,6 +135,8 @@ def _correct(schema: dict[str, Any], limits: ServedLimits) -> None:
                 responses["200"]["content"]["text/event-stream"] = {
                     "schema": _sse_event_schema(_CHUNKS[path], schemas)
                 }
+            if path == RESPONSES_PATH and method == "post":
+                responses["200"]["content"]["text/event-stream"] = {"schema": _TYPED_EVENT}
     for name in _REQUEST_SCHEMAS:
         _served_limits(schemas[name], limits)
         _describe_cross_field_rules(schemas[name])
@@ -239,11 +252,15 @@ def _describe_cross_field_rules(model: dict[str, Any]) -> None:
 
 
 def _narrow(prop: dict[str, Any], constraints: dict[str, Any], kind: str | None = None) -> None:
-    """Apply `constraints` to each non-null alternative of a property (of type `kind` if given)."""
+    """Apply `constraints` to each non-null alternative of a property (of type `kind` if given);
+    a served maximum never widens the model's own (Responses' `n` is at most 1)."""
     for alternative in prop.get("anyOf", [prop]):
         if alternative.get("type") == "null" or (kind and alternative.get("type") != kind):
             continue
+        own_maximum = alternative.get("maximum")
         alternative.update(constraints)
+        if own_maximum is not None and "maximum" in constraints:
+            alternative["maximum"] = min(own_maximum, constraints["maximum"])
 
 
 def _token_ids(prop: dict[str, Any], vocab_size: int) -> None:

@@ -31,56 +31,15 @@ def template_reads_tools(template: str | None) -> bool:
 
 
 def tool_instructions(fmt: ToolFormat, tools: list[dict[str, Any]]) -> str:
-    """The tool list and the call format, shown as a concrete call of the first tool: small
-    models copy placeholders such as `<function-name>` into their calls verbatim."""
     listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
-    first = tools[0]["function"]
-    arguments = json.dumps(example_arguments(first.get("parameters")), ensure_ascii=False)
-    example = fmt.render_calls([(first["name"], arguments)])
+    example = fmt.render_calls([("<function-name>", "<arguments-json-object>")])
     return (
         "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n"
         f"<tools>\n{listing}\n</tools>\n\n"
-        "To call a function, reply with its name and a JSON object of its arguments in this "
-        f"form (here calling {first['name']}):\n"
+        "To call a function, reply with its name and arguments in this form:\n"
         f"{example}"
     )
-
-
-_EXAMPLE_VALUES: dict[str, Any] = {
-    "string": "text",
-    "integer": 1,
-    "number": 1.5,
-    "boolean": True,
-    "array": [],
-    "object": {},
-    "null": None,
-}
-
-
-def example_arguments(schema: Any) -> dict[str, Any]:
-    """Arguments that fit a parameters schema's shape: each required property (all of them when
-    none is required) with a value of its type, its first enum value, or its default."""
-    if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
-        return {}
-    properties: dict[str, Any] = schema["properties"]
-    names = [name for name in schema.get("required", []) if name in properties] or list(properties)
-    return {name: _example_value(properties[name]) for name in names}
-
-
-def _example_value(schema: Any) -> Any:
-    if not isinstance(schema, dict):
-        return "text"
-    if "default" in schema:
-        return schema["default"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object":
-        return example_arguments(schema)
-    return _EXAMPLE_VALUES.get(kind, "text") if isinstance(kind, str) else "text"
 
 
 def with_tools_in_prompt(
