@@ -115,16 +115,24 @@ def _build(source: Path, target: Path) -> None:
         built.replace(target)  # atomic: concurrent builders each publish a complete file
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
+def load_library(source: Path, prefix: str, what: str) -> ctypes.CDLL | None:
+    """`source` built (once, into the kernel cache) and loaded; None on a CPU without AVX2/FMA or
+    when it cannot be built, with the reason logged: the caller keeps to its torch ops."""
     if not _cpu_supported():
-        logger.info("CPU kernels off: this CPU has no AVX2/FMA")
+        logger.info("%s off: this CPU has no AVX2/FMA", what)
         return None
     try:
-        lib = ctypes.CDLL(str(build_library(_SOURCE, "winnow_cpu")))
+        return ctypes.CDLL(str(build_library(source, prefix)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("CPU kernels unavailable, using PyTorch ops: %s", detail)
+        logger.warning("%s unavailable, using PyTorch ops: %s", what, detail)
+        return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_library(_SOURCE, "winnow_cpu", "CPU kernels")
+    if lib is None:
         return None
     lib.winnow_linear.argtypes = [
         *(_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR),

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
-from winnow.kernels.cpu.cpu_kernels import build_library
-
-logger = logging.getLogger(__name__)
+from winnow.kernels.cpu.cpu_kernels import load_library
 
 _SOURCE = Path(__file__).with_name("gumbel_max.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -25,12 +21,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(_SOURCE, "winnow_gumbel")))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        logger.warning("Gumbel-max C kernel unavailable, using torch: %s", exc)
+    lib = load_library(_SOURCE, "winnow_gumbel", "Gumbel-max C kernel")
+    if lib is None:
         return None
     lib.winnow_gumbel_init.argtypes = [ctypes.c_int]
     lib.winnow_gumbel_init.restype = ctypes.c_int

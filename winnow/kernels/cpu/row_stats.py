@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from winnow.kernels.cpu.cpu_kernels import build_library
-
-logger = logging.getLogger(__name__)
+from winnow.kernels.cpu.cpu_kernels import load_library
 
 _SOURCE = Path(__file__).with_name("row_stats.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -24,12 +20,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(_SOURCE, "winnow_row_stats")))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        logger.warning("row-statistics C kernels unavailable, using torch: %s", exc)
+    lib = load_library(_SOURCE, "winnow_row_stats", "row-statistics C kernels")
+    if lib is None:
         return None
     lib.winnow_top_candidates.argtypes = [_PTR, *(_I64,) * 4, _PTR, _PTR, ctypes.c_int]
     lib.winnow_top_candidates.restype = None
