@@ -30,6 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from tests.kernels.triton_launches import Launch, recorded_launches  # noqa: E402
 from winnow.kernels.triton import gumbel_max  # noqa: E402
 from winnow.sampling import noise  # noqa: E402
+from winnow.sampling.bitmask import TokenMasks, words_for  # noqa: E402
 from winnow.sampling.params import SamplingParams  # noqa: E402
 from winnow.sampling.sampler import Sampler  # noqa: E402
 
@@ -105,12 +106,22 @@ def test_per_slot_tables_read_through_slots() -> None:
     assert torch.equal(z.cpu(), y) and torch.equal(work[:, 2500:].cpu(), outside)
 
 
-def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool, **sizes: int) -> Sampler:
+def make(
+    params: list[SamplingParams],
+    vocab: int,
+    triton_gumbel: bool,
+    seed: int = 1000,
+    histories: list[tuple[list[int], list[int]]] | None = None,
+    **sizes: int,
+) -> Sampler:
+    """A sampler with a row per params, seeded from `seed`; `histories`: each row's prompt and
+    output ids so far (default: prompt [1, 2], no output)."""
     sampler = Sampler(
         vocab, len(params), DEVICE, eos_token_ids=[0], triton_gumbel=triton_gumbel, **sizes
     )
     for key, p in enumerate(params):
-        sampler.add_row(key, p, seed=1000 + key, prompt_token_ids=[1, 2])
+        prompt, output = histories[key] if histories else ([1, 2], [])
+        sampler.add_row(key, p, seed=seed + key, prompt_token_ids=prompt, output_token_ids=output)
     return sampler
 
 
@@ -157,7 +168,9 @@ def test_sampler_cuda_path_picks_what_the_torch_path_picks(params) -> None:
 
 
 # operations that launch nothing on a GPU: views, metadata, allocations
-NO_LAUNCH = {"aten.lift_fresh", "aten.detach", "aten.select", "aten.slice", "aten.empty"}
+NO_LAUNCH = {
+    "aten.lift_fresh", "aten.detach", "aten.select", "aten.slice", "aten.empty", "aten.view",
+}  # fmt: skip
 
 
 class _Dispatched(TorchDispatchMode):
@@ -229,3 +242,150 @@ def test_kernel_compiles_for_h100_without_spills() -> None:
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and all(line.endswith(" ok") for line in lines), result.stdout
+
+
+# Rows on the free route with stages 1-2 and logprobs: the fused step's business.
+EDITED = [
+    SamplingParams(
+        temperature=1.0,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logprobs=True,
+        logprobs_mode="processed",
+    ),
+    SamplingParams(
+        temperature=0.7, repetition_penalty=1.3, logprobs=True, logprobs_mode="processed"
+    ),
+    SamplingParams(
+        temperature=1.2,
+        logprobs=True,
+        logprobs_mode="processed",
+        repetition_penalty=0.8,
+        frequency_penalty=-0.4,
+        presence_penalty=0.6,
+        logit_bias={3: 5.0, 10: -100.0, 7: 2.5, 2: 1.0},
+    ),
+    SamplingParams(temperature=0.9, logit_bias={5: 3.0, 0: 4.0}, min_tokens=3, stop_token_ids=(9,)),
+    SamplingParams(temperature=1.0, logprobs=True, logprobs_mode="processed", logit_bias={4: 2}),
+    SamplingParams(temperature=0.6, logprobs=True, repetition_penalty=1.5),  # raw logprobs
+    SamplingParams(temperature=1.0, min_tokens=5, frequency_penalty=1.0),  # grammar wins
+    SamplingParams(temperature=1.4, logprobs=True, logprobs_mode="processed"),  # grammar too
+]
+CONSTRAINED = np.array([6, 7])  # rows under a grammar bitmask
+
+
+def grammar(vocab: int, generator: torch.Generator) -> TokenMasks:
+    """Random bitmasks (about half of each row allowed) for the CONSTRAINED rows."""
+    words = words_for(vocab)
+    bits = torch.randint(-(2**31), 2**31, (len(CONSTRAINED), words), generator=generator)
+    return TokenMasks(CONSTRAINED, bits.to(torch.int32).to(DEVICE))
+
+
+def logprob_tolerance(logits: torch.Tensor, lp: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How far two float32 logsumexps of the same values may be apart, and so the logprobs:
+    each is m + ln(s), s = sum exp(v - m) over V terms in [0, 1], one of them 1. Every term is
+    within (1 + |v - m|) eps of its own value relative (exp's argument and result roundings,
+    weighted by the term: at most eps V in all), the sum within V eps relative whatever the
+    order, and ln and the two subtractions round at |lse| and |lp|: so each is within
+    eps (|lse| + |lp| + 2 V + 4) of the exact value, and the two within twice that. |lse| is
+    at most max |z| / T + ln V; T >= 0.6 and the penalties at most double that (bias +5)."""
+    eps = torch.finfo(torch.float32).eps
+    finite = logits.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax().item()
+    lse = 2 * finite / 0.6 + 5 + math.log(vocab)
+    return 2 * eps * (lse + lp.abs().nan_to_num(0.0) + 2 * vocab + 4)
+
+
+def history_tables(sampler: Sampler) -> tuple[int, int]:
+    return sampler._history.output.data.data_ptr(), sampler._history.counts.data.data_ptr()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
+    """Penalties, logit_bias, the min_tokens ban and grammar bitmasks applied inside the fused
+    pass (one launch per step) pick what the torch pipeline picks, step after step, so the
+    history the kernel records matches the pipeline's; logprobs agree to float32 summation."""
+    vocab, batch = 2500, len(EDITED)  # two blocks of the pass
+    generator = torch.Generator().manual_seed(seed)
+    histories = [
+        (
+            torch.randint(0, vocab, (int(n),), generator=generator).tolist() + [3, 3, 5],
+            torch.randint(0, 12, (int(m),), generator=generator).tolist(),
+        )
+        for n, m in torch.randint(0, 40, (batch, 2), generator=generator)
+    ]
+    fused = make(EDITED, vocab, True, seed=seed * 100, histories=histories)
+    reference = make(EDITED, vocab, False, seed=seed * 100, histories=histories)
+    keys = list(range(batch))
+    steps, grown = 6, 0
+    for step in range(steps):
+        logits = torch.randn(batch, vocab, generator=generator) * 3
+        logits[:, :12] += 2  # the outputs' ids are likely: penalties and bias decide
+        if step % 2:
+            logits[0, 3], logits[2, 5], logits[4, 7] = math.nan, math.inf, -math.inf
+        masks = grammar(vocab, generator) if step < steps - 1 else None
+        logits = logits.to(DEVICE)
+        tables = history_tables(fused)
+        with counted() as (launches, dispatched):
+            out = fused.sample(logits, keys, masks)
+        expected = reference.sample(logits, keys, masks)
+        assert torch.equal(out.token_ids, expected.token_ids), step
+        if DEVICE.type == "cpu":
+            assert [launch.kernel for launch in launches] == ["_gumbel_argmax_kernel"]
+        if history_tables(fused) == tables:  # else the tables doubled: a copy each, amortised
+            assert len(dispatched.ops) + len(launches) <= 3, (dispatched.ops, launches)
+        else:
+            grown += 1
+        assert out.logprobs is not None and expected.logprobs is not None
+        asked = np.array([p.logprobs for p in EDITED])
+        assert torch.isnan(out.logprobs[~asked]).all()
+        ours, theirs = out.logprobs[asked].double(), expected.logprobs[asked].double()
+        tolerance = logprob_tolerance(logits, theirs, vocab)
+        assert ((ours - theirs).abs() <= tolerance).all(), (ours, theirs, tolerance)
+        assert out.top_token_ids is not None and out.top_token_ids.shape == (batch, 0)
+    assert grown <= 1
+    for table in ("output", "counts"):  # the history the kernel recorded, as record() keeps it
+        ours, theirs = getattr(fused._history, table), getattr(reference._history, table)
+        assert np.array_equal(ours.lengths, theirs.lengths)
+        width = int(ours.lengths.max())
+        assert torch.equal(ours.data[:, :width].cpu(), theirs.data[:, :width].cpu())
+    assert fused._touched is not None and not fused._touched.any()  # marks cleared
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # ln 0: row 3
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf
+def test_fused_step_bans_what_it_must() -> None:
+    """Cases the random test may miss: a bias of -100 on the likeliest token, a min_tokens ban
+    on a token the logits all but force, a grammar that allows one token, a row whose every
+    token is banned (token 0, logprob floored), all in one step, against the pipeline."""
+    vocab = 300
+    params = [
+        SamplingParams(temperature=1.0, logit_bias={17: -100.0}),
+        SamplingParams(temperature=1.0, min_tokens=2, logprobs=True),
+        SamplingParams(temperature=1.0, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(temperature=0.5, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(
+            temperature=1.0, repetition_penalty=3.0, logprobs=True, logprobs_mode="processed"
+        ),
+    ]
+    fused, reference = make(params, vocab, True), make(params, vocab, False)
+    logits = torch.zeros(5, vocab)
+    logits[:, 17] = 50.0
+    logits[1, 0] = 80.0  # EOS, banned by min_tokens
+    logits[4] = -30.0
+    logits[4, 1:4] = torch.tensor([1.5, -1.0, 0.0])  # prompt ids 1, 2 penalised: 0.5, -3.0
+    bits = torch.zeros(2, words_for(vocab), dtype=torch.int32)
+    bits[0, 40 // 32] = 1 << (40 % 32)  # row 2: token 40 only
+    masks = TokenMasks(np.array([2, 3]), bits.to(DEVICE))  # row 3: nothing allowed
+    logits = logits.to(DEVICE)
+    out = fused.sample(logits, list(range(5)), masks)
+    expected = reference.sample(logits, list(range(5)), masks)
+    assert torch.equal(out.token_ids, expected.token_ids)
+    assert out.token_ids.tolist()[2:4] == [40, 0] and out.token_ids[0] != 17
+    assert out.token_ids[1] != 0
+    assert out.logprobs is not None and expected.logprobs is not None
+    assert out.logprobs[2] == 0.0 and out.logprobs[3] == expected.logprobs[3] == -9999.0
+    # tokens 1, 2, 3 at 0.5, -3, 0 (the rest e^-30 below): each logprob within a few ulps
+    penalised = torch.tensor([0.5, -3.0, 0.0], dtype=torch.float64)
+    exact = (penalised - penalised.logsumexp(0))[int(out.token_ids[4]) - 1]
+    assert abs(float(out.logprobs[4]) - float(exact)) <= 1e-5
+    assert abs(float(out.logprobs[4]) - float(expected.logprobs[4])) <= 1e-5
