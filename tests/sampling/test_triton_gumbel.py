@@ -241,7 +241,7 @@ def test_kernel_compiles_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 4 and all(line.endswith(" ok") for line in lines), result.stdout
+    assert len(lines) == 13 and all(line.endswith(" ok") for line in lines), result.stdout
 
 
 # Rows on the free route with stages 1-2 and logprobs: the fused step's business.
@@ -389,3 +389,43 @@ def test_fused_step_bans_what_it_must() -> None:
     exact = (penalised - penalised.logsumexp(0))[int(out.token_ids[4]) - 1]
     assert abs(float(out.logprobs[4]) - float(exact)) <= 1e-5
     assert abs(float(out.logprobs[4]) - float(expected.logprobs[4])) <= 1e-5
+
+
+def test_a_sampler_launches_only_variants_its_warm_up_compiled() -> None:
+    """Sampler.warm_up (run by the engine before it serves) launches every variant a run then
+    uses -- the fused step with and without edits and logprobs, the pipeline's free route on
+    blocks of the work buffer at any row offset (an odd vocabulary: offsets change alignment),
+    y written or not, and the exact redo -- counted with Triton's sm_90 specialisation."""
+    vocab = 2053
+    mixed = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=1.1, logprobs=True, logprobs_mode="processed", top_k=3),
+        SamplingParams(temperature=1.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0.7, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(temperature=1.3),
+    ]
+    narrow = {"open_candidates": 4, "wide_candidates": 8}
+    samplers = [
+        (make(EDITED, vocab, True), [None, "grammar"]),
+        (make([SamplingParams(temperature=1.0)] * 3, vocab, True), [None]),
+        (make(mixed, vocab, True, **narrow), [None]),
+        (make(mixed[2:], vocab, True, **narrow), [None]),  # free rows from another offset
+    ]
+    with recorded_launches() as warm:
+        samplers[0][0].warm_up()
+    warmed = {(launch.kernel, launch.variant) for launch in warm}
+    assert len(warmed) == len(warm) == 8
+    generator = torch.Generator().manual_seed(4)
+    served: list[Launch] = []
+    for sampler, grammars in samplers:
+        batch = len(sampler._slots)
+        for masks in grammars:
+            logits = (torch.randn(batch, vocab, generator=generator) * 3).to(DEVICE)
+            bitmasks = grammar(vocab, generator) if masks else None
+            with recorded_launches() as launches:
+                sampler.sample(logits, list(range(batch)), bitmasks)
+            served += launches
+    variants = {(launch.kernel, launch.variant) for launch in served}
+    assert variants <= warmed
+    assert len(variants) >= 3  # the plain step, edits with logprobs, the free route's y

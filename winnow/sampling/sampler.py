@@ -32,6 +32,7 @@ candidate and penalty-history widths bucketed to fixed sizes, with the fallbacks
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -203,6 +204,12 @@ class Sampler:
     def remove_row(self, key: int) -> None:
         """Forget a finished (or preempted) sequence and free its slot."""
         self._free.append(self._slots.pop(key))
+
+    def warm_up(self) -> None:
+        """Compile every Triton variant this sampler launches (on CUDA) before serving."""
+        if self._routes.triton_gumbel is not None:
+            warm_up = importlib.import_module("winnow.kernels.triton.warm_up")
+            warm_up.warm_up_sampler(self.vocab_size, self.device)
 
     # ------------------------------------------------------------------ step
 
