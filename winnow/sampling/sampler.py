@@ -332,18 +332,15 @@ class Sampler:
         # copy=True: the copies a GPU makes are made (and counted) on CPU tensors too
         index = torch.from_numpy(info).to(self.device, non_blocking=True, copy=True)
         out = torch.empty((1 + logprobs, batch), dtype=torch.int64, device=self.device)
-        edits = None
-        if adjust or logprobs:
-            assert self._touched is not None
-            history = self._history
-            edits = fused.RowEdits(
-                index[2:], history.prompt.data, history.output.data, history.counts.data,
-                self._bias_ids.data, self._bias_values.data, self._ban_ids.data,
-                self._floats[:, REP_V],
-                bitmasks.bits if bitmasks is not None else self._touched, self._touched,
-                self._work[: self.max_rows * self.vocab_size].view(self.max_rows, -1),
-                adjust=adjust, lp_out=out[1].view(torch.float64) if logprobs else None,
-            )  # fmt: skip
+        assert self._touched is not None
+        history = self._history
+        edits = fused.RowEdits(
+            index[2:], history.prompt.data, history.output.data, history.counts.data,
+            self._bias_ids.data, self._bias_values.data, self._ban_ids.data,
+            self._floats[:, REP_V], bitmasks.bits if bitmasks is not None else self._touched,
+            self._touched, self._work[: self.max_rows * self.vocab_size].view(self.max_rows, -1),
+            adjust=adjust, lp_out=out[1].view(torch.float64) if logprobs else None,
+        )  # fmt: skip
         kernel.gumbel_argmax(
             logits.detach(), index[1], self._seeds_top_k[:, 0], self._floats[:, TEMPERATURE],
             slots=index[0], tokens=out[0], edits=edits,

@@ -306,7 +306,8 @@ def gumbel_argmax(
     positions [b] int64. seeds (int64) and temperature (float32) are per row ([b], any stride),
     or, with `slots` [b] int64, per-slot tables read at slots[r] -- so the sampler's own
     parameter tables serve without a gather. y_out (same strides as z; may be z) receives y.
-    `edits`: stages 1-2 and logprobs in the same pass (per-slot tables: needs `slots`).
+    `edits`: stages 1-2 and logprobs in the same pass, as its flags say (per-slot tables:
+    needs `slots`); without it the plain pass runs on placeholders.
     """
     rows, vocab = z.shape
     assert z.stride(1) == 1 and positions.dtype == torch.int64 and seeds.dtype == torch.int64
@@ -319,7 +320,7 @@ def gumbel_argmax(
     assert edits is None or slots is not None, "edits read per-slot tables"
     block = min(BLOCK_V, triton.next_power_of_2(vocab))
     e = edits if edits is not None else _unused(z.device)
-    lp_out = e.lp_out if e.lp_out is not None else _unused(z.device).lp_out
+    lp_out = e.lp_out if e.lp_out is not None else e.work  # read only by LOGPROBS
     _gumbel_argmax_kernel[(rows,)](
         z, z.stride(0), z if y_out is None else y_out, z.stride(0),
         positions if slots is None else slots, positions, seeds, seeds.stride(0),
@@ -344,6 +345,5 @@ def _unused(device: torch.device) -> RowEdits:
     values = torch.zeros((1, 1), dtype=torch.float32, device=device)
     marks = torch.zeros((1, 1), dtype=torch.int32, device=device)
     info = torch.zeros((INFO_FIELDS, 1), dtype=torch.int64, device=device)
-    lp = torch.zeros(1, dtype=torch.float64, device=device)
     return RowEdits(info, ids, ids, marks, ids, values, ids, values[0], marks, marks, values,
-                    adjust=False, lp_out=lp)  # fmt: skip
+                    adjust=False)  # fmt: skip

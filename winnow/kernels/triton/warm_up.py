@@ -82,12 +82,10 @@ def warm_up_sampler(vocab: int, device: torch.device, dtype: torch.dtype = torch
     work = torch.empty((1, vocab), dtype=torch.float32, device=device)
     lp = torch.empty(1, dtype=torch.float64, device=device)
     for adjust, logprobs in itertools.product((False, True), repeat=2):
-        plan = None
-        if adjust or logprobs:
-            plan = edits.RowEdits(
-                info, ids, ids, counts, ids, floats[:, :1], ids, floats[:, 5], marks, marks, work,
-                adjust=adjust, lp_out=lp if logprobs else None,
-            )  # fmt: skip
+        plan = edits.RowEdits(
+            info, ids, ids, counts, ids, floats[:, :1], ids, floats[:, 5], marks, marks, work,
+            adjust=adjust, lp_out=lp if logprobs else None,
+        )  # fmt: skip
         gumbel_argmax(z[:1], index, seeds[:, 0], floats[:, 0], slots=index, edits=plan)
     if dtype != torch.float32:
         return
