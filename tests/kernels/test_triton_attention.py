@@ -36,8 +36,14 @@ from winnow.kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from winnow.kernels.torch_attention import TorchAttentionBackend  # noqa: E402
 from winnow.kernels.torch_attention import write_kv as torch_write_kv  # noqa: E402
 from winnow.kernels.triton import TritonAttentionBackend  # noqa: E402
-from winnow.kernels.triton.decode import _decode_kernel, paged_decode, split_count  # noqa: E402
+from winnow.kernels.triton.decode import (  # noqa: E402
+    _decode_kernel,
+    paged_decode,
+    rope_paged_decode,
+    split_count,
+)
 from winnow.kernels.triton.kv_write import write_kv  # noqa: E402
+from winnow.kernels.triton.pointwise import rope_qk  # noqa: E402
 from winnow.kernels.triton.prefill import paged_prefill  # noqa: E402
 from winnow.models import load_model  # noqa: E402
 
@@ -241,6 +247,71 @@ def test_decode_sliding_window(window: int) -> None:
     check(paged_decode(case.q, case.cache, tables, lens, window, 4), case, window)
 
 
+def rope_decode_case(
+    shape: Shape, lengths: list[tuple[int, int]], seed: int
+) -> tuple[PagedCase, tuple[torch.Tensor, ...], torch.Tensor]:
+    """A decode case whose new tokens come un-rotated, as views of one fused qkv row: -> (the
+    case with its q and new keys replaced by their rotation by the separate RoPE + KV-write
+    kernel, the un-rotated (q, k, v, cos, sin), the cache that kernel wrote)."""
+    case = make_case(shape, lengths, seed, write_new=False)
+    tokens, heads, d = case.q.shape
+    kv = shape.kv_heads
+    k, v = case.new_kv()
+    qkv = torch.cat([case.q.flatten(1), k.flatten(1), v.flatten(1)], 1)
+    q, k, v = qkv[:, : heads * d], qkv[:, heads * d : (heads + kv) * d], qkv[:, (heads + kv) * d :]
+    q, k, v = q.view(tokens, heads, d), k.view(tokens, kv, d), v.view(tokens, kv, d)
+    angles = torch.rand(tokens, 1, d // 2, generator=torch.Generator().manual_seed(seed)) * 7
+    cos, sin = (f(angles).to(shape.q_dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    written = case.cache.clone()
+    q_rot, _ = rope_qk(q, k, cos, sin, v, written, case.attn.slot_mapping)
+    case.q = q_rot
+    new_keys = written.view(2, -1, kv, d)[0, case.attn.slot_mapping]  # as the kernels read them
+    for i, (cached, _) in enumerate(case.lengths):
+        case.keys[i][cached:] = new_keys[i].to(shape.q_dtype).float()
+    return case, (q, k, v, cos, sin), written
+
+
+# The new token at the start of a split (129 tokens in 3 splits of 64 keys: it is alone in the
+# last one) as well as inside one.
+ROPE_DECODE_LENGTHS = [*DECODE_LENGTHS, (128, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_rope_decode_matches_rope_then_decode(shape: Shape) -> None:
+    """The decode launch with RoPE and the KV write folded in writes the very cache the
+    separate RoPE + KV-write kernel does, and attends, with or without context splits, within
+    the bound of exact attention over the rotated q and keys (the new key taken from registers
+    by the one program whose split holds it)."""
+    case, (q, k, v, cos, sin), written = rope_decode_case(shape, ROPE_DECODE_LENGTHS, seed=9)
+    tables, lens, slots = case.attn.block_tables, case.attn.seq_lens_tensor, case.attn.slot_mapping
+    for splits in (1, 3):
+        cache = case.cache.clone()
+        out = rope_paged_decode(q, k, v, cos, sin, cache, slots, tables, lens, None, splits)
+        assert torch.equal(cache, written)
+        check(out, case)
+
+
+def test_rope_decode_window_and_padding_rows() -> None:
+    """A sliding window, and padding rows (length 0) that give zeros and write nothing."""
+    case, (q, k, v, cos, sin), written = rope_decode_case(SHAPES[2], ROPE_DECODE_LENGTHS, seed=10)
+    tables, slots = case.attn.block_tables, case.attn.slot_mapping
+    for splits in (1, 4):
+        cache = case.cache.clone()
+        real = rope_paged_decode(
+            q, k, v, cos, sin, cache, slots, tables, case.attn.seq_lens_tensor, 7, splits
+        )
+        check(real, case, 7)
+        padded_lens = case.attn.seq_lens_tensor.clone()
+        padded_lens[[0, 2]] = 0
+        cache = case.cache.clone()
+        out = rope_paged_decode(q, k, v, cos, sin, cache, slots, tables, padded_lens, 7, splits)
+        assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
+        assert torch.equal(out[[1, 3, 4]], real[[1, 3, 4]])
+        unwritten = written.clone().view(2, -1, *written.shape[3:])
+        unwritten[:, slots[[0, 2]]] = case.cache.view(2, -1, *written.shape[3:])[:, slots[[0, 2]]]
+        assert torch.equal(cache, unwritten.view(written.shape))
+
+
 # A fresh prompt, a chunk continuing after a cached prefix (spanning several query tiles and
 # key tiles), and single-token decodes, all in one step.
 PREFILL_LENGTHS = [(0, 21), (70, 37), (9, 1), (0, 1), (130, 6)]
@@ -333,7 +404,10 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    # 4 layouts x (KV write, decode direct and split, merge, prefill; RMSNorm plain, with the
-    # residual add, on q heads and on k heads; RoPE with and without the KV write; SiLU x up)
-    assert len(lines) == 48 and all(line.endswith(" ok") for line in lines), result.stdout
+    # 4 layouts x (KV write, decode direct and split, each also with RoPE and the KV write
+    # folded in, merge, prefill; RMSNorm plain, with the residual add, on q heads and on k heads;
+    # RoPE with and without the KV write; SiLU x up), each distinct variant once: Qwen2.5's
+    # RMSNorm on q heads and on k heads are one
+    assert len(lines) == 55 and all(line.endswith(" ok") for line in lines), result.stdout
+    assert sum("_decode_kernel" in line for line in lines) == 16, result.stdout
     assert sum("_rope_kv_kernel" in line for line in lines) == 8, result.stdout
