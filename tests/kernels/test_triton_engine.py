@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tests.engine.helpers import run_all  # noqa: E402
+from tests.kernels.test_decode_graphs import padding_rows_write_only_block_zero  # noqa: E402
 from tests.kernels.triton_launches import recorded_launches  # noqa: E402
 from winnow.config import EngineConfig  # noqa: E402
 from winnow.engine.decode_graphs import DecodeGraphs  # noqa: E402
@@ -88,6 +89,12 @@ def test_captured_split_count_ignores_host_lengths(triton_model: LoadedModel) ->
     short = AttentionMetadata.build([1], [3], [[1]], BLOCK)
     assert backend.decode_splits(1, short, engine.runner.kv_caches[0], None) == 1
     assert split_count(4, kv_heads, bound, backend.target_programs) > 1
+
+
+def test_padding_rows_write_only_block_zero(triton_model: LoadedModel) -> None:
+    """The decode kernel's own KV write (RoPE and the write folded into it) through a padded
+    bucket: real rows' slots written, the padding row's only into block 0."""
+    padding_rows_write_only_block_zero(triton_model)
 
 
 def recorded_sizes(graphs: DecodeGraphs) -> list[int]:
