@@ -162,26 +162,28 @@ def reference(case: PagedCase, window: int | None) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def score_mass(case: PagedCase) -> float:
+    """max over (query, key) of sum_d |q_d k_d|, scaled as the scores are."""
+    q = case.q.float().abs().cpu()
+    mass = max(torch.einsum("thd,lgd->thlg", q, k.abs()).max().item() for k in case.keys)
+    return mass / math.sqrt(case.shape.head_dim)
+
+
 def tolerance(case: PagedCase) -> float:
     """The bound in the module docstring, from this case's own data."""
     u = UNIT_ROUNDOFF[case.shape.q_dtype]
     if INTERPRETED and case.shape.q_dtype == BF16:
         u *= 2  # truncation, not round-to-nearest
     u32 = UNIT_ROUNDOFF[F32]
-    q = case.q.float().abs().cpu()
     v_max = max(v.abs().max().item() for v in case.values)
-    # max over (query, key) of sum_d |q_d k_d|, scaled as the scores are.
-    score_mass = max(
-        torch.einsum("thd,lgd->thlg", q, k.abs()).max().item() for k in case.keys
-    ) / math.sqrt(case.shape.head_dim)
     longest = max(c + n for c, n in case.lengths)
-    return v_max * (2 * u + u32 * (2 * case.shape.head_dim * score_mass + longest))
+    return v_max * (2 * u + u32 * (2 * case.shape.head_dim * score_mass(case) + longest))
 
 
-def check(out: torch.Tensor, case: PagedCase, window: int | None = None) -> None:
+def check(out: torch.Tensor, case: PagedCase, window: int | None = None, slack: float = 0) -> None:
     expected = reference(case, window)
     assert out.dtype == case.shape.q_dtype and out.shape == expected.shape
-    atol = tolerance(case)
+    atol = tolerance(case) + slack
     torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=0)
 
 
@@ -271,6 +273,27 @@ def rope_decode_case(
     return case, (q, k, v, cos, sin), written
 
 
+def rotation_slack(case: PagedCase) -> float:
+    """0 under the interpreter, where the fused decode rotates q and k with the very fp32
+    operations of the separate RoPE kernel. A GPU compiler may contract their multiply-adds
+    differently (FMA), leaving q and the new key one ulp of their dtypes apart (<= 2u relative):
+    each score moves by <= 2 (u_q + u_cache) * its mass, the output by <= 2 * that * max|v|."""
+    if INTERPRETED:
+        return 0.0
+    u = UNIT_ROUNDOFF[case.shape.q_dtype] + UNIT_ROUNDOFF[case.shape.cache_dtype]
+    return 4 * u * score_mass(case) * max(v.abs().max().item() for v in case.values)
+
+
+def same_cache(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit under the interpreter; on a GPU a rotated key may be one rounding apart (see
+    `rotation_slack`)."""
+    if INTERPRETED:
+        assert torch.equal(got, expected)
+    else:
+        ulp = expected.float().abs() * 2 * UNIT_ROUNDOFF[expected.dtype]
+        assert ((got.float() - expected.float()).abs() <= ulp).all()
+
+
 # The new token at the start of a split (129 tokens in 3 splits of 64 keys: it is alone in the
 # last one) as well as inside one.
 ROPE_DECODE_LENGTHS = [*DECODE_LENGTHS, (128, 1)]
@@ -287,8 +310,8 @@ def test_rope_decode_matches_rope_then_decode(shape: Shape) -> None:
     for splits in (1, 3):
         cache = case.cache.clone()
         out = rope_paged_decode(q, k, v, cos, sin, cache, slots, tables, lens, None, splits)
-        assert torch.equal(cache, written)
-        check(out, case)
+        same_cache(cache, written)
+        check(out, case, slack=rotation_slack(case))
 
 
 def test_rope_decode_window_and_padding_rows() -> None:
@@ -300,7 +323,7 @@ def test_rope_decode_window_and_padding_rows() -> None:
         real = rope_paged_decode(
             q, k, v, cos, sin, cache, slots, tables, case.attn.seq_lens_tensor, 7, splits
         )
-        check(real, case, 7)
+        check(real, case, 7, rotation_slack(case))
         padded_lens = case.attn.seq_lens_tensor.clone()
         padded_lens[[0, 2]] = 0
         cache = case.cache.clone()
@@ -309,7 +332,7 @@ def test_rope_decode_window_and_padding_rows() -> None:
         assert torch.equal(out[[1, 3, 4]], real[[1, 3, 4]])
         unwritten = written.clone().view(2, -1, *written.shape[3:])
         unwritten[:, slots[[0, 2]]] = case.cache.view(2, -1, *written.shape[3:])[:, slots[[0, 2]]]
-        assert torch.equal(cache, unwritten.view(written.shape))
+        same_cache(cache, unwritten.view(written.shape))
 
 
 # A fresh prompt, a chunk continuing after a cached prefix (spanning several query tiles and
