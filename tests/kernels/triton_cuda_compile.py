@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import triton
+from torch import Tensor
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -50,7 +51,7 @@ class Layout:
     intermediate: int
     block_size: int = 16
 
-    def tensors(self, tokens: int = 4) -> tuple[torch.Tensor, ...]:
+    def tensors(self, tokens: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v and a layer's cache laid out as the model hands them to the backend: q and k
         fresh from the rotary embedding, v a view into the fused qkv projection's output."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -61,7 +62,9 @@ class Layout:
         cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
         return q, k, v, cache
 
-    def rope_tensors(self, tokens: int = 4) -> tuple[torch.Tensor, ...]:
+    def rope_tensors(
+        self, tokens: int = 4
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """q, k, v as un-rotated views of the qkv output, the cache, and (cos, sin) [T, 1, D / 2]
         in the activation dtype: what the RoPE-fused path hands the backend's warm-up."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
