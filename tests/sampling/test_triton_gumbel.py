@@ -241,7 +241,9 @@ def test_kernel_compiles_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 13 and all(line.endswith(" ok") for line in lines), result.stdout
+    # distinct variants: the fused step's four in float32 and bf16, the free route with and
+    # without y (the exact redo and both block alignments at this vocabulary among them)
+    assert len(lines) == 10 and all(line.endswith(" ok") for line in lines), result.stdout
 
 
 # Rows on the free route with stages 1-2 and logprobs: the fused step's business.
