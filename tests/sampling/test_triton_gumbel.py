@@ -297,6 +297,12 @@ def logprob_tolerance(logits: torch.Tensor, lp: torch.Tensor, vocab: int) -> tor
     return 2 * eps * (lse + lp.abs().nan_to_num(0.0) + 2 * vocab + 4)
 
 
+def torch_only(sampler: Sampler) -> Sampler:
+    """The sampler on its torch expressions alone (no C kernels where they could load)."""
+    sampler._routes.fused_cpu, sampler._routes.mix_table = False, None
+    return sampler
+
+
 def history_tables(sampler: Sampler) -> tuple[int, int]:
     return sampler._history.output.data.data_ptr(), sampler._history.counts.data.data_ptr()
 
@@ -304,8 +310,9 @@ def history_tables(sampler: Sampler) -> tuple[int, int]:
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
     """Penalties, logit_bias, the min_tokens ban and grammar bitmasks applied inside the fused
-    pass (one launch per step) pick what the torch pipeline picks, step after step, so the
-    history the kernel records matches the pipeline's; logprobs agree to float32 summation."""
+    pass (one launch per step) pick what the pipeline on its torch expressions picks, step after
+    step, so the history the kernel records matches the pipeline's; logprobs agree to float32
+    summation."""
     vocab, batch = 2500, len(EDITED)  # two blocks of the pass
     generator = torch.Generator().manual_seed(seed)
     histories = [
@@ -316,7 +323,7 @@ def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
         for n, m in torch.randint(0, 40, (batch, 2), generator=generator)
     ]
     fused = make(EDITED, vocab, True, seed=seed * 100, histories=histories)
-    reference = make(EDITED, vocab, False, seed=seed * 100, histories=histories)
+    reference = torch_only(make(EDITED, vocab, False, seed=seed * 100, histories=histories))
     keys = list(range(batch))
     steps, grown = 6, 0
     for step in range(steps):
@@ -369,7 +376,7 @@ def test_fused_step_bans_what_it_must() -> None:
             temperature=1.0, repetition_penalty=3.0, logprobs=True, logprobs_mode="processed"
         ),
     ]
-    fused, reference = make(params, vocab, True), make(params, vocab, False)
+    fused, reference = make(params, vocab, True), torch_only(make(params, vocab, False))
     logits = torch.zeros(5, vocab)
     logits[:, 17] = 50.0
     logits[1, 0] = 80.0  # EOS, banned by min_tokens
