@@ -246,7 +246,7 @@ def test_kernel_compiles_for_h100_without_spills() -> None:
     assert len(lines) == 10 and all(line.endswith(" ok") for line in lines), result.stdout
 
 
-# Rows on the free route with stages 1-2 and logprobs: the fused step's business.
+# Greedy rows and rows on the free route, with stages 1-2 and logprobs: the fused step's business.
 EDITED = [
     SamplingParams(
         temperature=1.0,
@@ -272,8 +272,12 @@ EDITED = [
     SamplingParams(temperature=0.6, logprobs=True, repetition_penalty=1.5),  # raw logprobs
     SamplingParams(temperature=1.0, min_tokens=5, frequency_penalty=1.0),  # grammar wins
     SamplingParams(temperature=1.4, logprobs=True, logprobs_mode="processed"),  # grammar too
+    SamplingParams(
+        temperature=0.0, repetition_penalty=1.2, logprobs=True, logprobs_mode="processed"
+    ),  # greedy: the argmax of z, its logprobs at temperature 1
+    SamplingParams(temperature=0.0, logit_bias={1: 3.0}, frequency_penalty=0.7),  # grammar too
 ]
-CONSTRAINED = np.array([6, 7])  # rows under a grammar bitmask
+CONSTRAINED = np.array([6, 7, 9])  # rows under a grammar bitmask
 
 
 def grammar(vocab: int, generator: torch.Generator) -> TokenMasks:

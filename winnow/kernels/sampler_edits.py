@@ -18,8 +18,9 @@ import torch
     BAN,  # min_tokens ban entries (0 while the ban is off)
     MASK_ROW,  # row of the grammar bitmasks (-1: unconstrained)
     LOGPROB_MODE,  # 0: none, 1: processed, 2: raw
-) = range(7)
-INFO_FIELDS = 7
+    GREEDY_ROW,  # 1: the row takes the argmax of its edited logits, no noise (ADJUST variant)
+) = range(8)
+INFO_FIELDS = 8
 PROCESSED_MODE, RAW_MODE = 1, 2
 
 

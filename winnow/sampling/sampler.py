@@ -74,8 +74,8 @@ _ROUTES = ("greedy", "thresholded", "free")
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
 # flags that take a row off the plain temperature step (the free route with nothing before it)
 _BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, *_BEYOND_ARGMAX]
-# flags that take a row off the free route, or give it work the fused CUDA step does not do
-_OFF_FREE_ROUTE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC]
+# flags that give a row work the fused CUDA step does not do (set on sampled rows only)
+_BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
 
 
 @dataclass
@@ -225,7 +225,7 @@ class Sampler:
             bitmasks = None
         plain = self._plain_argmax(logits, keys) if bitmasks is None else None
         if plain is None and self._routes.triton_gumbel is not None:
-            plain = self._fused_free(logits, keys, bitmasks)
+            plain = self._fused_step(logits, keys, bitmasks)
         elif plain is None and bitmasks is None:
             plain = self._plain_temperature(logits, keys)
         if plain is not None:
@@ -301,13 +301,13 @@ class Sampler:
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 
-    def _fused_free(
+    def _fused_step(
         self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None
     ) -> SamplerOutput | None:
-        """CUDA's step for batches whose rows all sample from the whole vocabulary (temperature,
-        with any penalties, logit_bias, min_tokens ban, grammar bitmask, and logprobs without
-        top_logprobs): one upload of the rows' indices, one Triton launch that applies stages
-        1-2 sparsely, picks, takes the logprob and records the penalty history, and one
+        """CUDA's step for batches without truncation, XTC or top_logprobs (greedy or sampled
+        from the whole vocabulary, with any penalties, logit_bias, min_tokens ban, grammar
+        bitmask and logprobs): one upload of the rows' indices, one Triton launch that applies
+        stages 1-2 sparsely, picks, takes the logprob and records the penalty history, and one
         download. Anything else -> None, and the full pipeline runs."""
         kernel, batch = self._routes.triton_gumbel, len(keys)
         assert kernel is not None
@@ -317,7 +317,7 @@ class Sampler:
             return None
         slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
-        if flags[:, _OFF_FREE_ROUTE].any() or self._num_top_logprobs[slots].any():
+        if flags[:, _BEYOND_FUSED].any() or self._num_top_logprobs[slots].any():
             return None
         if len(np.unique(slots)) != batch:
             return None
@@ -327,7 +327,8 @@ class Sampler:
         if penalised.any():  # room for the token the kernel records
             self._history.reserve(int(fields[fused.HISTORY].max()) + 1)
         adjust = penalised.any() or fields[fused.BIAS].any() or fields[fused.BAN].any()
-        adjust = bool(adjust or (fields[fused.MASK_ROW] >= 0).any())
+        adjust = adjust or (fields[fused.MASK_ROW] >= 0).any() or fields[fused.GREEDY_ROW].any()
+        adjust = bool(adjust)
         logprobs = bool(flags[:, LOGPROBS].any())
         # copy=True: the copies a GPU makes are made (and counted) on CPU tensors too
         index = torch.from_numpy(info).to(self.device, non_blocking=True, copy=True)
@@ -381,6 +382,7 @@ class Sampler:
         info[2 + fused.MASK_ROW] = mask_row
         mode = np.where(flags[:, PROCESSED], fused.PROCESSED_MODE, fused.RAW_MODE)
         info[2 + fused.LOGPROB_MODE] = np.where(flags[:, LOGPROBS], mode, 0)
+        info[2 + fused.GREEDY_ROW] = flags[:, GREEDY]
         return info
 
     def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:

@@ -14,7 +14,8 @@ constants repeat noise.py's because a kernel reads only constexpr globals.
 Two variants serve the sampler's fused step (`RowEdits`), each a constexpr so the plain pass
 pays nothing for them:
 
-* ADJUST: stages 1-2 of the row before the pass, sparsely, in the sampler's order -- the
+* ADJUST: greedy rows (info[GREEDY_ROW]: the argmax of z, no noise), and stages 1-2 of the
+  row before the pass, sparsely, in the sampler's order -- the
   repetition penalty over the prompt and output ids, frequency/presence over the distinct output
   ids, logit_bias, the min_tokens ban -- each touched token's value staged in a work row and
   marked in a per-row bitmask (atomic or: its old bits say whether an earlier stage wrote the
@@ -60,6 +61,7 @@ BIAS = tl.constexpr(edits.BIAS)
 BAN = tl.constexpr(edits.BAN)
 MASK_ROW = tl.constexpr(edits.MASK_ROW)
 LOGPROB_MODE = tl.constexpr(edits.LOGPROB_MODE)
+GREEDY_ROW = tl.constexpr(edits.GREEDY_ROW)
 RAW_MODE = tl.constexpr(edits.RAW_MODE)
 
 
@@ -231,6 +233,8 @@ def _gumbel_argmax_kernel(
         )  # fmt: skip
         mask_row = tl.load(info + MASK_ROW * stride_info)
         bits_row = bits_ptr + tl.maximum(mask_row, 0) * stride_bits
+        greedy = tl.load(info + GREEDY_ROW * stride_info) != 0
+        temperature = tl.where(greedy, 1.0, temperature)  # its own may be 0
     if LOGPROBS:
         raw_mode = tl.load(info + LOGPROB_MODE * stride_info) == RAW_MODE
         lse_max = tl.full((), float("-inf"), tl.float32)
@@ -252,11 +256,15 @@ def _gumbel_argmax_kernel(
             allowed = tl.load(bits_row + (ids >> 5), mask=inside & (mask_row >= 0), other=-1)
             z = tl.where(((allowed >> shift) & 1) != 0, z, float("-inf"))
         y = tl.minimum(tl.math.div_rn(z, temperature), FLOAT32_MAX)
+        if ADJUST:  # a greedy row's values are z itself (temperature 1 for its logprobs)
+            y = tl.where(greedy, z, y)
         if WRITE_Y:
             tl.store(y_ptr + row * stride_y + ids, y, mask=inside)
         bits = _fmix32(key ^ _fmix32(ids.to(tl.uint32) ^ TOKEN_SALT))
         u = (bits.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # 2**-32
         score = y - tl.log(-tl.log(u)).to(tl.float32)
+        if ADJUST:
+            score = tl.where(greedy, y, score)
         score = tl.where(inside, score, float("-inf"))
         top = tl.max(score, axis=0)
         top_id = tl.min(tl.where(score == top, ids, vocab), axis=0)
