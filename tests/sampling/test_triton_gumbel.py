@@ -1,6 +1,8 @@
 """CUDA's fused Gumbel-max (winnow/kernels/triton/gumbel_max.py) against the torch expression of
 the same pick: identical tokens and y over many seeds and awkward rows, the sampler's CUDA path
-picking what its torch path picks, and the default sampling step's launch budget.
+picking what its torch path picks, the fused step (penalties, logit_bias, bans, grammar bitmasks,
+greedy rows and logprobs in the one launch) against the pipeline, the launch budget of those
+steps, and the variants the sampler's warm-up compiles.
 
 Without CUDA the kernel runs under Triton's interpreter on CPU tensors, which must be switched on
 before the kernel is defined (at import); with CUDA the same tests run the compiled kernel.
