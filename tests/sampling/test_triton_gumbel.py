@@ -279,7 +279,7 @@ EDITED = [
     ),  # greedy: the argmax of z, its logprobs at temperature 1
     SamplingParams(temperature=0.0, logit_bias={1: 3.0}, frequency_penalty=0.7),  # grammar too
 ]
-CONSTRAINED = np.array([6, 7, 9])  # rows under a grammar bitmask
+CONSTRAINED = np.array([6, 7, 9])  # batch rows under a grammar bitmask
 
 
 def grammar(vocab: int, generator: torch.Generator) -> TokenMasks:
@@ -330,9 +330,9 @@ def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
     ]
     fused = make(EDITED, vocab, True, seed=seed * 100, histories=histories)
     reference = torch_only(make(EDITED, vocab, False, seed=seed * 100, histories=histories))
-    keys = list(range(batch))
     steps, grown = 6, 0
     for step in range(steps):
+        keys = torch.randperm(batch, generator=generator).tolist()  # batch rows != slots
         logits = torch.randn(batch, vocab, generator=generator) * 3
         logits[:, :12] += 2  # the outputs' ids are likely: penalties and bias decide
         if step % 2:
@@ -351,7 +351,7 @@ def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
         else:
             grown += 1
         assert out.logprobs is not None and expected.logprobs is not None
-        asked = np.array([p.logprobs for p in EDITED])
+        asked = np.array([EDITED[key].logprobs for key in keys])
         assert torch.isnan(out.logprobs[~asked]).all()
         ours, theirs = out.logprobs[asked].double(), expected.logprobs[asked].double()
         tolerance = logprob_tolerance(logits, theirs, vocab)
