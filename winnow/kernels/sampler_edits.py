@@ -34,7 +34,8 @@ class RowEdits:
     info[HISTORY]. bias_ids / bias_values / ban_ids [S, *]: -1-padded. penalties [S] (stride of
     the temperature table): repetition, with frequency and presence the next two columns.
     bitmask [R, ceil(V/32)] int32. touched [>= b, ceil(V/32)] int32, zero between calls, and
-    work [>= b, V] float32: scratch. lp_out [b] float64: the logprobs (LOGPROBS).
+    work [>= b, V] float32: scratch. `adjust`: run the ADJUST variant (greedy rows, stages 1-2,
+    bitmask); lp_out [b] float64: the logprobs (the LOGPROBS variant, when given).
     """
 
     info: torch.Tensor
