@@ -251,7 +251,9 @@ def test_mistral_template_refuses_foreign_call_ids(demo_model_dir: Path) -> None
 
 
 @pytest.mark.parametrize("name", TOOL_FORMAT_NAMES)
-@pytest.mark.parametrize("offered", [["add"], [EXAMPLES[0][1]]])
+@pytest.mark.parametrize(
+    "offered", [["add"], [EXAMPLES[0][1]], [function for _, function, _ in EXAMPLES]]
+)
 def test_injected_tool_prompt_shows_a_concrete_call(name: str, offered: list[str]) -> None:
     """Small models copy placeholders such as `<function-name>` into their calls, and the values
     of an example call of their own tool: the example is one whole call, in the server's format,
@@ -265,6 +267,8 @@ def test_injected_tool_prompt_shows_a_concrete_call(name: str, offered: list[str
     events = [*parser.feed(reply), *parser.finish()]
     framing = [event for event in events if not isinstance(event, CallArguments)]
     assert [type(event) for event in framing] == [CallOpened]  # one call, no text around it
-    assert isinstance(framing[0], CallOpened) and framing[0].name not in offered
+    assert isinstance(framing[0], CallOpened)
+    if len(offered) < len(EXAMPLES):
+        assert framing[0].name not in offered
     arguments = "".join(e.fragment for e in events if isinstance(e, CallArguments))
     assert json.loads(arguments)
