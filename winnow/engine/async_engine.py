@@ -20,6 +20,7 @@ from winnow.engine.request import (
     EngineOverloaded,
     GenerationRequest,
 )
+from winnow.engine.step_result import StepResult
 from winnow.models import LoadedModel, Tokenizer, load_model
 from winnow.structured.backend import CompiledGrammar
 from winnow.structured.spec import GrammarSpec
@@ -27,6 +28,10 @@ from winnow.structured.spec import GrammarSpec
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+
+# Steps the engine thread may run ahead of the output thread. One overlaps the text of step k
+# with step k + 1 and bounds what a stop string found late costs: at most one more token.
+_STEPS_AHEAD = 1
 
 EngineState = Literal["loading", "ready", "draining", "dead"]
 
@@ -76,10 +81,12 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Runs `LLMEngine.step()` in one background thread and routes outputs to request streams.
+    """Runs `LLMEngine.step_tokens()` in one background thread, turns its tokens into text on a
+    second (`OutputProcessor`), and routes outputs to request streams.
 
-    The engine thread owns the LLMEngine; other threads only enqueue commands. Outputs are
-    handed to the event loop with one `call_soon_threadsafe` per step.
+    The engine thread owns the LLMEngine; other threads only enqueue commands (a stop string
+    found by the output thread is one: "stop"). The output thread owns the requests' text
+    state, and hands outputs to the event loop with one `call_soon_threadsafe` per step.
 
     The model is loaded and the LLMEngine built on the engine thread too, so that no other
     thread ever runs an OpenMP parallel region: once two threads own worker pools, libgomp
@@ -103,6 +110,13 @@ class AsyncEngine:
         self._draining = False
         self._dead_error: BaseException | None = None
         self._build_error: BaseException | None = None
+        # to the output thread, in order: ("step", StepResult), ("fail", (request id, error)),
+        # ("end", the error every stream left ends with)
+        self._handoff: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._ahead = threading.Semaphore(_STEPS_AHEAD)
+        self._output_thread = threading.Thread(
+            target=self._output_main, name="winnow-outputs", daemon=True
+        )
         self._thread = threading.Thread(
             target=self._thread_main, args=(build,), name="winnow-engine", daemon=True
         )
@@ -269,6 +283,7 @@ class AsyncEngine:
             self._built.set()
         self._started.wait()
         if not self._stopping.is_set():
+            self._output_thread.start()
             self._run()
         else:
             self.engine.close(clean=True)
@@ -282,20 +297,58 @@ class AsyncEngine:
                 if not self.engine.has_work:
                     self._stats = self.engine.stats()  # aborts may have freed everything
                     continue
-                outputs = self.engine.step()
+                step = self.engine.step_tokens()
                 self._stats = self.engine.stats()
-                for request_id, error in self.engine.take_failures():
-                    self._deliver_request_error(request_id, error)
-                if outputs:
-                    self._deliver(outputs)
+                for failure in self.engine.take_failures():
+                    self._handoff.put(("fail", failure))
+                if step:
+                    self._wait_for_output_thread()
+                    self._handoff.put(("step", step))
         except BaseException as exc:
             logger.exception("engine loop died")
             self._dead_error = self._dead_error or exc
-            self._deliver_error(EngineDeadError(f"the engine failed: {exc!r}"))
+            self._end(EngineDeadError(f"the engine failed: {exc!r}"))
             self.engine.close(clean=False)
             return
-        self._deliver_error(EngineDeadError("the server is shutting down"))
+        self._end(EngineDeadError("the server is shutting down"))
         self.engine.close(clean=True)
+
+    def _wait_for_output_thread(self) -> None:
+        """Hold the engine at most `_STEPS_AHEAD` steps ahead of the text."""
+        while not self._ahead.acquire(timeout=_IDLE_WAIT_S):
+            if self._dead_error is not None:
+                raise self._dead_error
+
+    def _end(self, error: BaseException) -> None:
+        """End every stream with `error` after the outputs handed off before it."""
+        self._handoff.put(("end", error))
+        self._output_thread.join(timeout=10)
+        self._deliver_error(error)  # the output thread's own did it, unless that thread died
+
+    def _output_main(self) -> None:
+        """The output thread: each step's text, in step order, then the end."""
+        processor = self.engine.output_processor
+        try:
+            while True:
+                kind, payload = self._handoff.get()
+                if kind == "step":
+                    assert isinstance(payload, StepResult)
+                    outputs, stopped = processor.process(payload)
+                    if stopped:  # before the engine may run another step
+                        self._commands.put(("stop", stopped))
+                    self._ahead.release()
+                    if outputs:
+                        self._deliver(outputs)
+                elif kind == "fail":
+                    assert isinstance(payload, tuple)
+                    self._deliver_request_error(*payload)
+                else:
+                    assert isinstance(payload, BaseException)
+                    self._deliver_error(payload)
+                    return
+        except BaseException as exc:
+            logger.exception("output thread died")
+            self.fail(exc)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -316,6 +369,9 @@ class AsyncEngine:
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)
+            elif command == "stop":
+                assert isinstance(payload, list)
+                self.engine.stop_sequences(payload)
             try:
                 command, payload = self._commands.get_nowait()
             except queue.Empty:
