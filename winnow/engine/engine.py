@@ -310,10 +310,9 @@ class LLMEngine:
             # after the forward is queued: on an accelerator the masks are filled meanwhile
             bitmasks = self._grammar_bitmasks(sampling)
             block_size = self.block_manager.block_size
-            for item in plan.scheduled:
-                seq = item.seq
-                seq.num_computed_tokens += item.num_new_tokens
-                if seq.num_computed_tokens // block_size > len(seq.block_hashes):
+            for seq, num_new, _ in plan.scheduled:
+                computed = seq.num_computed_tokens = seq.num_computed_tokens + num_new
+                if computed // block_size > len(seq.block_hashes):
                     self._register_full_blocks(seq)
             if sampling:
                 result = self.sampler.sample(logits, [seq.seq_id for seq in sampling], bitmasks)
@@ -334,9 +333,9 @@ class LLMEngine:
         added (a parameter the sampler cannot hold) is aborted and queued in `failures`, so it
         ends with its own error and the step goes on without it; returns the failed ids."""
         failed: set[str] = set()
-        for seq in seqs:
+        for seq in [seq for seq in seqs if not seq.has_sampler_row]:
             request_id = seq.request.request_id
-            if seq.has_sampler_row or request_id in failed:
+            if request_id in failed:
                 continue
             try:
                 grammar = seq.request.grammar
