@@ -14,7 +14,7 @@ from winnow.config import EngineConfig
 from winnow.engine.async_engine import AsyncEngine
 from winnow.engine.engine import LLMEngine
 from winnow.engine.outputs import PositionLogprobs, RequestOutput
-from winnow.engine.request import GenerationRequest
+from winnow.engine.request import EngineDeadError, GenerationRequest
 from winnow.models import LoadedModel, load_model
 from winnow.sampling.params import SamplingParams
 
@@ -162,18 +162,42 @@ def test_a_choice_stopped_late_stops_decoding_and_frees_its_blocks(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_the_output_thread_sends_what_the_inline_path_sends(
-    loaded: LoadedModel, unstopped: dict[int, str], demo_model_dir: Path
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_the_async_engine_sends_what_the_inline_path_sends(
+    loaded: LoadedModel, unstopped: dict[int, str], demo_model_dir: Path, threaded: bool
 ) -> None:
     stop = a_stop_string(unstopped[2])
     sampling = params(2, stop=(stop,))
     inline = run_inline(make_engine(loaded), sampling)
-    engine = AsyncEngine.from_config(EngineConfig(model=str(demo_model_dir), max_num_seqs=4))
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4)
+    engine = AsyncEngine.from_config(config, output_thread=threaded)
     engine.start()
     try:
         streamed = Result()
         async for output in engine.submit(GenerationRequest("r", PROMPT, sampling)):
             collect([output], streamed)
         assert_same(streamed, inline)
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_failing_text_ends_the_engine(demo_model_dir: Path, threaded: bool) -> None:
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4)
+    engine = AsyncEngine.from_config(config, output_thread=threaded)
+
+    def fail(step: object) -> None:
+        raise RuntimeError("detokeniser failed")
+
+    engine.engine.output_processor.process = fail  # type: ignore[method-assign,assignment]
+    engine.start()
+    try:
+        stream = engine.submit(GenerationRequest("r", PROMPT, params()))
+        with pytest.raises(EngineDeadError, match="detokeniser failed"):
+            async for _ in stream:
+                pass
+        assert engine.is_dead and engine.state == "dead"
     finally:
         await asyncio.to_thread(engine.shutdown)
