@@ -248,8 +248,8 @@ class LLMEngine:
                 self._release(seq)
 
     def stop_sequences(self, seqs: list[Sequence]) -> None:
-        """End sequences whose text the output processor ended (a stop string); it may have
-        found it a step or two after the token, so the engine may have finished them since."""
+        """End sequences whose text the output processor ended (a stop string). On its own
+        thread it finds one a step after the token, so the engine may have finished them since."""
         for seq in seqs:
             if not seq.is_finished:
                 self._release(seq)
