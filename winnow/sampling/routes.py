@@ -3,6 +3,8 @@
     Sampler.sample(logits, keys)
       |-- all greedy, nothing to apply ------------------> numpy argmax           (no pipeline)
       |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
+      |-- no truncation, XTC or top_logprobs, CUDA ------> fused Gumbel-max (or argmax) with
+      |                                                    stages 1-2, bitmask, logprob
       '-- plan, load (by route), penalise, then per route block of rows:
             greedy       argmax of z
             thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
@@ -25,7 +27,9 @@ On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the w
 is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
 normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py).
 On CUDA the free route's Gumbel-max is one Triton pass per row (winnow/kernels/triton/gumbel_max.py,
-tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run.
+tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run. A CUDA step with no
+truncation, XTC or top_logprobs skips all of this (Sampler._fused_step): the same kernel takes
+greedy rows too, applies stages 1-2 and the grammar bitmask and takes the logprob in its pass.
 """
 
 from __future__ import annotations
