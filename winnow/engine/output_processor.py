@@ -1,11 +1,12 @@
 """Token ids -> the deltas the server sends: detokenisation, stop strings, logprob entries.
 
 The engine thread only appends token ids and ends sequences on what ids alone decide; this turns
-each step's `StepResult` into `RequestOutput`s, on its own thread under `AsyncEngine` (so the
-text work of step k overlaps step k + 1), or inline in `LLMEngine.step()`.
+each step's `StepResult` into `RequestOutput`s: on a thread of its own under `AsyncEngine` on an
+accelerator (so the text of step k overlaps step k + 1), else right after the step (the
+engine thread's loop on a CPU, `LLMEngine.step()`).
 
-A stop string is found here, possibly after the engine has already decoded a token or two more
-of that choice: the choice ends at the token that completed the stop string, later tokens are
+A stop string is found here, possibly after the engine has already decoded one more token of
+that choice: the choice ends at the token that completed the stop string, later tokens are
 dropped (not sent, not counted in `completion_tokens`, no logprobs), and `process` returns the
 sequence so that the engine thread stops it and frees its KV blocks.
 """
@@ -28,7 +29,7 @@ from winnow.text import TextStream, TextTokenizer, build_token_bytes, token_text
 
 class ChoiceText:
     """One choice as the client sees it: its text stream, the tokens it kept, and whether it
-    ended (the engine may still be decoding it for a step or two)."""
+    ended (the engine may still be decoding it for a step)."""
 
     __slots__ = ("finished", "num_tokens", "text")
 
@@ -98,8 +99,8 @@ class OutputProcessor:
     def _choice(self, seq: Sequence) -> ChoiceText:
         state = seq.request
         text = state.text
-        if text is None:  # first output of the request: its streams are built here, not on
-            request = state.request  # the engine thread
+        if text is None:  # the request's first output: its streams are built on this thread
+            request = state.request
             params = request.params
             context = request.prompt_token_ids if request.text_continues_prompt else ()
             text = state.text = RequestText(
