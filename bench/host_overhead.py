@@ -56,7 +56,9 @@ class StubModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the runner reads the device from it
         self.hidden = torch.zeros(max_tokens, 1)
         self.logits = torch.zeros(max_tokens, model.config.vocab_size)
-        self.logits[:, 7] = 1.0
+        rows = torch.arange(max_tokens)
+        # each row its own ordinary token (not a special one, which detokenises to nothing)
+        self.logits[rows, 1000 + rows * 37 % 20000] = 1.0
         self.config = model.config
         self.tp = None  # one process: no tensor-parallel group
 
