@@ -93,6 +93,7 @@ class Routes:
         """One token per row into step.tokens."""
         if "greedy" in step.routes:
             rows = step.routes["greedy"]
+            self.load(step, np.arange(rows.start, rows.stop))
             torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
         if "thresholded" in step.routes:
             self._thresholded(step, step.routes["thresholded"])
@@ -102,6 +103,7 @@ class Routes:
     def widen(self, step: Step, rows: np.ndarray) -> Pick:
         """Second try for the flagged work rows `rows`, on a wider slice; updates the step."""
         assert step.overflow is not None and step.total_mass is not None
+        self.load(step, rows)
         index = step.index(rows)
         width = max(self.wide_candidates, 4 * step.width)
         z, total_mass = step.z.index_select(0, index), step.total_mass.index_select(0, index)
@@ -115,6 +117,7 @@ class Routes:
 
         Updates step.tokens and clears their flags; returns their processed values [n, V].
         """
+        self.load(step, rows)
         index = step.index(rows)
         params = step.params(rows)
         flags, floats = params.flags, params.floats
@@ -148,6 +151,19 @@ class Routes:
             step.overflow.index_fill_(0, index, False)
         return values
 
+    def load(self, step: Step, rows: np.ndarray) -> None:
+        """Make z whole for the work rows `rows` where it holds only patched tokens (step.py)."""
+        source = step.source
+        if source is None or source.loaded[rows].all():
+            return
+        rows = rows[~source.loaded[rows]]
+        index = torch.from_numpy(rows)
+        patch_ids = None if source.patch_ids is None else source.patch_ids.index_select(0, index)
+        z = step.z.index_select(0, index)  # the patched values, kept by the load
+        row_stats.load_rows(source.logits, source.order.index_select(0, index), z, patch_ids)
+        step.z.index_copy_(0, index, z)
+        source.loaded[rows] = True
+
     def _thresholded(self, step: Step, rows: slice) -> None:
         """The thresholded route on its first candidate slice."""
         params = step.params(rows)
@@ -157,6 +173,9 @@ class Routes:
         if not params.flags[:, TOP_K].all():
             width = max(width, self.open_candidates)
         step.width = width
+        if step.source is not None:
+            self._thresholded_sourced(step, rows, params, min(width, self.vocab_size))
+            return
         candidates = self._candidates(step.z[rows], width)
         step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
         if step.mass_rows:  # the route's first rows: top_p without top_k
@@ -169,6 +188,26 @@ class Routes:
         step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
         step.overflow[rows] = pick.overflow
         step.pick = pick
+
+    def _thresholded_sourced(self, step: Step, rows: slice, params: RowParams, width: int) -> None:
+        """The thresholded route from the model's logits with the C kernels: one pass per row
+        for the candidates and the top_p normaliser, then the pick on the slice."""
+        source = step.source
+        assert source is not None and self.mix_table is not None
+        patch_ids = None if source.patch_ids is None else source.patch_ids[rows]
+        want_mass = torch.arange(rows.stop - rows.start) < step.mass_rows
+        values, ids, mass = row_stats.scan_rows(
+            source.logits, source.order[rows], patch_ids, step.z[rows], width,
+            params.floats[:, TEMPERATURE], want_mass if step.mass_rows else None,
+        )  # fmt: skip
+        step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
+        step.total_mass[rows] = mass
+        tokens, overflow = gumbel_max.slice_pick(
+            values, ids, _slice_params(params, mass), self.mix_table
+        )
+        step.tokens[rows] = tokens
+        step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
+        step.overflow[rows] = overflow
 
     def _candidates(self, z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of the top-`width` slice of the rows `z`, sorted descending."""
@@ -235,6 +274,19 @@ class Routes:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
         z = step.z[rows]
+        source = step.source
+        if source is not None and not params.flags[:, XTC].any():
+            assert self.mix_table is not None
+            keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+            step.tokens[rows] = gumbel_max.gumbel_argmax(
+                source.logits, params.floats[:, TEMPERATURE], keys, self.mix_table,
+                order=source.order[rows],
+                patch_ids=None if source.patch_ids is None else source.patch_ids[rows],
+                patch=z,
+            )  # fmt: skip
+            step.free_y, step.free_keep = None, None
+            return
+        self.load(step, np.arange(rows.start, rows.stop))
         if not params.flags[:, XTC].any() and (self.triton_gumbel or self.mix_table is not None):
             # one pass; y is written over z only when processed values will be read
             y_out = z if step.want_y else None
@@ -284,6 +336,23 @@ class Routes:
         coin = noise.uniform(noise.hash_bits(keys, self.token_mix[0]))
         floats = params.floats
         return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)
+
+
+def _slice_params(params: RowParams, total_mass: torch.Tensor) -> np.ndarray:
+    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records)."""
+    floats = params.floats.numpy()
+    out = np.empty(len(total_mass), dtype=gumbel_max.SLICE_ROW)
+    for name, column in (
+        ("temperature", TEMPERATURE),
+        ("top_p", TOP_P_V),
+        ("min_p", MIN_P_V),
+        ("xtc_probability", XTC_PROB),
+        ("xtc_threshold", XTC_THRESHOLD),
+    ):
+        out[name] = floats[:, column]
+    out["top_k"], out["seed"] = params.top_k.numpy(), params.seeds.numpy()
+    out["position"], out["total_mass"] = params.positions.numpy(), total_mass.numpy()
+    return out
 
 
 def _triton_gumbel(device: torch.device, wanted: bool | None) -> ModuleType | None:

@@ -4,8 +4,10 @@ Per-row parameters live in persistent per-slot device tensors written once by `a
 only indexes them with the batch's slots. Which stages run is decided from host-side per-slot
 flags, so unused stages cost nothing and a greedy-only batch is a plain argmax.
 
-Each row takes one of three routes, and the logits are copied into the work buffer grouped by
-route, so every route works on a contiguous block of rows (no per-route row gathers):
+Each row takes one of three routes, and the rows are grouped by route in the work buffer, so
+every route works on a contiguous block of rows (no per-route row gathers). With the CPU kernels
+and no logprobs or grammar masks in the step the logits are not copied there at all: only the
+tokens stages 1-2 touch are, and the kernels read the rest from the model's logits (step.py):
 
 * greedy (T < 1e-5): argmax of the penalised logits z, ties -> lowest id.
 * thresholded (top_k / top_p / min_p): a top-n candidate slice of z (torch.topk, no full sort);
@@ -63,6 +65,7 @@ from winnow.sampling.step import (
     TOP_K,
     TOP_P,
     XTC,
+    Source,
     Step,
     Subset,
 )
@@ -212,7 +215,7 @@ class Sampler:
                 plain = self._plain_temperature(logits, keys)
             if plain is not None:
                 return plain
-        step = self._prepare(logits, keys, bitmasks)
+        step = self._prepare(logits, keys, bitmasks, copy=False)
         step.want_y = "processed" in step.subsets
         self._routes.choose(step)
         if step.lp is not None:
@@ -321,10 +324,15 @@ class Sampler:
     # ------------------------------------------------------------------ stages 1-2
 
     def _prepare(
-        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
+        self,
+        logits: torch.Tensor,
+        keys: Sequence[int],
+        bitmasks: TokenMasks | None = None,
+        copy: bool = True,
     ) -> Step:
         """Plan the step on the host, upload its indices, copy the logits in (by route) and
-        apply stages 1-2."""
+        apply stages 1-2. copy=False: where the CPU kernels can read the model's logits (no
+        logprobs, no bitmask), only the tokens stages 1-2 touch are copied (step.Source)."""
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")
@@ -332,7 +340,10 @@ class Sampler:
         index = self._upload(plan.indices())
         z = self._work[: batch * vocab].view(batch, vocab)
         reordered = np.any(plan.order != np.arange(batch))
-        self._load_logits(logits, z, index["order"] if reordered else None)
+        sourced = not copy and bitmasks is None and self._readable(logits)
+        if not sourced or plan.flags[:, LOGPROBS].any():
+            self._load_logits(logits, z, index["order"] if reordered else None)
+            sourced = False
         seeds_top_k = self._seeds_top_k.index_select(0, index["slots"])
         step = Step(
             order=plan.order,
@@ -355,6 +366,8 @@ class Sampler:
         if plan.flags[:, LOGPROBS].any():
             top = int(self._num_top_logprobs[plan.host_slots].max())
             step_logprobs.start(step, min(top, vocab))
+        if sourced:
+            step.source = self._patch(step, logits, index["order"])
         self._penalise(step)
         if bitmasks is not None:  # the end of stage 2: the grammar bitmask
             apply_bitmask(z, index["bitmask_rows"], bitmasks.bits)
@@ -407,6 +420,40 @@ class Sampler:
             bitmask_rows=bitmask_rows,
             mass_rows=int(needs_mass.sum()),
         )
+
+    def _readable(self, logits: torch.Tensor) -> bool:
+        """The CPU kernels can read these logits in place of the work buffer's copy."""
+        cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32
+        return self._routes.fused_cpu and cpu_float and logits.stride(1) == 1
+
+    def _patch(self, step: Step, logits: torch.Tensor, order: torch.Tensor) -> Source:
+        """The step's Source: each work row's ids that stages 1-2 touch (-1 padded), their
+        logits copied into the work buffer for `_penalise` to work on."""
+        parts: list[tuple[Subset, torch.Tensor]] = []
+        subsets = step.subsets
+        if "penalised" in subsets:
+            rows = subsets["penalised"]
+            slots, host_slots = step.slots.index_select(0, rows.device), step.host_slots[rows.host]
+            history = self._history
+            if step.flags[rows.host, REPETITION].any():
+                parts.append((rows, history.prompt.take(slots, history.prompt.width(host_slots))))
+            parts.append((rows, history.output.take(slots, history.output.width(host_slots))))
+        for name, table in (("bias", self._bias_ids), ("banned", self._ban_ids)):
+            if name in subsets:
+                rows = subsets[name]
+                slots = step.slots.index_select(0, rows.device)
+                parts.append((rows, table.take(slots, table.width(step.host_slots[rows.host]))))
+        patch_ids = None
+        if parts:
+            width = sum(ids.shape[1] for _, ids in parts)
+            patch_ids = torch.full((len(step.order), width), -1, dtype=torch.int64)
+            start = 0
+            for rows, ids in parts:
+                patch_ids[:, start : start + ids.shape[1]].index_copy_(0, rows.device, ids)
+                start += ids.shape[1]
+            row_stats.seed_patches(logits.detach(), order, step.z, patch_ids)
+        loaded = np.zeros(len(step.order), dtype=bool)
+        return Source(logits.detach(), order, patch_ids, loaded)
 
     def _load_logits(
         self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None

@@ -13,6 +13,18 @@
  *   the top_p normaliser (float32 exps, as torch takes them, from a polynomial within ~2 ulp of
  *   torch's; added in double, so neither the exp's last bit nor the order of the sum can
  *   realistically move a nucleus boundary).
+ *
+ * winnow_scan_rows: the thresholded route's one pass over a row: its top-n candidates and, where
+ *   asked, its top_p normaliser, read straight from the model's logits (NaN -> -inf, +inf ->
+ *   FLT_MAX on the fly) with the patched tokens' values (penalties, bias, bans) taken from the
+ *   sampler's work buffer. It goes through the row in chunks of CHUNK tokens: the chunk is
+ *   cleaned into L1 with its maximum; candidates are looked for only in a chunk whose maximum
+ *   beats the n-th best so far; the normaliser is kept against the running maximum (rescaled in
+ *   double when it rises), from float32 exps summed per lane over a chunk, then in double.
+ *
+ * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
+ *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
+ *   without truncation, the fallbacks) is loaded around its patched values.
  */
 #include <immintrin.h>
 #include <float.h>
@@ -20,6 +32,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
   float v;
@@ -178,20 +191,229 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
     mass[r] = row_mass(z + r * stride, vocab, temperature[r], max_z ? max_z + r : NULL);
 }
 
+#define CHUNK 256
+
+static inline __m256 clean8(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
+}
+
+static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+
 /* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the
- * sampler's load of the model's logits into its work buffer, in one streaming pass. */
+ * sampler's load of the model's logits into its work buffer, in one streaming pass. Tokens in
+ * patch_ids[r, :width] (-1: padding; NULL: none) keep the value dst already holds. */
 void winnow_load_rows(const float *src, int64_t rows, int64_t vocab, int64_t stride,
-                      const int64_t *order, float *dst, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
+                      const int64_t *order, float *dst, const int64_t *patch_ids, int64_t width,
+                      int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (rows > 1)
+  {
+    float *kept = patch_ids ? malloc(sizeof(float) * (width + 1)) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *s = src + (order ? order[r] : r) * stride;
+      float *d = dst + r * vocab;
+      const int64_t *ids = patch_ids ? patch_ids + r * width : NULL;
+      for (int64_t i = 0; ids && i < width; i++) kept[i] = ids[i] >= 0 ? d[ids[i]] : 0.0f;
+      int64_t j = 0;
+      for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(d + j, clean8(_mm256_loadu_ps(s + j)));
+      for (; j < vocab; j++) d[j] = clean(s[j]);
+      for (int64_t i = 0; ids && i < width; i++)
+        if (ids[i] >= 0) d[ids[i]] = kept[i];
+    }
+    free(kept);
+  }
+}
+
+/* dst[r * vocab + id] = the cleaned src[order[r], id] for the ids in patch_ids[r, :width]. */
+void winnow_seed_patches(const float *src, int64_t rows, int64_t vocab, int64_t stride,
+                         const int64_t *order, float *dst, const int64_t *patch_ids,
+                         int64_t width) {
   for (int64_t r = 0; r < rows; r++) {
     const float *s = src + (order ? order[r] : r) * stride;
-    float *d = dst + r * vocab;
-    const __m256 big = _mm256_set1_ps(FLT_MAX), ninf = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= vocab; j += 8) {
-      __m256 x = _mm256_min_ps(big, _mm256_loadu_ps(s + j)); /* NaN stays NaN */
-      _mm256_storeu_ps(d + j, _mm256_blendv_ps(x, ninf, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    for (int64_t i = 0; i < width; i++) {
+      int64_t id = patch_ids[r * width + i];
+      if (id >= 0) dst[r * vocab + id] = clean(s[id]);
     }
-    for (; j < vocab; j++) d[j] = isnan(s[j]) ? -INFINITY : (s[j] > FLT_MAX ? FLT_MAX : s[j]);
+  }
+}
+
+typedef struct {
+  entry *buf;
+  int64_t len, n;
+  int open; /* still taking every token (the first 2n) */
+  float threshold; /* the n-th best so far, once not open */
+} top_n;
+
+static void top_push(top_n *t, float v, int64_t id) {
+  t->buf[t->len++] = (entry){v, id};
+  if (t->len < 2 * t->n) return;
+  select_best(t->buf, t->len, t->n);
+  t->len = t->n;
+  t->open = 0;
+  float threshold = t->buf[0].v;
+  for (int64_t i = 1; i < t->n; i++) threshold = t->buf[i].v < threshold ? t->buf[i].v : threshold;
+  t->threshold = threshold;
+}
+
+static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+#define SAMPLE_SPANS 8
+
+/* A guess at a value that about 2n of the row's tokens reach, from the largest values of
+ * SAMPLE_SPANS spans of CHUNK tokens spread over the row (unpatched); -inf where the row is too
+ * short for a sample to tell. Only a starting threshold: the caller checks that n tokens reach
+ * it and otherwise scans again without one. */
+static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
+  const int64_t sampled = SAMPLE_SPANS * CHUNK;
+  int64_t m = (2 * n * sampled + vocab - 1) / vocab;
+  if (vocab < 4 * sampled || m > 64) return -INFINITY;
+  float best[64]; /* the m largest so far, descending */
+  int64_t len = 0;
+  for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
+    const float *span = src + (k * (vocab - CHUNK) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
+    for (int64_t j = 0; j < CHUNK; j++) {
+      float v = clean(span[j]);
+      if (len == m && !(v > best[m - 1])) continue;
+      int64_t i = len < m ? len++ : m - 1;
+      for (; i > 0 && best[i - 1] < v; i--) best[i] = best[i - 1];
+      best[i] = v;
+    }
+  }
+  return len == m ? best[m - 1] : -INFINITY;
+}
+
+/* Sort the n entries by value descending, then id ascending (LSD radix sort on 64-bit keys). */
+static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t bits;
+    memcpy(&bits, &buf[i].v, 4);
+    bits = bits >> 31 ? ~bits : bits | 0x80000000u; /* ascending as unsigned */
+    keys[i] = (uint64_t)~bits << 32 | (uint64_t)buf[i].id;
+  }
+  for (int shift = 0; shift < 64; shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; i++) count[(keys[i] >> shift & 0xFF) + 1]++;
+    if (count[(keys[0] >> shift & 0xFF) + 1] == n) continue; /* one digit value: nothing moves */
+    for (int d = 0; d < 256; d++) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; i++) tmp[count[keys[i] >> shift & 0xFF]++] = keys[i];
+    memcpy(keys, tmp, sizeof(uint64_t) * n);
+  }
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t bits = ~(uint32_t)(keys[i] >> 32);
+    bits = bits >> 31 ? bits & 0x7FFFFFFFu : ~bits;
+    memcpy(&buf[i].v, &bits, 4);
+    buf[i].id = (int64_t)(keys[i] & 0xFFFFFFFFu);
+  }
+}
+
+/* One row: candidates into t, *mass (when asked) as row_mass would give it. */
+static void scan_row(const float *src, const float *patch, const uint32_t *set, int64_t vocab,
+                     float temperature, int want_mass, top_n *t, double *mass) {
+  float chunk[CHUNK] __attribute__((aligned(32)));
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 tv = _mm256_set1_ps(temperature), big = _mm256_set1_ps(FLT_MAX);
+  float m = -INFINITY; /* the largest y so far */
+  double total = 0.0;
+  for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
+    int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= len; j += 8) {
+      __m256 x = clean8(_mm256_loadu_ps(src + c0 + j));
+      uint32_t hit = set ? (set[(c0 + j) >> 5] >> ((c0 + j) & 24)) & 0xFFu : 0;
+      if (hit) {
+        __m256i sel = _mm256_and_si256(_mm256_set1_epi32((int)hit), lane_bit);
+        __m256 use = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
+        x = _mm256_blendv_ps(x, _mm256_loadu_ps(patch + c0 + j), use);
+      }
+      _mm256_store_ps(chunk + j, x);
+      mv = _mm256_max_ps(mv, x);
+    }
+    float cmax = hmax8(mv);
+    for (; j < len; j++) {
+      int64_t id = c0 + j;
+      chunk[j] = set && (set[id >> 5] >> (id & 31) & 1u) ? patch[id] : clean(src[id]);
+      cmax = chunk[j] > cmax ? chunk[j] : cmax;
+    }
+    if (t->open) {
+      for (j = 0; j < len; j++)
+        if (t->open || chunk[j] > t->threshold) top_push(t, chunk[j], c0 + j);
+    } else if (cmax > t->threshold) {
+      for (j = 0; j + 8 <= len; j += 8) {
+        __m256 v = _mm256_load_ps(chunk + j);
+        int hits = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(t->threshold), _CMP_GT_OQ));
+        for (; hits; hits &= hits - 1) {
+          int lane = __builtin_ctz(hits);
+          if (chunk[j + lane] > t->threshold) top_push(t, chunk[j + lane], c0 + j + lane);
+        }
+      }
+      for (; j < len; j++)
+        if (chunk[j] > t->threshold) top_push(t, chunk[j], c0 + j);
+    }
+    if (!want_mass || cmax == -INFINITY) continue;
+    float cm = y_of(cmax, temperature);
+    if (cm > m) {
+      total = m == -INFINITY ? 0.0 : total * exp((double)m - (double)cm);
+      m = cm;
+    }
+    __m256 acc = _mm256_setzero_ps(), mm = _mm256_set1_ps(m);
+    for (j = 0; j + 8 <= len; j += 8) {
+      __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_load_ps(chunk + j), tv));
+      acc = _mm256_add_ps(acc, exp_neg(_mm256_sub_ps(y, mm)));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+    for (; j < len; j++) total += (double)expf(y_of(chunk[j], temperature) - m);
+  }
+  *mass = m == -INFINITY ? NAN : total; /* torch: exp(-inf - -inf) */
+}
+
+/* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
+ * patch_ids[r, :width] (-1: padding; NULL: none) read from patch[r * vocab + id] instead.
+ * values/ids [rows, n] as winnow_top_candidates; mass[r] as winnow_total_mass where want_mass[r]
+ * (NULL: no row). */
+void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t stride,
+                      const int64_t *order, const int64_t *patch_ids, int64_t width,
+                      const float *patch, int64_t n, const float *temperature,
+                      const unsigned char *want_mass, float *values, int64_t *ids, double *mass,
+                      int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (rows > 1)
+  {
+    entry *buf = malloc(sizeof(entry) * 2 * n);
+    uint64_t *keys = malloc(sizeof(uint64_t) * 2 * n);
+    uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const int64_t *row_ids = patch_ids ? patch_ids + r * width : NULL;
+      const float *row = src + (order ? order[r] : r) * stride;
+      const float *row_patch = patch ? patch + r * vocab : NULL;
+      for (int64_t i = 0; set && i < width; i++)
+        if (row_ids[i] >= 0) set[row_ids[i] >> 5] |= 1u << (row_ids[i] & 31);
+      float guess = sample_threshold(row, vocab, n);
+      top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY)};
+      int wanted = want_mass && want_mass[r];
+      double unused;
+      scan_row(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + r : &unused);
+      if (t.len < n && !t.open) { /* fewer than n reach the guess: again, without it */
+        t = (top_n){buf, 0, n, 1, -INFINITY};
+        scan_row(row, row_patch, set, vocab, temperature[r], 0, &t, &unused);
+      }
+      if (t.len > n) select_best(buf, t.len, n);
+      sort_entries(buf, n, keys, keys + n);
+      for (int64_t i = 0; i < n; i++) {
+        values[r * n + i] = buf[i].v;
+        ids[r * n + i] = buf[i].id;
+      }
+      for (int64_t i = 0; set && i < width; i++)
+        if (row_ids[i] >= 0) set[row_ids[i] >> 5] &= ~(1u << (row_ids[i] & 31));
+    }
+    free(buf);
+    free(keys);
+    free(set);
   }
 }
