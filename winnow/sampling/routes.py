@@ -191,20 +191,37 @@ class Routes:
 
     def _thresholded_sourced(self, step: Step, rows: slice, params: RowParams, width: int) -> None:
         """The thresholded route from the model's logits with the C kernels: one pass per row
-        for the candidates and the top_p normaliser, then the pick on the slice."""
+        for the candidates and bounds on the top_p normaliser, then the pick on the slice. Rows
+        whose bounds keep different tokens, or whose slice overflows (widen reads the
+        normaliser), get the exact normaliser and, where undecided, are picked again."""
         source = step.source
         assert source is not None and self.mix_table is not None
         patch_ids = None if source.patch_ids is None else source.patch_ids[rows]
-        want_mass = torch.arange(rows.stop - rows.start) < step.mass_rows
-        values, ids, mass = row_stats.scan_rows(
+        mass_rows = torch.arange(rows.stop - rows.start) < step.mass_rows
+        values, ids, bounds = row_stats.scan_rows(
             source.logits, source.order[rows], patch_ids, step.z[rows], width,
-            params.floats[:, TEMPERATURE], want_mass if step.mass_rows else None,
+            params.floats[:, TEMPERATURE], mass_rows if step.mass_rows else None,
         )  # fmt: skip
-        step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
-        step.total_mass[rows] = mass
-        tokens, overflow = gumbel_max.slice_pick(
-            values, ids, _slice_params(params, mass), self.mix_table
+        pick_params = _slice_params(params, bounds)
+        tokens, overflow, undecided = gumbel_max.slice_pick(
+            values, ids, pick_params, self.mix_table
         )
+        exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
+        if exact.size:
+            self.load(step, exact + rows.start)
+            index = torch.from_numpy(exact)
+            z = step.z[rows].index_select(0, index)
+            temperature = params.floats[:, TEMPERATURE].index_select(0, index)
+            mass = row_stats.total_mass(z, temperature, values[:, 0].index_select(0, index))
+            bounds[exact] = mass[:, None].expand(-1, 2)
+            pick_params["total_mass"][exact] = pick_params["total_mass_hi"][exact] = mass.numpy()
+            again = gumbel_max.slice_pick(
+                values.index_select(0, index), ids.index_select(0, index),
+                pick_params[exact], self.mix_table,
+            )  # fmt: skip
+            tokens[index], overflow[index] = again[0], again[1]
+        step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
+        step.total_mass[rows] = bounds[:, 0]
         step.tokens[rows] = tokens
         step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
         step.overflow[rows] = overflow
@@ -338,10 +355,10 @@ class Routes:
         return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)
 
 
-def _slice_params(params: RowParams, total_mass: torch.Tensor) -> np.ndarray:
-    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records)."""
+def _slice_params(params: RowParams, mass_bounds: torch.Tensor) -> np.ndarray:
+    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records); mass_bounds [b, 2]."""
     floats = params.floats.numpy()
-    out = np.empty(len(total_mass), dtype=gumbel_max.SLICE_ROW)
+    out = np.empty(len(mass_bounds), dtype=gumbel_max.SLICE_ROW)
     for name, column in (
         ("temperature", TEMPERATURE),
         ("top_p", TOP_P_V),
@@ -351,7 +368,8 @@ def _slice_params(params: RowParams, total_mass: torch.Tensor) -> np.ndarray:
     ):
         out[name] = floats[:, column]
     out["top_k"], out["seed"] = params.top_k.numpy(), params.seeds.numpy()
-    out["position"], out["total_mass"] = params.positions.numpy(), total_mass.numpy()
+    out["position"] = params.positions.numpy()
+    out["total_mass"], out["total_mass_hi"] = mass_bounds[:, 0].numpy(), mass_bounds[:, 1].numpy()
     return out
 
 

@@ -40,6 +40,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define FMIX_1 0x85EBCA6Bu
 #define FMIX_2 0xC2B2AE35u
@@ -243,7 +244,7 @@ static uint32_t row_key(int64_t seed, int64_t position, uint32_t stream) {
 typedef struct {
   float temperature, top_p, min_p, xtc_probability, xtc_threshold;
   int64_t top_k, seed, position;
-  double total_mass; /* the top_p normaliser of a row without top_k (else unused) */
+  double total_mass, total_mass_hi; /* bounds on the top_p normaliser of a row without top_k */
 } slice_row;
 
 /* torch.cummax's rule: NaN, once seen, stays. */
@@ -251,30 +252,48 @@ static inline double cummax(double run, double x) {
   return isnan(run) ? run : isnan(x) || x > run ? x : run;
 }
 
+/* out[i] = keep[i] and the mass strictly more likely than token i's value group is < top_p
+ * (weights / mass, summed in order; out may be keep). The survivors only grow with mass. */
+static void nucleus(const float *ys, const double *weight, int64_t n, double mass, float top_p,
+                    const unsigned char *keep, unsigned char *out) {
+  double cum = 0.0, above = -INFINITY;
+  for (int64_t i = 0; i < n; i++) {
+    if (i == 0 || ys[i] != ys[i - 1]) above = cummax(above, cum);
+    cum += weight[i] / mass;
+    out[i] = keep[i] && above < (double)top_p;
+  }
+}
+
 /* The pick on one row's slice: values/ids [n] sorted by value descending (no NaN); scratch ys
- * [n] float, weight [n] double, keep [n] bytes. Returns the token; *overflow as
- * truncation.slice_overflows. Every step is the torch expression's, in the same precision. */
+ * [n] float, weight [n] double, keep and wide [n] bytes. Returns the token; *overflow as
+ * truncation.slice_overflows; *undecided when the normaliser's bounds keep different tokens
+ * (the token is then not the row's: the caller brings the exact normaliser). Every step is the
+ * torch expression's, in the same precision. */
 static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int64_t vocab,
                         const slice_row *p, const uint32_t *mix, float *ys, double *weight,
-                        unsigned char *keep, unsigned char *overflow) {
+                        unsigned char *keep, unsigned char *wide, unsigned char *overflow,
+                        unsigned char *undecided) {
   for (int64_t i = 0; i < n; i++) ys[i] = y_of(values[i], p->temperature);
   const float row_max = ys[0];
   const int k_on = p->top_k > 0;
   const float kth = ys[(p->top_k < 1 ? 1 : p->top_k > n ? n : p->top_k) - 1];
   const float floor_k = k_on ? kth : -INFINITY;
   for (int64_t i = 0; i < n; i++) keep[i] = ys[i] >= floor_k;
+  *undecided = 0;
   if (p->top_p < 1.0f) { /* truncation.sorted_survivors' nucleus */
     double mass = 0.0;
     for (int64_t i = 0; i < n; i++) {
       weight[i] = keep[i] && ys[i] > -INFINITY ? (double)expf(ys[i] - row_max) : 0.0;
       mass += weight[i];
     }
-    if (!k_on) mass = p->total_mass;
-    double cum = 0.0, above = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-      if (i == 0 || ys[i] != ys[i - 1]) above = cummax(above, cum); /* mass strictly before */
-      cum += weight[i] / mass;
-      keep[i] = keep[i] && above < (double)p->top_p;
+    if (k_on) {
+      nucleus(ys, weight, n, mass, p->top_p, keep, keep);
+    } else if (p->total_mass == p->total_mass_hi) {
+      nucleus(ys, weight, n, p->total_mass, p->top_p, keep, keep);
+    } else { /* the same survivors for both bounds are the survivors for the exact normaliser */
+      nucleus(ys, weight, n, p->total_mass_hi, p->top_p, keep, wide);
+      nucleus(ys, weight, n, p->total_mass, p->top_p, keep, keep);
+      *undecided = memcmp(keep, wide, n) != 0;
     }
   }
   if (p->min_p > 0.0f) {
@@ -331,19 +350,21 @@ static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int6
 }
 
 /* The thresholded route's pick for rows r < rows of a candidate slice (values [rows, n] float32,
- * ids [rows, n] int64, each row sorted by value descending): tokens[r] and overflow[r] (bytes). */
+ * ids [rows, n] int64, each row sorted by value descending): tokens[r], overflow[r] and
+ * undecided[r] (bytes; see pick_row). */
 void winnow_slice_pick(const float *values, const int64_t *ids, int64_t rows, int64_t n,
                        int64_t vocab, const slice_row *params, const uint32_t *mix,
-                       int64_t *tokens, unsigned char *overflow, int nthreads) {
+                       int64_t *tokens, unsigned char *overflow, unsigned char *undecided,
+                       int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
     float *ys = malloc(sizeof(float) * n);
     double *weight = malloc(sizeof(double) * n);
-    unsigned char *keep = malloc(n);
+    unsigned char *keep = malloc(2 * n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
       tokens[r] = pick_row(values + r * n, ids + r * n, n, vocab, params + r, mix, ys, weight,
-                           keep, overflow + r);
+                           keep, keep + n, overflow + r, undecided + r);
     free(ys);
     free(weight);
     free(keep);

@@ -36,7 +36,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_gumbel_argmax.restype = None
-    lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 4, ctypes.c_int]
+    lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 5, ctypes.c_int]
     lib.winnow_slice_pick.restype = None
     wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"
     lib.winnow_gumbel_init(int(wanted))
@@ -126,6 +126,7 @@ SLICE_ROW = np.dtype(
         ("seed", np.int64),
         ("position", np.int64),
         ("total_mass", np.float64),
+        ("total_mass_hi", np.float64),
     ],
     align=True,
 )
@@ -133,11 +134,14 @@ SLICE_ROW = np.dtype(
 
 def slice_pick(
     values: torch.Tensor, ids: torch.Tensor, params: np.ndarray, token_mix: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thresholded route's pick on candidate slices (routes.Routes._pick in C): values [b, n]
     float32 and ids [b, n] int64, each row sorted by value descending; params [b] of SLICE_ROW
-    (top_k 0 = off, top_p 1 = off, min_p 0 = off, XTC off at probability 0). Returns (tokens
-    [b] int64, overflow [b] bool: the slice may miss a survivor of the whole row)."""
+    (top_k 0 = off, top_p 1 = off, min_p 0 = off, XTC off at probability 0; total_mass and
+    total_mass_hi bound the top_p normaliser of a row without top_k, equal when it is known).
+    Returns (tokens [b] int64, overflow [b] bool: the slice may miss a survivor of the whole
+    row, undecided [b] bool: the bounds keep different tokens, so the row's token is not known
+    until it is picked again with its exact normaliser)."""
     lib = _library()
     assert lib is not None and values.dtype == torch.float32 and ids.dtype == torch.int64
     rows, n = values.shape
@@ -146,13 +150,14 @@ def slice_pick(
     params = np.ascontiguousarray(params)
     tokens = torch.empty(rows, dtype=torch.int64)
     overflow = torch.empty(rows, dtype=torch.bool)
+    undecided = torch.empty(rows, dtype=torch.bool)
     if rows:
         lib.winnow_slice_pick(
             values.data_ptr(), ids.data_ptr(), rows, n, token_mix.shape[0],
             params.ctypes.data, token_mix.data_ptr(), tokens.data_ptr(), overflow.data_ptr(),
-            torch.get_num_threads(),
+            undecided.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
-    return tokens, overflow
+    return tokens, overflow, undecided
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -19,8 +19,14 @@
  *   FLT_MAX on the fly) with the patched tokens' values (penalties, bias, bans) taken from the
  *   sampler's work buffer. It goes through the row in chunks of CHUNK tokens: the chunk is
  *   cleaned into L1 with its maximum; candidates are looked for only in a chunk whose maximum
- *   beats the n-th best so far; the normaliser is kept against the running maximum (rescaled in
- *   double when it rises), from float32 exps summed per lane over a chunk, then in double.
+ *   beats the n-th best so far. The normaliser comes as bounds [lo, hi] on sum_j exp(y_j - max y)
+ *   (as total_mass computes it, whatever the last bits of its exps): chunks with a token within
+ *   e^-NEAR of the maximum so far take float32 exps as winnow_total_mass does (held to
+ *   EXACT_SLACK), and the rest, the flat bulk of an LM's row, an upper-bound exp of two
+ *   instructions: float bits 2^23 * (x log2 e + 127) read as a float are 2^floor(v) * (1 + frac(v))
+ *   for v = x log2 e, over 2^v by a factor in [1, 1.0616) (a chord of the convex 2^f). Both sums
+ *   are kept against the running maximum (rescaled in double when it rises). The caller decides
+ *   top_p with both bounds and asks for the exact sum only where they disagree.
  *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
@@ -311,14 +317,21 @@ static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
   }
 }
 
-/* One row: candidates into t, *mass (when asked) as row_mass would give it. */
+/* The normaliser's bounds (see winnow_scan_rows). */
+#define NEAR 5.0f          /* chunks whose tokens are all below e^-NEAR of the maximum so far */
+#define ROUGH_OVER 1.0616  /* the upper-bound exp is at most this factor over e^x */
+#define ROUGH_SLACK 1e-4   /* its argument's float32 rounding, and the rescales */
+#define EXACT_SLACK 4e-6   /* float32 exps of differences rounded to float32, as torch's */
+
+/* One row: candidates into t; when want_mass, mass[0] <= sum_j exp(y_j - max y) <= mass[1]
+ * (winnow_scan_rows). */
 static void scan_row(const float *src, const float *patch, const uint32_t *set, int64_t vocab,
                      float temperature, int want_mass, top_n *t, double *mass) {
   float chunk[CHUNK] __attribute__((aligned(32)));
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 tv = _mm256_set1_ps(temperature), big = _mm256_set1_ps(FLT_MAX);
   float m = -INFINITY; /* the largest y so far */
-  double total = 0.0;
+  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and upper-bound terms */
   for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
     int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
     __m256 mv = _mm256_set1_ps(-INFINITY);
@@ -357,26 +370,46 @@ static void scan_row(const float *src, const float *patch, const uint32_t *set, 
     if (!want_mass || cmax == -INFINITY) continue;
     float cm = y_of(cmax, temperature);
     if (cm > m) {
-      total = m == -INFINITY ? 0.0 : total * exp((double)m - (double)cm);
+      double rescale = m == -INFINITY ? 0.0 : exp((double)m - (double)cm);
+      total *= rescale;
+      rough *= rescale;
       m = cm;
+    }
+    float lanes[8];
+    if (cm < m - NEAR && fabsf(m) <= 256.0f) { /* terms < e^-NEAR: the upper-bound exp */
+      const float a = 0x1p23f * 1.44269504088896341f / temperature;
+      const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(0x1p23f * 127.0f - a * temperature * m);
+      __m256 acc = _mm256_setzero_ps();
+      for (j = 0; j + 8 <= len; j += 8) {
+        __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(_mm256_load_ps(chunk + j), av, bv), _mm256_setzero_ps());
+        acc = _mm256_add_ps(acc, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits)));
+      }
+      _mm256_storeu_ps(lanes, acc);
+      for (int i = 0; i < 8; i++) rough += lanes[i];
+      for (; j < len; j++) rough += exp((double)(y_of(chunk[j], temperature) - m)) * ROUGH_OVER;
+      continue;
     }
     __m256 acc = _mm256_setzero_ps(), mm = _mm256_set1_ps(m);
     for (j = 0; j + 8 <= len; j += 8) {
       __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_load_ps(chunk + j), tv));
       acc = _mm256_add_ps(acc, exp_neg(_mm256_sub_ps(y, mm)));
     }
-    float lanes[8];
     _mm256_storeu_ps(lanes, acc);
     for (int i = 0; i < 8; i++) total += lanes[i];
     for (; j < len; j++) total += (double)expf(y_of(chunk[j], temperature) - m);
   }
-  *mass = m == -INFINITY ? NAN : total; /* torch: exp(-inf - -inf) */
+  if (m == -INFINITY) { /* torch: exp(-inf - -inf) */
+    mass[0] = mass[1] = NAN;
+    return;
+  }
+  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH_OVER * (1.0 - ROUGH_SLACK);
+  mass[1] = total * (1.0 + EXACT_SLACK) + rough * (1.0 + ROUGH_SLACK) + (double)vocab * 0x1p-120;
 }
 
 /* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
  * patch_ids[r, :width] (-1: padding; NULL: none) read from patch[r * vocab + id] instead.
- * values/ids [rows, n] as winnow_top_candidates; mass[r] as winnow_total_mass where want_mass[r]
- * (NULL: no row). */
+ * values/ids [rows, n] as winnow_top_candidates; where want_mass[r] (NULL: no row),
+ * mass[2r] <= winnow_total_mass's value <= mass[2r + 1] (see the top). */
 void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t stride,
                       const int64_t *order, const int64_t *patch_ids, int64_t width,
                       const float *patch, int64_t n, const float *temperature,
@@ -397,11 +430,11 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
       float guess = sample_threshold(row, vocab, n);
       top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY)};
       int wanted = want_mass && want_mass[r];
-      double unused;
-      scan_row(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + r : &unused);
+      double unused[2];
+      scan_row(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + 2 * r : unused);
       if (t.len < n && !t.open) { /* fewer than n reach the guess: again, without it */
         t = (top_n){buf, 0, n, 1, -INFINITY};
-        scan_row(row, row_patch, set, vocab, temperature[r], 0, &t, &unused);
+        scan_row(row, row_patch, set, vocab, temperature[r], 0, &t, unused);
       }
       if (t.len > n) select_best(buf, t.len, n);
       sort_entries(buf, n, keys, keys + n);

@@ -145,14 +145,14 @@ def scan_rows(
     """The thresholded route's pass over rows of the model's logits: row r is logits[order[r]]
     cleaned (NaN -> -inf, +inf -> FLOAT32_MAX), with the tokens in patch_ids[r] (-1: padding)
     read from patch[r] (the work buffer's rows [b, V]) instead. Returns (values, ids) [b, n] as
-    `top_candidates` and, for the rows where want_mass [b] (bool) holds, the `total_mass`
-    normaliser (1.0 elsewhere), all in one pass per row."""
+    `top_candidates` and [b, 2] float64 bounds (lo, hi) on what `total_mass` gives for the rows
+    where want_mass [b] (bool) holds (1.0 elsewhere), all in one pass per row."""
     lib = _checked(logits)
     rows, vocab = patch.shape
     assert patch.is_contiguous() and logits.shape[1] == vocab
     values = torch.empty(rows, n, dtype=torch.float32)
     ids = torch.empty(rows, n, dtype=torch.int64)
-    mass = torch.ones(rows, dtype=torch.float64)
+    mass = torch.ones(rows, 2, dtype=torch.float64)
     order = None if order is None else order.contiguous()
     patch_ids = None if patch_ids is None else patch_ids.contiguous()
     width = 0 if patch_ids is None else patch_ids.shape[1]
