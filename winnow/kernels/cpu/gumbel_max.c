@@ -19,7 +19,12 @@
  * log2; less a margin for float rounding). Then y_j - c_j >= s_j bounds the score from above,
  * rounding being monotone, and a token whose bound does not beat the best exact score seen so
  * far cannot win: it is dropped after a hash and a few vector ops; the rest (the bound is within
- * ~0.06 of the exact score where noise is large) get their exact score.
+ * ~0.06 of the exact score where noise is large) get their exact score. The test itself is
+ * taken without the division: with c_j = k_j * C_SCALE + C_OFFSET (k_j the bits as a float),
+ * y_j - c_j > best is z_j * (1 / (T C_SCALE)) + (MARGIN - best - C_OFFSET) / C_SCALE > k_j, one
+ * multiply-add against the bits; MARGIN (relative to |best|) covers the product's and the
+ * constants' roundings for every y_j near enough to best to matter (a token far above best
+ * passes anyway, one far below cannot win).
  *
  * A NaN logit never wins (its bound and score compare false), so a row of raw logits gets the
  * pick the sampler's NaN -> -inf rule gives; an all-NaN / -inf row returns token 0. When asked,
@@ -56,6 +61,13 @@ static inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 13;
   x *= FMIX_2;
   return x ^ (x >> 16);
+}
+
+/* The constant of the division-free bound test for the best score so far (see the top);
+ * +inf while nothing has been scored, so that every finite token is scored. */
+static inline float bound_offset(float best) {
+  double margin = (fabs((double)best) + 64.0) * 0x1p-20;
+  return (float)((margin - (double)best - (double)C_OFFSET) / (double)C_SCALE);
 }
 
 static inline float noise_a(uint32_t bits) {
@@ -114,7 +126,8 @@ static int64_t row_avx2(const float *z, const float *patch, const uint32_t *set,
   int64_t best_j = 0, j = 0;
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
   const __m256i keyv = _mm256_set1_epi32((int)key), ones = _mm256_set1_epi32(-1);
-  const __m256 scale = _mm256_set1_ps(C_SCALE), offset = _mm256_set1_ps(C_OFFSET);
+  const __m256 a = _mm256_set1_ps(1.0f / t / C_SCALE);
+  __m256 b = _mm256_set1_ps(bound_offset(best));
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (; j + 8 <= vocab; j += 8) {
     __m256 x = _mm256_loadu_ps(z + j);
@@ -124,20 +137,19 @@ static int64_t row_avx2(const float *z, const float *patch, const uint32_t *set,
       __m256 use = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
       x = _mm256_blendv_ps(x, _mm256_loadu_ps(patch + j), use);
     }
-    __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, x), tv));
-    if (y_out) _mm256_storeu_ps(y_out + j, y);
+    if (y_out) _mm256_storeu_ps(y_out + j, _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, x), tv)));
     __m256i bits = fmix32_8(_mm256_xor_si256(keyv, _mm256_loadu_si256((const __m256i *)(mix + j))));
     __m256 w = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(bits, ones), 8));
-    __m256 c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(w)), scale, offset);
-    __m256 bound = _mm256_sub_ps(y, c);
-    int hits = _mm256_movemask_ps(_mm256_cmp_ps(bound, _mm256_set1_ps(best), _CMP_GT_OQ));
+    __m256 k = _mm256_cvtepi32_ps(_mm256_castps_si256(w));
+    int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(x, a, b), k, _CMP_GT_OQ));
     if (hits) {
-      float ys[8];
-      _mm256_storeu_ps(ys, y);
+      float xs[8];
+      _mm256_storeu_ps(xs, x);
       for (; hits; hits &= hits - 1) {
         int lane = __builtin_ctz(hits);
-        consider(ys[lane], key, mix[j + lane], j + lane, &best, &best_j);
+        consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, &best, &best_j);
       }
+      b = _mm256_set1_ps(bound_offset(best));
     }
   }
   for (; j < vocab; j++) {
@@ -165,25 +177,25 @@ static AVX512 int64_t row_avx512(const float *z, const float *patch, const uint3
   int64_t best_j = 0, j = 0;
   const __m512 tv = _mm512_set1_ps(t), big = _mm512_set1_ps(FLT_MAX);
   const __m512i keyv = _mm512_set1_epi32((int)key), ones = _mm512_set1_epi32(-1);
-  const __m512 scale = _mm512_set1_ps(C_SCALE), offset = _mm512_set1_ps(C_OFFSET);
+  const __m512 a = _mm512_set1_ps(1.0f / t / C_SCALE);
+  __m512 b = _mm512_set1_ps(bound_offset(best));
   for (; j + 16 <= vocab; j += 16) {
     __m512 x = _mm512_loadu_ps(z + j);
     __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
     if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
-    __m512 y = _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), tv));
-    if (y_out) _mm512_storeu_ps(y_out + j, y);
+    if (y_out) _mm512_storeu_ps(y_out + j, _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), tv)));
     __m512i bits = fmix32_16(_mm512_xor_si512(keyv, _mm512_loadu_si512(mix + j)));
     __m512 w = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_xor_si512(bits, ones), 8));
-    __m512 c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(w)), scale, offset);
-    __m512 bound = _mm512_sub_ps(y, c);
-    unsigned hits = _mm512_cmp_ps_mask(bound, _mm512_set1_ps(best), _CMP_GT_OQ);
+    __m512 k = _mm512_cvtepi32_ps(_mm512_castps_si512(w));
+    unsigned hits = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, a, b), k, _CMP_GT_OQ);
     if (hits) {
-      float ys[16];
-      _mm512_storeu_ps(ys, y);
+      float xs[16];
+      _mm512_storeu_ps(xs, x);
       for (; hits; hits &= hits - 1) {
         int lane = __builtin_ctz(hits);
-        consider(ys[lane], key, mix[j + lane], j + lane, &best, &best_j);
+        consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, &best, &best_j);
       }
+      b = _mm512_set1_ps(bound_offset(best));
     }
   }
   for (; j < vocab; j++) {
