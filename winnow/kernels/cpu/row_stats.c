@@ -198,6 +198,7 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
 }
 
 #define CHUNK 256
+#define PREFETCH (4 * CHUNK) /* tokens ahead: the row streams from memory once */
 
 static inline __m256 clean8(__m256 x) {
   return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
@@ -334,6 +335,8 @@ static void scan_row(const float *src, const float *patch, const uint32_t *set, 
   double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and upper-bound terms */
   for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
     int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
+    for (int64_t line = 0; c0 + PREFETCH + line < vocab && line < CHUNK; line += 16)
+      _mm_prefetch((const char *)(src + c0 + PREFETCH + line), _MM_HINT_T0);
     __m256 mv = _mm256_set1_ps(-INFINITY);
     for (; j + 8 <= len; j += 8) {
       __m256 x = clean8(_mm256_loadu_ps(src + c0 + j));
@@ -406,6 +409,130 @@ static void scan_row(const float *src, const float *patch, const uint32_t *set, 
   mass[1] = total * (1.0 + EXACT_SLACK) + rough * (1.0 + ROUGH_SLACK) + (double)vocab * 0x1p-120;
 }
 
+
+#define AVX512 __attribute__((target("avx512f")))
+
+static int use_avx512 = 0;
+
+/* Pick the ISA of winnow_scan_rows; returns whether AVX-512 is in use. */
+int winnow_row_stats_init(int wanted_avx512) {
+  __builtin_cpu_init();
+  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
+  return use_avx512;
+}
+
+/* Tokens j..j+15 of a row, cleaned, with the patched ones blended in. */
+static inline AVX512 __m512 row16(const float *src, const float *patch, const uint32_t *set,
+                                  int64_t j) {
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(FLT_MAX),
+                           _mm512_max_ps(_mm512_loadu_ps(src + j), _mm512_set1_ps(-INFINITY)));
+  __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
+  return hit ? _mm512_mask_loadu_ps(x, hit, patch + j) : x;
+}
+
+static inline AVX512 float row1(const float *src, const float *patch, const uint32_t *set,
+                                int64_t j) {
+  return set && (set[j >> 5] >> (j & 31) & 1u) ? patch[j] : clean(src[j]);
+}
+
+/* exp(x) for x <= 0 as exp_neg, 16 lanes. */
+static inline AVX512 __m512 exp_neg16(__m512 x) {
+  const __m512 low = _mm512_set1_ps(-87.3f);
+  __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, low);
+  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+}
+
+/* scan_row with 16 lanes and no chunk copy: the chunk's first read takes its maximum, its
+ * candidates (a compare per vector) and, when the normaliser is asked and the chunk ends up far
+ * below the maximum, its upper-bound exps; a chunk that needs exact exps (or the first 2n
+ * tokens, without a guessed threshold) is read again from L1. */
+static AVX512 void scan_row_avx512(const float *src, const float *patch, const uint32_t *set,
+                                   int64_t vocab, float temperature, int want_mass, top_n *t,
+                                   double *mass) {
+  const __m512 tv = _mm512_set1_ps(temperature), big = _mm512_set1_ps(FLT_MAX);
+  const float a = 0x1p23f * 1.44269504088896341f / temperature;
+  float m = -INFINITY; /* the largest y so far */
+  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and upper-bound terms */
+  for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
+    int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
+    for (int64_t line = 0; c0 + PREFETCH + line < vocab && line < CHUNK; line += 16)
+      _mm_prefetch((const char *)(src + c0 + PREFETCH + line), _MM_HINT_T0);
+    int fast = want_mass && m > -INFINITY && fabsf(m) <= 256.0f;
+    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(0x1p23f * 127.0f - a * temperature * m);
+    __m512 mv = _mm512_set1_ps(-INFINITY), acc = _mm512_setzero_ps();
+    const int open = t->open;
+    for (; j + 16 <= len; j += 16) {
+      __m512 x = row16(src, patch, set, c0 + j);
+      mv = _mm512_max_ps(mv, x);
+      if (fast) {
+        __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(x, av, bv), _mm512_setzero_ps());
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
+      }
+      unsigned hits = open ? 0 : _mm512_cmp_ps_mask(x, _mm512_set1_ps(t->threshold), _CMP_GT_OQ);
+      if (hits) {
+        float xs[16];
+        _mm512_storeu_ps(xs, x);
+        for (; hits; hits &= hits - 1) {
+          int lane = __builtin_ctz(hits);
+          if (xs[lane] > t->threshold) top_push(t, xs[lane], c0 + j + lane);
+        }
+      }
+    }
+    float cmax = _mm512_reduce_max_ps(mv);
+    for (int64_t i = j; i < len; i++) {
+      float v = row1(src, patch, set, c0 + i);
+      cmax = v > cmax ? v : cmax;
+      if (!open && v > t->threshold) top_push(t, v, c0 + i);
+    }
+    if (open) {
+      for (j = 0; j < len; j++) {
+        float v = row1(src, patch, set, c0 + j);
+        if (t->open || v > t->threshold) top_push(t, v, c0 + j);
+      }
+    }
+    if (!want_mass || cmax == -INFINITY) continue;
+    float cm = y_of(cmax, temperature);
+    if (fast && cm < m - NEAR) { /* terms < e^-NEAR: the upper-bound exps already taken */
+      rough += _mm512_reduce_add_ps(acc);
+      for (j = len & ~(int64_t)15; j < len; j++)
+        rough += exp((double)(y_of(row1(src, patch, set, c0 + j), temperature) - m)) * ROUGH_OVER;
+      continue;
+    }
+    if (cm > m) {
+      double rescale = m == -INFINITY ? 0.0 : exp((double)m - (double)cm);
+      total *= rescale;
+      rough *= rescale;
+      m = cm;
+    }
+    __m512 sum = _mm512_setzero_ps(), mm = _mm512_set1_ps(m);
+    for (j = 0; j + 16 <= len; j += 16) {
+      __m512 y = _mm512_min_ps(big, _mm512_div_ps(row16(src, patch, set, c0 + j), tv));
+      sum = _mm512_add_ps(sum, exp_neg16(_mm512_sub_ps(y, mm)));
+    }
+    total += _mm512_reduce_add_ps(sum);
+    for (; j < len; j++) total += (double)expf(y_of(row1(src, patch, set, c0 + j), temperature) - m);
+  }
+  if (m == -INFINITY) { /* torch: exp(-inf - -inf) */
+    mass[0] = mass[1] = NAN;
+    return;
+  }
+  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH_OVER * (1.0 - ROUGH_SLACK);
+  mass[1] = total * (1.0 + EXACT_SLACK) + rough * (1.0 + ROUGH_SLACK) + (double)vocab * 0x1p-120;
+}
+
 /* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
  * patch_ids[r, :width] (-1: padding; NULL: none) read from patch[r * vocab + id] instead.
  * values/ids [rows, n] as winnow_top_candidates; where want_mass[r] (NULL: no row),
@@ -431,10 +558,12 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
       top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY)};
       int wanted = want_mass && want_mass[r];
       double unused[2];
-      scan_row(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + 2 * r : unused);
+      void (*scan)(const float *, const float *, const uint32_t *, int64_t, float, int, top_n *,
+                   double *) = use_avx512 ? scan_row_avx512 : scan_row;
+      scan(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + 2 * r : unused);
       if (t.len < n && !t.open) { /* fewer than n reach the guess: again, without it */
         t = (top_n){buf, 0, n, 1, -INFINITY};
-        scan_row(row, row_patch, set, vocab, temperature[r], 0, &t, unused);
+        scan(row, row_patch, set, vocab, temperature[r], 0, &t, unused);
       }
       if (t.len > n) select_best(buf, t.len, n);
       sort_entries(buf, n, keys, keys + n);

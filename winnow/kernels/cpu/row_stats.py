@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -38,11 +39,21 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_scan_rows.restype = None
+    lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
+    lib.winnow_row_stats_init.restype = ctypes.c_int
+    lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def use_avx512(wanted: bool) -> bool:
+    """Switch `scan_rows` between its AVX-512 and AVX2 loops (tests); returns whether AVX-512
+    is in use."""
+    lib = _library()
+    return lib is not None and bool(lib.winnow_row_stats_init(int(wanted)))
 
 
 def _checked(z: torch.Tensor) -> ctypes.CDLL:
