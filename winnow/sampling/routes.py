@@ -3,9 +3,13 @@
     Sampler.sample(logits, keys)
       |-- all greedy, nothing to apply ------------------> numpy argmax           (no pipeline)
       |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
-      '-- plan, load (by route), penalise, then per route block of rows:
+      '-- plan, load (by route; on a CPU without logprobs or grammar masks only the tokens
+          stages 1-2 touch: step.Source), penalise, then per route block of rows:
             greedy       argmax of z
             thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
+                           (CPU, in place: one C pass per row for the slice and bounds on the
+                           top_p normaliser, the pick in C; exact normaliser where the bounds
+                           keep different tokens)
                            | a row's slice may miss a survivor (flag, one device->host copy)
                            v
                          widen: a slice of >= wide_candidates (4x the first), same stages
@@ -22,8 +26,11 @@ A slice "overflows" when it might miss a survivor of the whole row; such rows ar
 `widen` (a wider slice) and then, if still flagged, by `redo_exact` (the whole sorted row).
 
 On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the whole-row work
-is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
-normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py).
+is one vectorised pass per row: Gumbel-max (free rows and redo_exact), or the top-n slice with
+the top_p normaliser's bounds (thresholded rows), read from the model's logits with the patched
+tokens blended in; rows that need all of z (greedy, XTC without truncation, widen, redo_exact)
+are loaded on demand (`load`). They pick what the torch expressions below pick
+(tests/sampling/test_gumbel_kernel.py, test_row_stats.py, test_sampler_sourced.py).
 On CUDA the free route's Gumbel-max is one Triton pass per row (winnow/kernels/triton/gumbel_max.py,
 tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run.
 """
