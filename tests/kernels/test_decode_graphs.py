@@ -68,6 +68,10 @@ def test_graph_path_gives_the_plain_paths_tokens(loaded: LoadedModel) -> None:
 
 
 def test_padding_rows_write_only_block_zero(loaded: LoadedModel) -> None:
+    padding_rows_write_only_block_zero(loaded)
+
+
+def padding_rows_write_only_block_zero(loaded: LoadedModel) -> None:
     """Three sequences in bucket 4: the one padding row writes only into block 0; the real rows
     write their own slots and give the plain forward's hidden states (fp32 throughout: the
     tolerance covers the matmul's summation order for another row count)."""

@@ -36,8 +36,14 @@ from winnow.kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from winnow.kernels.torch_attention import TorchAttentionBackend  # noqa: E402
 from winnow.kernels.torch_attention import write_kv as torch_write_kv  # noqa: E402
 from winnow.kernels.triton import TritonAttentionBackend  # noqa: E402
-from winnow.kernels.triton.decode import _decode_kernel, paged_decode, split_count  # noqa: E402
+from winnow.kernels.triton.decode import (  # noqa: E402
+    _decode_kernel,
+    paged_decode,
+    rope_paged_decode,
+    split_count,
+)
 from winnow.kernels.triton.kv_write import write_kv  # noqa: E402
+from winnow.kernels.triton.pointwise import rope_qk  # noqa: E402
 from winnow.kernels.triton.prefill import paged_prefill  # noqa: E402
 from winnow.models import load_model  # noqa: E402
 
@@ -156,26 +162,28 @@ def reference(case: PagedCase, window: int | None) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def score_mass(case: PagedCase) -> float:
+    """max over (query, key) of sum_d |q_d k_d|, scaled as the scores are."""
+    q = case.q.float().abs().cpu()
+    mass = max(torch.einsum("thd,lgd->thlg", q, k.abs()).max().item() for k in case.keys)
+    return mass / math.sqrt(case.shape.head_dim)
+
+
 def tolerance(case: PagedCase) -> float:
     """The bound in the module docstring, from this case's own data."""
     u = UNIT_ROUNDOFF[case.shape.q_dtype]
     if INTERPRETED and case.shape.q_dtype == BF16:
         u *= 2  # truncation, not round-to-nearest
     u32 = UNIT_ROUNDOFF[F32]
-    q = case.q.float().abs().cpu()
     v_max = max(v.abs().max().item() for v in case.values)
-    # max over (query, key) of sum_d |q_d k_d|, scaled as the scores are.
-    score_mass = max(
-        torch.einsum("thd,lgd->thlg", q, k.abs()).max().item() for k in case.keys
-    ) / math.sqrt(case.shape.head_dim)
     longest = max(c + n for c, n in case.lengths)
-    return v_max * (2 * u + u32 * (2 * case.shape.head_dim * score_mass + longest))
+    return v_max * (2 * u + u32 * (2 * case.shape.head_dim * score_mass(case) + longest))
 
 
-def check(out: torch.Tensor, case: PagedCase, window: int | None = None) -> None:
+def check(out: torch.Tensor, case: PagedCase, window: int | None = None, slack: float = 0) -> None:
     expected = reference(case, window)
     assert out.dtype == case.shape.q_dtype and out.shape == expected.shape
-    atol = tolerance(case)
+    atol = tolerance(case) + slack
     torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=0)
 
 
@@ -239,6 +247,92 @@ def test_decode_sliding_window(window: int) -> None:
     case = make_case(SHAPES[2], DECODE_LENGTHS, seed=4)
     tables, lens = case.attn.block_tables, case.attn.seq_lens_tensor
     check(paged_decode(case.q, case.cache, tables, lens, window, 4), case, window)
+
+
+def rope_decode_case(
+    shape: Shape, lengths: list[tuple[int, int]], seed: int
+) -> tuple[PagedCase, tuple[torch.Tensor, ...], torch.Tensor]:
+    """A decode case whose new tokens come un-rotated, as views of one fused qkv row: -> (the
+    case with its q and new keys replaced by their rotation by the separate RoPE + KV-write
+    kernel, the un-rotated (q, k, v, cos, sin), the cache that kernel wrote)."""
+    case = make_case(shape, lengths, seed, write_new=False)
+    tokens, heads, d = case.q.shape
+    kv = shape.kv_heads
+    k, v = case.new_kv()
+    qkv = torch.cat([case.q.flatten(1), k.flatten(1), v.flatten(1)], 1)
+    q, k, v = qkv[:, : heads * d], qkv[:, heads * d : (heads + kv) * d], qkv[:, (heads + kv) * d :]
+    q, k, v = q.view(tokens, heads, d), k.view(tokens, kv, d), v.view(tokens, kv, d)
+    angles = torch.rand(tokens, 1, d // 2, generator=torch.Generator().manual_seed(seed)) * 7
+    cos, sin = (f(angles).to(shape.q_dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    written = case.cache.clone()
+    q_rot, _ = rope_qk(q, k, cos, sin, v, written, case.attn.slot_mapping)
+    case.q = q_rot
+    new_keys = written.view(2, -1, kv, d)[0, case.attn.slot_mapping]  # as the kernels read them
+    for i, (cached, _) in enumerate(case.lengths):
+        case.keys[i][cached:] = new_keys[i].to(shape.q_dtype).float()
+    return case, (q, k, v, cos, sin), written
+
+
+def rotation_slack(case: PagedCase) -> float:
+    """0 under the interpreter, where the fused decode rotates q and k with the very fp32
+    operations of the separate RoPE kernel. A GPU compiler may contract their multiply-adds
+    differently (FMA), leaving q and the new key one ulp of their dtypes apart (<= 2u relative):
+    each score moves by <= 2 (u_q + u_cache) * its mass, the output by <= 2 * that * max|v|."""
+    if INTERPRETED:
+        return 0.0
+    u = UNIT_ROUNDOFF[case.shape.q_dtype] + UNIT_ROUNDOFF[case.shape.cache_dtype]
+    return 4 * u * score_mass(case) * max(v.abs().max().item() for v in case.values)
+
+
+def same_cache(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit under the interpreter; on a GPU a rotated key may be one rounding apart (see
+    `rotation_slack`)."""
+    if INTERPRETED:
+        assert torch.equal(got, expected)
+    else:
+        ulp = expected.float().abs() * 2 * UNIT_ROUNDOFF[expected.dtype]
+        assert ((got.float() - expected.float()).abs() <= ulp).all()
+
+
+# The new token at the start of a split (129 tokens in 3 splits of 64 keys: it is alone in the
+# last one) as well as inside one.
+ROPE_DECODE_LENGTHS = [*DECODE_LENGTHS, (128, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_rope_decode_matches_rope_then_decode(shape: Shape) -> None:
+    """The decode launch with RoPE and the KV write folded in writes the very cache the
+    separate RoPE + KV-write kernel does, and attends, with or without context splits, within
+    the bound of exact attention over the rotated q and keys (the new key taken from registers
+    by the one program whose split holds it)."""
+    case, (q, k, v, cos, sin), written = rope_decode_case(shape, ROPE_DECODE_LENGTHS, seed=9)
+    tables, lens, slots = case.attn.block_tables, case.attn.seq_lens_tensor, case.attn.slot_mapping
+    for splits in (1, 3):
+        cache = case.cache.clone()
+        out = rope_paged_decode(q, k, v, cos, sin, cache, slots, tables, lens, None, splits)
+        same_cache(cache, written)
+        check(out, case, slack=rotation_slack(case))
+
+
+def test_rope_decode_window_and_padding_rows() -> None:
+    """A sliding window, and padding rows (length 0) that give zeros and write nothing."""
+    case, (q, k, v, cos, sin), written = rope_decode_case(SHAPES[2], ROPE_DECODE_LENGTHS, seed=10)
+    tables, slots = case.attn.block_tables, case.attn.slot_mapping
+    for splits in (1, 4):
+        cache = case.cache.clone()
+        real = rope_paged_decode(
+            q, k, v, cos, sin, cache, slots, tables, case.attn.seq_lens_tensor, 7, splits
+        )
+        check(real, case, 7, rotation_slack(case))
+        padded_lens = case.attn.seq_lens_tensor.clone()
+        padded_lens[[0, 2]] = 0
+        cache = case.cache.clone()
+        out = rope_paged_decode(q, k, v, cos, sin, cache, slots, tables, padded_lens, 7, splits)
+        assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
+        assert torch.equal(out[[1, 3, 4]], real[[1, 3, 4]])
+        unwritten = written.clone().view(2, -1, *written.shape[3:])
+        unwritten[:, slots[[0, 2]]] = case.cache.view(2, -1, *written.shape[3:])[:, slots[[0, 2]]]
+        same_cache(cache, unwritten.view(written.shape))
 
 
 # A fresh prompt, a chunk continuing after a cached prefix (spanning several query tiles and
@@ -333,7 +427,10 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    # 4 layouts x (KV write, decode direct and split, merge, prefill; RMSNorm plain, with the
-    # residual add, on q heads and on k heads; RoPE with and without the KV write; SiLU x up)
-    assert len(lines) == 48 and all(line.endswith(" ok") for line in lines), result.stdout
+    # 4 layouts x (KV write, decode direct and split, each also with RoPE and the KV write
+    # folded in, merge, prefill; RMSNorm plain, with the residual add, on q heads and on k heads;
+    # RoPE with and without the KV write; SiLU x up), each distinct variant once: Qwen2.5's
+    # RMSNorm on q heads and on k heads are one
+    assert len(lines) == 55 and all(line.endswith(" ok") for line in lines), result.stdout
+    assert sum("_decode_kernel" in line for line in lines) == 16, result.stdout
     assert sum("_rope_kv_kernel" in line for line in lines) == 8, result.stdout

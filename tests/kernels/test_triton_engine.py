@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tests.engine.helpers import run_all  # noqa: E402
+from tests.kernels.test_decode_graphs import padding_rows_write_only_block_zero  # noqa: E402
 from tests.kernels.triton_launches import recorded_launches  # noqa: E402
 from winnow.config import EngineConfig  # noqa: E402
 from winnow.engine.decode_graphs import DecodeGraphs  # noqa: E402
@@ -90,6 +91,12 @@ def test_captured_split_count_ignores_host_lengths(triton_model: LoadedModel) ->
     assert split_count(4, kv_heads, bound, backend.target_programs) > 1
 
 
+def test_padding_rows_write_only_block_zero(triton_model: LoadedModel) -> None:
+    """The decode kernel's own KV write (RoPE and the write folded into it) through a padded
+    bucket: real rows' slots written, the padding row's only into block 0."""
+    padding_rows_write_only_block_zero(triton_model)
+
+
 def recorded_sizes(graphs: DecodeGraphs) -> list[int]:
     """The bucket of every decode step `graphs` runs from now on."""
     sizes: list[int] = []
@@ -116,7 +123,7 @@ def test_serving_launches_only_warmed_up_variants(triton_model: LoadedModel) -> 
             engine = LLMEngine(fresh, config)
         warmed = {(launch.kernel, launch.variant) for launch in warm}
         assert {kernel for kernel, _ in warmed} == {
-            "_write_kv_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
+            "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
             "_rms_norm_kernel", "_rope_kv_kernel", "_silu_mul_kernel",
         }  # fmt: skip
         graphs = engine.runner.decode_graphs

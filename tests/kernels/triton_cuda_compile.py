@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant the server launches for an H100 (sm_90), on a machine
 without a GPU, and check each against the hardware's limits: the attention backend's and the
 decoder layer's fused pointwise kernels (RMSNorm with its residual add, RoPE with the KV write,
-SiLU x up).
+SiLU x up), and the decode kernel with RoPE and the KV write folded in.
 
 The interpreter accepts constructs the GPU compiler rejects (and the reverse), and says nothing
 of registers: this runs the backend's start-up `warm_up` for the layouts of real models with each
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import triton
+from torch import Tensor
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -50,7 +51,7 @@ class Layout:
     intermediate: int
     block_size: int = 16
 
-    def tensors(self, tokens: int = 4) -> tuple[torch.Tensor, ...]:
+    def tensors(self, tokens: int = 4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v and a layer's cache laid out as the model hands them to the backend: q and k
         fresh from the rotary embedding, v a view into the fused qkv projection's output."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -60,6 +61,20 @@ class Layout:
         v = qkv[:, (h + kv) * d :].view(tokens, kv, d)
         cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
         return q, k, v, cache
+
+    def rope_tensors(
+        self, tokens: int = 4
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """q, k, v as un-rotated views of the qkv output, the cache, and (cos, sin) [T, 1, D / 2]
+        in the activation dtype: what the RoPE-fused path hands the backend's warm-up."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.empty(tokens, (h + 2 * kv) * d, dtype=self.dtype)
+        q = qkv[:, : h * d].view(tokens, h, d)
+        k = qkv[:, h * d : (h + kv) * d].view(tokens, kv, d)
+        v = qkv[:, (h + kv) * d :].view(tokens, kv, d)
+        cache = torch.zeros(2, 4, self.block_size, kv, d, dtype=self.cache_dtype)
+        cos = torch.empty(tokens, 1, d // 2, dtype=self.dtype)
+        return q, k, v, cache, (cos, torch.empty_like(cos))
 
     def pointwise_launches(self, tokens: int = 4) -> None:
         """Call the layer's pointwise kernels on tensors laid out as the model hands them over:
@@ -117,7 +132,8 @@ def compile_instead_of_launching(variants: list[Variant], layout: str) -> Any:
         )
         source = ASTSource(self, signature, constexprs, attrs)
         compiled = triton.compile(source, target=HOPPER, options=options.__dict__)
-        variants.append(Variant(layout, name, compiled))
+        if all(v.layout != layout or v.compiled.hash != compiled.hash for v in variants):
+            variants.append(Variant(layout, name, compiled))  # each of a layout's variants once
 
     return run
 
@@ -145,6 +161,7 @@ def main(names: list[str]) -> int:
         for layout in [lay for lay in LAYOUTS if not names or lay.name in names]:
             JITFunction.run = compile_instead_of_launching(variants, layout.name)  # type: ignore[method-assign]
             warm_up(*layout.tensors())
+            warm_up(*layout.rope_tensors())
             layout.pointwise_launches()
     finally:
         JITFunction.run = original  # type: ignore[method-assign]

@@ -59,8 +59,8 @@ class PointwiseOps(Protocol):
 
 
 class RopeAttention(Protocol):
-    """RoPE on q and k, the KV write and attention, fused where a backend can (the KV write
-    inside the rotary kernel)."""
+    """RoPE on q and k, the KV write and attention, fused where a backend can (for Triton, all
+    three in one decode launch; the KV write inside the rotary kernel before prefill)."""
 
     def forward(
         self,

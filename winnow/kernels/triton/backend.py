@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from winnow.kernels.attention_metadata import AttentionMetadata
-from winnow.kernels.triton.decode import paged_decode, split_count
+from winnow.kernels.triton.decode import paged_decode, rope_paged_decode, split_count
 from winnow.kernels.triton.kv_write import write_kv
 from winnow.kernels.triton.prefill import paged_prefill
 from winnow.kernels.triton.warm_up import layout_key, warm_up
@@ -27,6 +27,7 @@ class TritonAttentionBackend:
     - a decode-only step: the split-context decode kernel;
     - any other step: the varlen kernel over every sequence (fresh prompts, chunks after a cached
       prefix, and the step's single-token decodes in the same launch).
+    `rope_decode` is a decode-only step with RoPE and the KV write inside the decode launch.
 
     Decode launches read every length from `seq_lens_tensor`; their grid depends only on the
     batch size and, in a step a CUDA graph replays, on `graph_max_seq_len`: so decode steps may
@@ -63,12 +64,18 @@ class TritonAttentionBackend:
         return self.attend(q, kv_cache, attn, sliding_window)
 
     def warm(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Launch every kernel variant once for a tensor layout not seen before."""
-        layout = layout_key(q, k, v, kv_cache)
+        """Launch every kernel variant once for a tensor layout not seen before: with `rope`
+        (cos, sin), the variants of a forward that hands over un-rotated q and k."""
+        layout = layout_key(q, k, v, kv_cache, *(rope or ()))
         if layout not in self._warm_layouts:
-            warm_up(q, k, v, kv_cache)
+            warm_up(q, k, v, kv_cache, rope)
             self._warm_layouts.add(layout)
 
     def attend(
@@ -87,6 +94,25 @@ class TritonAttentionBackend:
         return paged_prefill(
             q, kv_cache, attn.block_tables, _query_starts(attn), attn.seq_lens_tensor,
             sliding_window,
+        )  # fmt: skip
+
+    def rope_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """A decode-only step's RoPE, KV write and attention in one launch (+ the merge of its
+        splits): un-rotated q [B, Hq, D], k/v [B, Hkv, D] -> output [B, Hq, D]."""
+        splits = self.decode_splits(q.shape[0], attn, kv_cache, sliding_window)
+        return rope_paged_decode(
+            q, k, v, cos, sin, kv_cache, attn.slot_mapping, attn.block_tables,
+            attn.seq_lens_tensor, sliding_window, splits,
         )  # fmt: skip
 
     def decode_splits(

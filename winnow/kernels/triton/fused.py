@@ -33,7 +33,9 @@ class TritonPointwise:
 
 
 class TritonRopeAttention:
-    """RoPE on q and k and the KV write in one launch, then the Triton attention over the cache."""
+    """A decode-only step: RoPE on q and k, the KV write and attention in one launch (the new
+    token's key and value taken from registers). Any other step: RoPE on q and k with the KV
+    write in one launch, then the Triton attention over the cache."""
 
     def __init__(self, attention: TritonAttentionBackend) -> None:
         self.attention = attention
@@ -49,6 +51,8 @@ class TritonRopeAttention:
         attn: AttentionMetadata,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
+        self.attention.warm(q, k, v, kv_cache, (cos, sin))
+        if attn.is_decode_only:
+            return self.attention.rope_decode(q, k, v, cos, sin, kv_cache, attn, sliding_window)
         q, k = pointwise.rope_qk(q, k, cos, sin, v, kv_cache, attn.slot_mapping)
-        self.attention.warm(q, k, v, kv_cache)
         return self.attention.attend(q, kv_cache, attn, sliding_window)

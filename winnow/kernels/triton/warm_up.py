@@ -6,14 +6,17 @@ dtypes, and the 16-divisibility of each pointer and integer it is not told to le
 (`do_not_specialize` in the kernels: every argument that changes from step to step). What is
 left depends only on the tensors' layout, which `layout_key` captures; `warm_up` launches each
 kernel once in every variant that layout can take (decode with and without context splits).
+A forward that hands over un-rotated q and k (with cos/sin) has its own variants: the decode
+kernel with RoPE and the KV write folded in, and the prefill's RoPE + KV-write kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from winnow.kernels.triton.decode import paged_decode
+from winnow.kernels.triton.decode import paged_decode, rope_paged_decode
 from winnow.kernels.triton.kv_write import write_kv
+from winnow.kernels.triton.pointwise import rope_qk
 from winnow.kernels.triton.prefill import paged_prefill
 
 # Triton's widest pointer specialisation: 16-byte alignment.
@@ -21,12 +24,12 @@ ALIGNMENT = 16
 
 
 def layout_key(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, *rope: torch.Tensor
 ) -> tuple[object, ...]:
-    """What fixes the kernels' specialisations of a forward over these tensors: dtypes, the
-    shapes the kernels take as constexprs, and what Triton keys on of each stride (equal to 1,
-    divisible by 16) and pointer (16-byte aligned)."""
-    tensors = (q, k, v, kv_cache)
+    """What fixes the kernels' specialisations of a forward over these tensors (and cos/sin, if
+    given): dtypes, the shapes the kernels take as constexprs, and what Triton keys on of each
+    stride (equal to 1, divisible by 16) and pointer (16-byte aligned)."""
+    tensors = (q, k, v, kv_cache, *rope)
     return (
         q.device,
         tuple(t.dtype for t in tensors),
@@ -41,10 +44,17 @@ def _specialised(value: int) -> object:
     return "one" if value == 1 else value % ALIGNMENT == 0
 
 
-def warm_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> None:
+def warm_up(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """Launch every kernel variant for tensors laid out as q [T, Hq, D], k/v [T, Hkv, D] and the
-    cache, on one row of each: its key/value write is skipped (slot -1) and its attention reads
-    slot 0 of block 0 (never handed out), so neither the cache nor any output changes."""
+    cache (q and k un-rotated when `rope` holds cos/sin [T, 1, D / 2]), on one row of each: its
+    key/value write is skipped (slot -1) and its attention reads slot 0 of block 0 (never handed
+    out), so neither the cache nor any output changes."""
     if q.shape[0] == 0:
         return
     device = q.device
@@ -52,7 +62,16 @@ def warm_up(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     table = torch.zeros((1, 1), dtype=torch.int64, device=device)
     seq_lens = torch.ones(1, dtype=torch.int64, device=device)
     query_starts = torch.tensor([0, 1], dtype=torch.int64, device=device)
-    write_kv(kv_cache, k[:1], v[:1], no_slot)
-    for splits in (1, 2):  # the direct decode, and the split one with its merge
-        paged_decode(q[:1], kv_cache, table, seq_lens, None, splits)
-    paged_prefill(q[:1], kv_cache, table, query_starts, seq_lens, None)
+    if rope is None:
+        write_kv(kv_cache, k[:1], v[:1], no_slot)
+        for splits in (1, 2):  # the direct decode, and the split one with its merge
+            paged_decode(q[:1], kv_cache, table, seq_lens, None, splits)
+        paged_prefill(q[:1], kv_cache, table, query_starts, seq_lens, None)
+        return
+    cos, sin = rope[0][:1], rope[1][:1]
+    for splits in (1, 2):
+        rope_paged_decode(
+            q[:1], k[:1], v[:1], cos, sin, kv_cache, no_slot, table, seq_lens, None, splits
+        )
+    rotated, _ = rope_qk(q[:1], k[:1], cos, sin, v[:1], kv_cache, no_slot)
+    paged_prefill(rotated, kv_cache, table, query_starts, seq_lens, None)
