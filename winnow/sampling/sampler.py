@@ -209,13 +209,14 @@ class Sampler:
         `bitmasks`: grammar bitmasks for some rows (end of stage 2), which win over the min_tokens
         ban: a row's grammar alone decides whether it may end.
         """
+        slots = self._batch_slots(keys)
         if bitmasks is None or bitmasks.rows.size == 0:
-            plain = self._plain_argmax(logits, keys)
+            plain = self._plain_argmax(logits, slots)
             if plain is None:
-                plain = self._plain_temperature(logits, keys)
+                plain = self._plain_temperature(logits, slots)
             if plain is not None:
                 return plain
-        step = self._prepare(logits, keys, bitmasks, copy=False)
+        step = self._prepare(logits, keys, bitmasks, copy=False, slots=slots)
         step.want_y = "processed" in step.subsets
         self._routes.choose(step)
         if step.lp is not None:
@@ -257,13 +258,17 @@ class Sampler:
             values[step.index(flagged)] = self._routes.redo_exact(step, flagged)
         return values.index_select(0, step.index(np.argsort(step.order)))
 
-    def _plain_temperature(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+    def _batch_slots(self, keys: Sequence[int]) -> np.ndarray:
+        """The slots of the batch's rows, in batch order."""
+        return np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=len(keys))
+
+    def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The OpenAI SDK's default step (temperature only, maybe 1) with a fused kernel (C on a
         CPU, Triton on CUDA): every row on the free route with nothing to apply before it (no
         penalty, bias, ban, XTC or logprobs). The kernel reads the model's logits once -- no
         copy into the work buffer -- and gives the pipeline's pick (its NaN and +inf rules
         included). Anything else -> None, and the full pipeline runs."""
-        batch = len(keys)
+        batch = len(slots)
         triton_kernel, mix = self._routes.triton_gumbel, self._routes.mix_table
         if triton_kernel is None and (mix is None or logits.dtype != torch.float32):
             return None
@@ -271,7 +276,6 @@ class Sampler:
             return None
         if logits.device.type != self.device.type:
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
@@ -296,18 +300,17 @@ class Sampler:
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 
-    def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+    def _plain_argmax(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The common greedy step on a CPU without the pipeline's per-step setup (most of the
         sampler's time at batch 1; BENCHMARKS.md, "C decoder stack"): every row greedy with no
         penalty, bias, ban or logprobs, and every row's maximum finite. Anything else -> None,
         and the full pipeline (which defines NaN and inf rows) runs. numpy's argmax, like the
         greedy route, returns the lowest id among ties."""
-        batch = len(keys)
+        batch = len(slots)
         if logits.device.type != "cpu" or logits.dtype != torch.float32:
             return None
         if logits.shape != (batch, self.vocab_size):
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if not flags[:, GREEDY].all() or flags[:, _BEYOND_ARGMAX].any() or banned.any():
@@ -329,6 +332,7 @@ class Sampler:
         keys: Sequence[int],
         bitmasks: TokenMasks | None = None,
         copy: bool = True,
+        slots: np.ndarray | None = None,
     ) -> Step:
         """Plan the step on the host, upload its indices, copy the logits in (by route) and
         apply stages 1-2. copy=False: where the CPU kernels can read the model's logits (no
@@ -336,7 +340,7 @@ class Sampler:
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")
-        plan = self._plan(keys, bitmasks)
+        plan = self._plan(self._batch_slots(keys) if slots is None else slots, bitmasks)
         index = self._upload(plan.indices())
         z = self._work[: batch * vocab].view(batch, vocab)
         reordered = np.any(plan.order != np.arange(batch))
@@ -373,10 +377,9 @@ class Sampler:
             apply_bitmask(z, index["bitmask_rows"], bitmasks.bits)
         return step
 
-    def _plan(self, keys: Sequence[int], bitmasks: TokenMasks | None) -> _Plan:
+    def _plan(self, batch_slots: np.ndarray, bitmasks: TokenMasks | None) -> _Plan:
         """The step's host-side plan: work-row order by route and which rows need what."""
-        batch = len(keys)
-        batch_slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        batch = len(batch_slots)
         if len(np.unique(batch_slots)) != batch:
             raise ValueError("a row appears twice in the batch")
         flags = self._flags[batch_slots]
