@@ -233,18 +233,25 @@ void winnow_gumbel_argmax(const float *z, int64_t rows, int64_t vocab, int64_t s
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
     uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+    float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const float *zr = z + (order ? order[r] : r) * stride;
-      const float *pr = patch ? patch + r * vocab : NULL;
+      const float *pr = dense;
       float *yr = y_out ? y_out + r * stride : NULL;
       uint32_t key = (uint32_t)keys[r];
-      if (set) mark(set, patch_ids + r * width, width, 1);
+      if (set) { /* the patched values into a thread-local row: their cache misses overlap */
+        mark(set, patch_ids + r * width, width, 1);
+        for (int64_t i = 0; i < width; i++)
+          if (patch_ids[r * width + i] >= 0)
+            dense[patch_ids[r * width + i]] = patch[r * vocab + patch_ids[r * width + i]];
+      }
       tokens[r] = use_avx512 ? row_avx512(zr, pr, set, mix, yr, vocab, temperature[r], key)
                              : row_avx2(zr, pr, set, mix, yr, vocab, temperature[r], key);
       if (set) mark(set, patch_ids + r * width, width, 0);
     }
     free(set);
+    free(dense);
   }
 }
 

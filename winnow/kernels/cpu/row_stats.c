@@ -544,13 +544,19 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     entry *buf = malloc(sizeof(entry) * 2 * n);
     uint64_t *keys = malloc(sizeof(uint64_t) * 2 * n);
     uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+    float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const int64_t *row_ids = patch_ids ? patch_ids + r * width : NULL;
       const float *row = src + (order ? order[r] : r) * stride;
-      const float *row_patch = patch ? patch + r * vocab : NULL;
+      const float *row_patch = dense;
+      /* the patched values into a thread-local row first: gathered together, their cache
+       * misses overlap, instead of stalling the streaming loop one by one */
       for (int64_t i = 0; set && i < width; i++)
-        if (row_ids[i] >= 0) set[row_ids[i] >> 5] |= 1u << (row_ids[i] & 31);
+        if (row_ids[i] >= 0) {
+          set[row_ids[i] >> 5] |= 1u << (row_ids[i] & 31);
+          dense[row_ids[i]] = patch[r * vocab + row_ids[i]];
+        }
       float guess = sample_threshold(row, vocab, n);
       top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY)};
       int wanted = want_mass && want_mass[r];
@@ -574,5 +580,6 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     free(buf);
     free(keys);
     free(set);
+    free(dense);
   }
 }
