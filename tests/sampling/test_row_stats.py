@@ -127,3 +127,33 @@ def test_load_rows_keeps_patched_values_and_seed_patches_fills_them() -> None:
     expected = _cleaned(logits)[order]
     expected[0, 5], expected[1, 700] = 42.0, -7.0
     assert torch.equal(z, expected)
+
+
+def test_penalise_in_c_gives_the_torch_values(monkeypatch) -> None:
+    """PenaltyHistory.apply through the C kernel and through its torch ops: the same float32
+    values, bit for bit (repeated and overlapping ids, negative, zero and -inf logits)."""
+    from winnow.sampling.penalties import PenaltyHistory
+
+    vocab, slots = 997, 6
+    generator = torch.Generator().manual_seed(9)
+    history = PenaltyHistory(slots, torch.device("cpu"))
+    for slot in range(slots):
+        prompt = torch.randint(0, 60, (40 + slot,), generator=generator).tolist()
+        outputs = torch.randint(0, 80, (slot * 7,), generator=generator).tolist()
+        history.reset(slot, prompt, outputs)
+    z = torch.randn(slots * vocab + 1, generator=generator) * 3
+    z[::11] = 0.0
+    z[5::13] = -torch.inf
+    rows = torch.tensor([4, 0, 2, 5])
+    slot_ids = torch.tensor([1, 5, 3, 0])
+    repetition = torch.tensor([1.3, 0.7, 1.0, 2.0])
+    frequency_presence = torch.tensor([[0.5, 0.25], [-0.3, 1.1], [0.0, 0.7], [1.7, 0.0]])
+    cases = ((repetition, frequency_presence), (repetition, None), (None, frequency_presence))
+    for rep, fp in cases:
+        in_c, in_torch = z.clone(), z.clone()
+        history.apply(in_c, rows, slot_ids, slot_ids.numpy(), rep, fp, vocab)
+        with monkeypatch.context() as patched:
+            patched.setattr(row_stats, "available", lambda: False)
+            history.apply(in_torch, rows, slot_ids, slot_ids.numpy(), rep, fp, vocab)
+        assert not torch.equal(in_c, z)
+        assert torch.equal(in_c[:-1], in_torch[:-1])  # the last cell is the padding's trash

@@ -583,3 +583,44 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     free(dense);
   }
 }
+
+/* Stage 1 on the work buffer z [*, vocab], as penalties.PenaltyHistory.apply computes it, for
+ * rows[i] (work rows): with repetition (NULL: no row), every distinct id of prompt[i, :wp] and
+ * output[i, :wo] (-1: padding) becomes z > 0 ? z / r : z * r; then with frequency_presence
+ * ([n, 2]; NULL: no row), each output id at its first occurrence (counts[i, k] > 0 there, 0
+ * elsewhere) becomes (z - c * f) - p. Each operation rounds to float32, as torch's do. */
+__attribute__((optimize("fp-contract=off"))) void winnow_penalise(
+    float *z, int64_t vocab, const int64_t *rows, int64_t n, const int64_t *prompt, int64_t wp,
+    const int64_t *output, const int32_t *counts, int64_t wo, const float *repetition,
+    const float *frequency_presence) {
+  uint32_t *done = repetition ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+  for (int64_t i = 0; i < n; i++) {
+    float *zr = z + rows[i] * vocab;
+    if (repetition) {
+      const float r = repetition[i];
+      for (int pass = 0; pass < 2; pass++) { /* mark and penalise, then clear the marks */
+        for (int64_t k = 0; k < wp + wo; k++) {
+          int64_t id = k < wp ? prompt[i * wp + k] : output[i * wo + k - wp];
+          if (id < 0) continue;
+          uint32_t bit = 1u << (id & 31), *word = done + (id >> 5);
+          if (pass) {
+            *word &= ~bit;
+          } else if (!(*word & bit)) {
+            *word |= bit;
+            zr[id] = zr[id] > 0 ? zr[id] / r : zr[id] * r;
+          }
+        }
+      }
+    }
+    if (frequency_presence) {
+      const float f = frequency_presence[2 * i], p = frequency_presence[2 * i + 1];
+      for (int64_t k = 0; k < wo; k++) {
+        int32_t c = counts[i * wo + k];
+        if (c <= 0) continue;
+        float scaled = (float)c * f, left = zr[output[i * wo + k]] - scaled;
+        zr[output[i * wo + k]] = left - 1.0f * p;
+      }
+    }
+  }
+  free(done);
+}

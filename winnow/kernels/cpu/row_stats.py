@@ -39,6 +39,9 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_scan_rows.restype = None
+    lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
+    lib.winnow_penalise.argtypes += [_PTR, _PTR]
+    lib.winnow_penalise.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
     lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
@@ -176,3 +179,36 @@ def scan_rows(
             values.data_ptr(), ids.data_ptr(), mass.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return values, ids, mass
+
+
+def penalise(
+    z: torch.Tensor,
+    vocab: int,
+    rows: torch.Tensor,
+    prompt: torch.Tensor | None,
+    output: torch.Tensor,
+    counts: torch.Tensor | None,
+    repetition: torch.Tensor | None,
+    frequency_presence: torch.Tensor | None,
+) -> None:
+    """penalties.PenaltyHistory.apply in C, in place on the flat work buffer z (CPU float32):
+    rows [n] work rows; prompt [n, wp] and output [n, wo] ids (-1: padding); counts [n, wo]
+    int32 (with frequency_presence [n, 2]); repetition [n] (with prompt). Same float32
+    operations, so the same values."""
+    lib = _library()
+    assert lib is not None and z.dtype == torch.float32 and z.is_contiguous()
+    n = rows.shape[0]
+    if n == 0:
+        return
+    rows = rows.contiguous()
+    wp = 0 if prompt is None else prompt.shape[1]
+    prompt = None if prompt is None else prompt.contiguous()
+    output = output.contiguous()
+    counts = None if counts is None else counts.to(torch.int32).contiguous()
+    repetition = None if repetition is None else repetition.to(torch.float32).contiguous()
+    if frequency_presence is not None:
+        frequency_presence = frequency_presence.to(torch.float32).contiguous()
+    lib.winnow_penalise(
+        z.data_ptr(), vocab, rows.data_ptr(), n, _ptr(prompt), wp, output.data_ptr(),
+        _ptr(counts), output.shape[1], _ptr(repetition), _ptr(frequency_presence),
+    )  # fmt: skip
