@@ -464,6 +464,8 @@ def sampler(args: argparse.Namespace) -> dict[str, object]:
     cases = {
         "greedy": dict(temperature=0.0),
         "temperature": dict(temperature=0.8),
+        "temperature_1": dict(temperature=1.0),  # the OpenAI SDK's default; issue 21: <= 0.15 ms
+        "temperature_penalties": dict(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3),
         "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.9),
         "all_stages": dict(
             temperature=0.8,

@@ -1,6 +1,8 @@
 """CUDA's fused Gumbel-max (winnow/kernels/triton/gumbel_max.py) against the torch expression of
 the same pick: identical tokens and y over many seeds and awkward rows, the sampler's CUDA path
-picking what its torch path picks, and the default sampling step's launch budget.
+picking what its torch path picks, the fused step (penalties, logit_bias, bans, grammar bitmasks,
+greedy rows and logprobs in the one launch) against the pipeline, the launch budget of those
+steps, and the variants the sampler's warm-up compiles.
 
 Without CUDA the kernel runs under Triton's interpreter on CPU tensors, which must be switched on
 before the kernel is defined (at import); with CUDA the same tests run the compiled kernel.
@@ -30,6 +32,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from tests.kernels.triton_launches import Launch, recorded_launches  # noqa: E402
 from winnow.kernels.triton import gumbel_max  # noqa: E402
 from winnow.sampling import noise  # noqa: E402
+from winnow.sampling.bitmask import TokenMasks, words_for  # noqa: E402
 from winnow.sampling.params import SamplingParams  # noqa: E402
 from winnow.sampling.sampler import Sampler  # noqa: E402
 
@@ -105,12 +108,22 @@ def test_per_slot_tables_read_through_slots() -> None:
     assert torch.equal(z.cpu(), y) and torch.equal(work[:, 2500:].cpu(), outside)
 
 
-def make(params: list[SamplingParams], vocab: int, triton_gumbel: bool, **sizes: int) -> Sampler:
+def make(
+    params: list[SamplingParams],
+    vocab: int,
+    triton_gumbel: bool,
+    seed: int = 1000,
+    histories: list[tuple[list[int], list[int]]] | None = None,
+    **sizes: int,
+) -> Sampler:
+    """A sampler with a row per params, seeded from `seed`; `histories`: each row's prompt and
+    output ids so far (default: prompt [1, 2], no output)."""
     sampler = Sampler(
         vocab, len(params), DEVICE, eos_token_ids=[0], triton_gumbel=triton_gumbel, **sizes
     )
     for key, p in enumerate(params):
-        sampler.add_row(key, p, seed=1000 + key, prompt_token_ids=[1, 2])
+        prompt, output = histories[key] if histories else ([1, 2], [])
+        sampler.add_row(key, p, seed=seed + key, prompt_token_ids=prompt, output_token_ids=output)
     return sampler
 
 
@@ -157,7 +170,9 @@ def test_sampler_cuda_path_picks_what_the_torch_path_picks(params) -> None:
 
 
 # operations that launch nothing on a GPU: views, metadata, allocations
-NO_LAUNCH = {"aten.lift_fresh", "aten.detach", "aten.select", "aten.slice", "aten.empty"}
+NO_LAUNCH = {
+    "aten.lift_fresh", "aten.detach", "aten.select", "aten.slice", "aten.empty", "aten.view",
+}  # fmt: skip
 
 
 class _Dispatched(TorchDispatchMode):
@@ -228,4 +243,204 @@ def test_kernel_compiles_for_h100_without_spills() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 4 and all(line.endswith(" ok") for line in lines), result.stdout
+    # distinct variants: the fused step's four in float32 and bf16, the free route with and
+    # without y (the exact redo and both block alignments at this vocabulary among them)
+    assert len(lines) == 10 and all(line.endswith(" ok") for line in lines), result.stdout
+
+
+# Greedy rows and rows on the free route, with stages 1-2 and logprobs: the fused step's business.
+EDITED = [
+    SamplingParams(
+        temperature=1.0,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logprobs=True,
+        logprobs_mode="processed",
+    ),
+    SamplingParams(
+        temperature=0.7, repetition_penalty=1.3, logprobs=True, logprobs_mode="processed"
+    ),
+    SamplingParams(
+        temperature=1.2,
+        logprobs=True,
+        logprobs_mode="processed",
+        repetition_penalty=0.8,
+        frequency_penalty=-0.4,
+        presence_penalty=0.6,
+        logit_bias={3: 5.0, 10: -100.0, 7: 2.5, 2: 1.0},
+    ),
+    SamplingParams(temperature=0.9, logit_bias={5: 3.0, 0: 4.0}, min_tokens=3, stop_token_ids=(9,)),
+    SamplingParams(temperature=1.0, logprobs=True, logprobs_mode="processed", logit_bias={4: 2}),
+    SamplingParams(temperature=0.6, logprobs=True, repetition_penalty=1.5),  # raw logprobs
+    SamplingParams(temperature=1.0, min_tokens=5, frequency_penalty=1.0),  # grammar wins
+    SamplingParams(temperature=1.4, logprobs=True, logprobs_mode="processed"),  # grammar too
+    SamplingParams(
+        temperature=0.0, repetition_penalty=1.2, logprobs=True, logprobs_mode="processed"
+    ),  # greedy: the argmax of z, its logprobs at temperature 1
+    SamplingParams(temperature=0.0, logit_bias={1: 3.0}, frequency_penalty=0.7),  # grammar too
+]
+CONSTRAINED = np.array([6, 7, 9])  # batch rows under a grammar bitmask
+
+
+def grammar(vocab: int, generator: torch.Generator) -> TokenMasks:
+    """Random bitmasks (about half of each row allowed) for the CONSTRAINED rows."""
+    words = words_for(vocab)
+    bits = torch.randint(-(2**31), 2**31, (len(CONSTRAINED), words), generator=generator)
+    return TokenMasks(CONSTRAINED, bits.to(torch.int32).to(DEVICE))
+
+
+def logprob_tolerance(logits: torch.Tensor, lp: torch.Tensor, vocab: int) -> torch.Tensor:
+    """How far two float32 logsumexps of the same values may be apart, and so the logprobs:
+    each is m + ln(s), s = sum exp(v - m) over V terms in [0, 1], one of them 1. Every term is
+    within (1 + |v - m|) eps of its own value relative (exp's argument and result roundings,
+    weighted by the term: at most eps V in all), the sum within V eps relative whatever the
+    order, and ln and the two subtractions round at |lse| and |lp|: so each is within
+    eps (|lse| + |lp| + 2 V + 4) of the exact value, and the two within twice that. |lse| is
+    at most max |z| / T + ln V; T >= 0.6 and the penalties at most double that (bias +5)."""
+    eps = torch.finfo(torch.float32).eps
+    finite = logits.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax().item()
+    lse = 2 * finite / 0.6 + 5 + math.log(vocab)
+    return 2 * eps * (lse + lp.abs().nan_to_num(0.0) + 2 * vocab + 4)
+
+
+def torch_only(sampler: Sampler) -> Sampler:
+    """The sampler on its torch expressions alone (no C kernels where they could load)."""
+    sampler._routes.fused_cpu, sampler._routes.mix_table = False, None
+    return sampler
+
+
+def history_tables(sampler: Sampler) -> tuple[int, int]:
+    return sampler._history.output.data.data_ptr(), sampler._history.counts.data.data_ptr()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_fused_step_edits_and_logprobs_match_the_pipeline(seed: int) -> None:
+    """Penalties, logit_bias, the min_tokens ban and grammar bitmasks applied inside the fused
+    pass (one launch per step) pick what the pipeline on its torch expressions picks, step after
+    step, so the history the kernel records matches the pipeline's; logprobs agree to float32
+    summation."""
+    vocab, batch = 2500, len(EDITED)  # two blocks of the pass
+    generator = torch.Generator().manual_seed(seed)
+    histories = [
+        (
+            torch.randint(0, vocab, (int(n),), generator=generator).tolist() + [3, 3, 5],
+            torch.randint(0, 12, (int(m),), generator=generator).tolist(),
+        )
+        for n, m in torch.randint(0, 40, (batch, 2), generator=generator)
+    ]
+    fused = make(EDITED, vocab, True, seed=seed * 100, histories=histories)
+    reference = torch_only(make(EDITED, vocab, False, seed=seed * 100, histories=histories))
+    steps, grown = 6, 0
+    for step in range(steps):
+        keys = torch.randperm(batch, generator=generator).tolist()  # batch rows != slots
+        logits = torch.randn(batch, vocab, generator=generator) * 3
+        logits[:, :12] += 2  # the outputs' ids are likely: penalties and bias decide
+        if step % 2:
+            logits[0, 3], logits[2, 5], logits[4, 7] = math.nan, math.inf, -math.inf
+        masks = grammar(vocab, generator) if step < steps - 1 else None
+        logits = logits.to(DEVICE)
+        tables = history_tables(fused)
+        with counted() as (launches, dispatched):
+            out = fused.sample(logits, keys, masks)
+        expected = reference.sample(logits, keys, masks)
+        assert torch.equal(out.token_ids, expected.token_ids), step
+        if DEVICE.type == "cpu":
+            assert [launch.kernel for launch in launches] == ["_gumbel_argmax_kernel"]
+        if history_tables(fused) == tables:  # else the tables doubled: a copy each, amortised
+            assert len(dispatched.ops) + len(launches) <= 3, (dispatched.ops, launches)
+        else:
+            grown += 1
+        assert out.logprobs is not None and expected.logprobs is not None
+        asked = np.array([EDITED[key].logprobs for key in keys])
+        assert torch.isnan(out.logprobs[~asked]).all()
+        ours, theirs = out.logprobs[asked].double(), expected.logprobs[asked].double()
+        tolerance = logprob_tolerance(logits, theirs, vocab)
+        assert ((ours - theirs).abs() <= tolerance).all(), (ours, theirs, tolerance)
+        assert out.top_token_ids is not None and out.top_token_ids.shape == (batch, 0)
+    assert grown <= 1
+    for table in ("output", "counts"):  # the history the kernel recorded, as record() keeps it
+        ours, theirs = getattr(fused._history, table), getattr(reference._history, table)
+        assert np.array_equal(ours.lengths, theirs.lengths)
+        width = int(ours.lengths.max())
+        assert torch.equal(ours.data[:, :width].cpu(), theirs.data[:, :width].cpu())
+    assert fused._touched is not None and not fused._touched.any()  # marks cleared
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # ln 0: row 3
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf
+def test_fused_step_bans_what_it_must() -> None:
+    """Cases the random test may miss: a bias of -100 on the likeliest token, a min_tokens ban
+    on a token the logits all but force, a grammar that allows one token, a row whose every
+    token is banned (token 0, logprob floored), all in one step, against the pipeline."""
+    vocab = 300
+    params = [
+        SamplingParams(temperature=1.0, logit_bias={17: -100.0}),
+        SamplingParams(temperature=1.0, min_tokens=2, logprobs=True),
+        SamplingParams(temperature=1.0, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(temperature=0.5, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(
+            temperature=1.0, repetition_penalty=3.0, logprobs=True, logprobs_mode="processed"
+        ),
+    ]
+    fused, reference = make(params, vocab, True), torch_only(make(params, vocab, False))
+    logits = torch.zeros(5, vocab)
+    logits[:, 17] = 50.0
+    logits[1, 0] = 80.0  # EOS, banned by min_tokens
+    logits[4] = -30.0
+    logits[4, 1:4] = torch.tensor([1.5, -1.0, 0.0])  # prompt ids 1, 2 penalised: 0.5, -3.0
+    bits = torch.zeros(2, words_for(vocab), dtype=torch.int32)
+    bits[0, 40 // 32] = 1 << (40 % 32)  # row 2: token 40 only
+    masks = TokenMasks(np.array([2, 3]), bits.to(DEVICE))  # row 3: nothing allowed
+    logits = logits.to(DEVICE)
+    out = fused.sample(logits, list(range(5)), masks)
+    expected = reference.sample(logits, list(range(5)), masks)
+    assert torch.equal(out.token_ids, expected.token_ids)
+    assert out.token_ids.tolist()[2:4] == [40, 0] and out.token_ids[0] != 17
+    assert out.token_ids[1] != 0
+    assert out.logprobs is not None and expected.logprobs is not None
+    assert out.logprobs[2] == 0.0 and out.logprobs[3] == expected.logprobs[3] == -9999.0
+    # tokens 1, 2, 3 at 0.5, -3, 0 (the rest e^-30 below): each logprob within a few ulps
+    penalised = torch.tensor([0.5, -3.0, 0.0], dtype=torch.float64)
+    exact = (penalised - penalised.logsumexp(0))[int(out.token_ids[4]) - 1]
+    assert abs(float(out.logprobs[4]) - float(exact)) <= 1e-5
+    assert abs(float(out.logprobs[4]) - float(expected.logprobs[4])) <= 1e-5
+
+
+def test_a_sampler_launches_only_variants_its_warm_up_compiled() -> None:
+    """Sampler.warm_up (run by the engine before it serves) launches every variant a run then
+    uses -- the fused step with and without edits and logprobs, the pipeline's free route on
+    blocks of the work buffer at any row offset (an odd vocabulary: offsets change alignment),
+    y written or not, and the exact redo -- counted with Triton's sm_90 specialisation."""
+    vocab = 2053
+    mixed = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=1.1, logprobs=True, logprobs_mode="processed", top_k=3),
+        SamplingParams(temperature=1.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0.7, logprobs=True, logprobs_mode="processed"),
+        SamplingParams(temperature=1.3),
+    ]
+    narrow = {"open_candidates": 4, "wide_candidates": 8}
+    samplers = [
+        (make(EDITED, vocab, True), [None, "grammar"]),
+        (make([SamplingParams(temperature=1.0)] * 3, vocab, True), [None]),
+        (make(mixed, vocab, True, **narrow), [None]),
+        (make(mixed[2:], vocab, True, **narrow), [None]),  # free rows from another offset
+    ]
+    with recorded_launches() as warm:
+        samplers[0][0].warm_up()
+    warmed = {(launch.kernel, launch.variant) for launch in warm}
+    assert len(warmed) == len(warm) == 8
+    generator = torch.Generator().manual_seed(4)
+    served: list[Launch] = []
+    for sampler, grammars in samplers:
+        batch = len(sampler._slots)
+        for masks in grammars:
+            logits = (torch.randn(batch, vocab, generator=generator) * 3).to(DEVICE)
+            bitmasks = grammar(vocab, generator) if masks else None
+            with recorded_launches() as launches:
+                sampler.sample(logits, list(range(batch)), bitmasks)
+            served += launches
+    variants = {(launch.kernel, launch.variant) for launch in served}
+    assert variants <= warmed
+    assert len(variants) >= 3  # the plain step, edits with logprobs, the free route's y

@@ -115,6 +115,7 @@ class LLMEngine:
         self.sampler = Sampler(
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
+        self.sampler.warm_up()
         self.token_bytes = build_token_bytes(loaded.tokenizer)
         self._grammar_backend: GrammarBackend | None = None
         self._grammar_backend_lock = threading.Lock()

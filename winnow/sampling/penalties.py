@@ -87,6 +87,17 @@ class PenaltyHistory:
             z = z_flat.index_select(0, flat).view(counts.shape)
             z_flat.index_copy_(0, flat, (z - c * frequency - (c > 0) * presence).view(-1))
 
+    def reserve(self, width: int) -> None:
+        """Room for `width` output ids per slot (before a kernel records a token at a row's
+        current length)."""
+        self.output.reserve(width)
+        self.counts.reserve(width)
+
+    def advance(self, host_slots: np.ndarray) -> None:
+        """The device recorded one token for each of `host_slots`: move their lengths on."""
+        self.output.lengths[host_slots] += 1
+        self.counts.lengths[host_slots] += 1
+
     def record(
         self,
         slots: torch.Tensor,

@@ -3,6 +3,8 @@
     Sampler.sample(logits, keys)
       |-- all greedy, nothing to apply ------------------> numpy argmax           (no pipeline)
       |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
+      |-- no truncation, XTC or top_logprobs, CUDA ------> fused Gumbel-max (or argmax) with
+      |                                                    stages 1-2, bitmask, logprob
       '-- plan, load (by route; on a CPU without logprobs or grammar masks only the tokens
           stages 1-2 touch: step.Source), penalise, then per route block of rows:
             greedy       argmax of z
@@ -32,7 +34,9 @@ tokens blended in; rows that need all of z (greedy, XTC without truncation, wide
 are loaded on demand (`load`). They pick what the torch expressions below pick
 (tests/sampling/test_gumbel_kernel.py, test_row_stats.py, test_sampler_sourced.py).
 On CUDA the free route's Gumbel-max is one Triton pass per row (winnow/kernels/triton/gumbel_max.py,
-tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run.
+tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run. A CUDA step with no
+truncation, XTC or top_logprobs skips all of this (Sampler._fused_step): the same kernel takes
+greedy rows too, applies stages 1-2 and the grammar bitmask and takes the logprob in its pass.
 """
 
 from __future__ import annotations

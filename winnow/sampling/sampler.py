@@ -34,15 +34,17 @@ candidate and penalty-history widths bucketed to fixed sizes, with the fallbacks
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from winnow.kernels import sampler_edits as fused
 from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling import noise, step_logprobs
-from winnow.sampling.bitmask import TokenMasks, apply_bitmask
+from winnow.sampling.bitmask import TokenMasks, apply_bitmask, words_for
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
 from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes
@@ -75,6 +77,8 @@ _ROUTES = ("greedy", "thresholded", "free")
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
 # flags that take a row off the plain temperature step (the free route with nothing before it)
 _BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, *_BEYOND_ARGMAX]
+# flags that give a row work the fused CUDA step does not do (set on sampled rows only)
+_BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
 
 
 @dataclass
@@ -137,6 +141,11 @@ class Sampler:
         self._routes = Routes(
             vocab_size, max_rows, self.device, open_candidates, wide_candidates, triton_gumbel
         )
+        # the fused CUDA step's per-row marks of the tokens stages 1-2 touched (zero between steps)
+        self._touched = None
+        if self._routes.triton_gumbel is not None:
+            words = words_for(vocab_size)
+            self._touched = torch.zeros((max_rows, words), dtype=torch.int32, device=self.device)
 
     # ------------------------------------------------------------------ rows
 
@@ -199,6 +208,12 @@ class Sampler:
         """Forget a finished (or preempted) sequence and free its slot."""
         self._free.append(self._slots.pop(key))
 
+    def warm_up(self) -> None:
+        """Compile every Triton variant this sampler launches (on CUDA) before serving."""
+        if self._routes.triton_gumbel is not None:
+            warm_up = importlib.import_module("winnow.kernels.triton.warm_up")
+            warm_up.warm_up_sampler(self.vocab_size, self.device)
+
     # ------------------------------------------------------------------ step
 
     def sample(
@@ -209,13 +224,16 @@ class Sampler:
         `bitmasks`: grammar bitmasks for some rows (end of stage 2), which win over the min_tokens
         ban: a row's grammar alone decides whether it may end.
         """
+        if bitmasks is not None and bitmasks.rows.size == 0:
+            bitmasks = None
         slots = self._batch_slots(keys)
-        if bitmasks is None or bitmasks.rows.size == 0:
-            plain = self._plain_argmax(logits, slots)
-            if plain is None:
-                plain = self._plain_temperature(logits, slots)
-            if plain is not None:
-                return plain
+        plain = self._plain_argmax(logits, slots) if bitmasks is None else None
+        if plain is None and self._routes.triton_gumbel is not None:
+            plain = self._fused_step(logits, keys, bitmasks)
+        elif plain is None and bitmasks is None:
+            plain = self._plain_temperature(logits, slots)
+        if plain is not None:
+            return plain
         step = self._prepare(logits, keys, bitmasks, copy=False, slots=slots)
         step.want_y = "processed" in step.subsets
         self._routes.choose(step)
@@ -263,14 +281,14 @@ class Sampler:
         return np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=len(keys))
 
     def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
-        """The OpenAI SDK's default step (temperature only, maybe 1) with a fused kernel (C on a
-        CPU, Triton on CUDA): every row on the free route with nothing to apply before it (no
-        penalty, bias, ban, XTC or logprobs). The kernel reads the model's logits once -- no
-        copy into the work buffer -- and gives the pipeline's pick (its NaN and +inf rules
-        included). Anything else -> None, and the full pipeline runs."""
+        """The OpenAI SDK's default step (temperature only, maybe 1) with the fused C kernel on a
+        CPU: every row on the free route with nothing to apply before it (no penalty, bias,
+        ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the
+        work buffer -- and gives the pipeline's pick (its NaN and +inf rules included).
+        Anything else -> None, and the full pipeline runs."""
         batch = len(slots)
-        triton_kernel, mix = self._routes.triton_gumbel, self._routes.mix_table
-        if triton_kernel is None and (mix is None or logits.dtype != torch.float32):
+        mix = self._routes.mix_table
+        if mix is None or logits.dtype != torch.float32:
             return None
         if logits.shape != (batch, self.vocab_size) or logits.stride(1) != 1:
             return None
@@ -281,24 +299,98 @@ class Sampler:
         if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
             return None
         positions = self._prompt_len[slots] + self._out_len[slots]
-        if triton_kernel is not None:  # one upload, one launch, one download
-            # copy=True: the copies a GPU makes are made (and counted) on CPU tensors too
-            index = torch.from_numpy(np.stack([slots, positions]))
-            index = index.to(self.device, non_blocking=True, copy=True)
-            tokens = triton_kernel.gumbel_argmax(
-                logits.detach(), index[1], self._seeds_top_k[:, 0],
-                self._floats[:, TEMPERATURE], slots=index[0],
-            ).to("cpu", copy=True)  # fmt: skip
-        else:
-            assert mix is not None
-            index = torch.from_numpy(slots)
-            row_keys = noise.row_keys(
-                self._seeds_top_k[index, 0], torch.from_numpy(positions), noise.GUMBEL_STREAM
-            )
-            temperature = self._floats[index, TEMPERATURE]
-            tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
+        index = torch.from_numpy(slots)
+        row_keys = noise.row_keys(
+            self._seeds_top_k[index, 0], torch.from_numpy(positions), noise.GUMBEL_STREAM
+        )
+        temperature = self._floats[index, TEMPERATURE]
+        tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
+
+    def _fused_step(
+        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None
+    ) -> SamplerOutput | None:
+        """CUDA's step for batches without truncation, XTC or top_logprobs (greedy or sampled
+        from the whole vocabulary, with any penalties, logit_bias, min_tokens ban, grammar
+        bitmask and logprobs): one upload of the rows' indices, one Triton launch that applies
+        stages 1-2 sparsely, picks, takes the logprob and records the penalty history, and one
+        download. Anything else -> None, and the full pipeline runs."""
+        kernel, batch = self._routes.triton_gumbel, len(keys)
+        assert kernel is not None
+        if logits.shape != (batch, self.vocab_size) or logits.stride(1) != 1:
+            return None
+        if logits.device.type != self.device.type:
+            return None
+        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        flags = self._flags[slots]
+        if flags[:, _BEYOND_FUSED].any() or self._num_top_logprobs[slots].any():
+            return None
+        if len(np.unique(slots)) != batch:
+            return None
+        info = self._fused_info(slots, flags, bitmasks)
+        fields = info[2:]
+        penalised = fields[fused.HISTORY] >= 0
+        if penalised.any():  # room for the token the kernel records
+            self._history.reserve(int(fields[fused.HISTORY].max()) + 1)
+        adjust = penalised.any() or fields[fused.BIAS].any() or fields[fused.BAN].any()
+        adjust = adjust or (fields[fused.MASK_ROW] >= 0).any() or fields[fused.GREEDY_ROW].any()
+        adjust = bool(adjust)
+        logprobs = bool(flags[:, LOGPROBS].any())
+        # copy=True: the copies a GPU makes are made (and counted) on CPU tensors too
+        index = torch.from_numpy(info).to(self.device, non_blocking=True, copy=True)
+        out = torch.empty((1 + logprobs, batch), dtype=torch.int64, device=self.device)
+        assert self._touched is not None
+        history = self._history
+        edits = fused.RowEdits(
+            index[2:], history.prompt.data, history.output.data, history.counts.data,
+            self._bias_ids.data, self._bias_values.data, self._ban_ids.data,
+            self._floats[:, REP_V], bitmasks.bits if bitmasks is not None else self._touched,
+            self._touched, self._work[: self.max_rows * self.vocab_size].view(self.max_rows, -1),
+            adjust=adjust, lp_out=out[1].view(torch.float64) if logprobs else None,
+        )  # fmt: skip
+        kernel.gumbel_argmax(
+            logits.detach(), index[1], self._seeds_top_k[:, 0], self._floats[:, TEMPERATURE],
+            slots=index[0], tokens=out[0], edits=edits,
+        )  # fmt: skip
+        host = out.to("cpu", copy=True).numpy()
+        self._out_len[slots] += 1
+        self._history.advance(slots[penalised])
+        tokens = torch.from_numpy(host[0])
+        if not logprobs:
+            return SamplerOutput(tokens)
+        return SamplerOutput(
+            tokens,
+            torch.from_numpy(host[1].view(np.float64).astype(np.float32)),
+            torch.from_numpy(np.empty((batch, 0), dtype=np.int64)),
+            torch.from_numpy(np.empty((batch, 0), dtype=np.float32)),
+        )
+
+    def _fused_info(
+        self, slots: np.ndarray, flags: np.ndarray, bitmasks: TokenMasks | None
+    ) -> np.ndarray:
+        """[2 + INFO_FIELDS, b] int64: slots, positions, then RowEdits.info's fields."""
+        batch = len(slots)
+        out_len = self._out_len[slots]
+        mask_row = np.full(batch, -1, dtype=np.int64)
+        if bitmasks is not None:
+            mask_row[bitmasks.rows] = np.arange(len(bitmasks.rows))
+        # a row's grammar alone decides whether it may end
+        banned = flags[:, MIN_TOKENS] & (out_len < self._min_tokens[slots]) & (mask_row < 0)
+        repetition = flags[:, REPETITION]
+        history = self._history.output.lengths[slots]
+        info = np.empty((2 + fused.INFO_FIELDS, batch), dtype=np.int64)
+        info[0], info[1] = slots, self._prompt_len[slots] + out_len
+        info[2 + fused.REP_PROMPT] = np.where(repetition, self._history.prompt.lengths[slots], 0)
+        info[2 + fused.REP_OUTPUT] = np.where(repetition, history, 0)
+        info[2 + fused.HISTORY] = np.where(repetition | flags[:, FREQ_PRES], history, -1)
+        info[2 + fused.BIAS] = self._bias_ids.lengths[slots]
+        info[2 + fused.BAN] = np.where(banned, self._ban_ids.lengths[slots], 0)
+        info[2 + fused.MASK_ROW] = mask_row
+        mode = np.where(flags[:, PROCESSED], fused.PROCESSED_MODE, fused.RAW_MODE)
+        info[2 + fused.LOGPROB_MODE] = np.where(flags[:, LOGPROBS], mode, 0)
+        info[2 + fused.GREEDY_ROW] = flags[:, GREEDY]
+        return info
 
     def _plain_argmax(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The common greedy step on a CPU without the pipeline's per-step setup (most of the
