@@ -283,12 +283,17 @@ static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
   int64_t len = 0;
   for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
     const float *span = src + (k * (vocab - CHUNK) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
-    for (int64_t j = 0; j < CHUNK; j++) {
-      float v = clean(span[j]);
-      if (len == m && !(v > best[m - 1])) continue;
-      int64_t i = len < m ? len++ : m - 1;
-      for (; i > 0 && best[i - 1] < v; i--) best[i] = best[i - 1];
-      best[i] = v;
+    for (int64_t j0 = 0; j0 < CHUNK; j0 += 8) { /* a vector compare drops most of the span */
+      __m256 floor = _mm256_set1_ps(len == m ? best[m - 1] : -INFINITY);
+      __m256 x = clean8(_mm256_loadu_ps(span + j0));
+      if (len == m && !_mm256_movemask_ps(_mm256_cmp_ps(x, floor, _CMP_GT_OQ))) continue;
+      for (int64_t j = j0; j < j0 + 8; j++) {
+        float v = clean(span[j]);
+        if (len == m && !(v > best[m - 1])) continue;
+        int64_t i = len < m ? len++ : m - 1;
+        for (; i > 0 && best[i - 1] < v; i--) best[i] = best[i - 1];
+        best[i] = v;
+      }
     }
   }
   return len == m ? best[m - 1] : -INFINITY;
