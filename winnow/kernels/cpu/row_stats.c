@@ -1,4 +1,5 @@
-/* Whole-row helpers for the sampler's thresholded route (x86-64, AVX2 + FMA), through ctypes.
+/* Whole-row helpers for the sampler's thresholded route (x86-64, AVX2 + FMA; the scan also in
+ * AVX-512F where the CPU has it, chosen at run time), through ctypes.
  *
  * winnow_top_candidates: the n largest values of each row and their ids, sorted by value
  *   descending (ties by id ascending; which of the tokens tied at the n-th value are taken is
@@ -17,9 +18,10 @@
  * winnow_scan_rows: the thresholded route's one pass over a row: its top-n candidates and, where
  *   asked, its top_p normaliser, read straight from the model's logits (NaN -> -inf, +inf ->
  *   FLT_MAX on the fly) with the patched tokens' values (penalties, bias, bans) taken from the
- *   sampler's work buffer. It goes through the row in chunks of CHUNK tokens: the chunk is
- *   cleaned into L1 with its maximum; candidates are looked for only in a chunk whose maximum
- *   beats the n-th best so far. The normaliser comes as bounds [lo, hi] on sum_j exp(y_j - max y)
+ *   sampler's work buffer (gathered into a thread-local row first). The candidate threshold
+ *   starts from a guess off a sample of the row (checked: without n tokens reaching it the row
+ *   is scanned again without one). It goes through the row in chunks of CHUNK tokens, taking
+ *   each chunk's maximum as it compares tokens with the n-th best so far. The normaliser comes as bounds [lo, hi] on sum_j exp(y_j - max y)
  *   (as total_mass computes it, whatever the last bits of its exps): chunks with a token within
  *   e^-NEAR of the maximum so far take float32 exps as winnow_total_mass does (held to
  *   EXACT_SLACK), and the rest, the flat bulk of an LM's row, an upper-bound exp of two
@@ -31,6 +33,9 @@
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
  *   without truncation, the fallbacks) is loaded around its patched values.
+ *
+ * winnow_penalise: the repetition / frequency / presence penalties on the work buffer's tokens,
+ *   with penalties.PenaltyHistory.apply's float32 operations.
  */
 #include <immintrin.h>
 #include <float.h>
