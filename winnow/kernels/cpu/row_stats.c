@@ -21,13 +21,15 @@
  *   sampler's work buffer (gathered into a thread-local row first). The candidate threshold
  *   starts from a guess off a sample of the row (checked: without n tokens reaching it the row
  *   is scanned again without one). It goes through the row in chunks of CHUNK tokens, taking
- *   each chunk's maximum as it compares tokens with the n-th best so far. The normaliser comes as bounds [lo, hi] on sum_j exp(y_j - max y)
- *   (as total_mass computes it, whatever the last bits of its exps): chunks with a token within
- *   e^-NEAR of the maximum so far take float32 exps as winnow_total_mass does (held to
- *   EXACT_SLACK), and the rest, the flat bulk of an LM's row, an upper-bound exp of two
- *   instructions: float bits 2^23 * (x log2 e + 127) read as a float are 2^floor(v) * (1 + frac(v))
- *   for v = x log2 e, over 2^v by a factor in [1, 1.0616) (a chord of the convex 2^f). Both sums
- *   are kept against the running maximum (rescaled in double when it rises). The caller decides
+ *   each chunk's maximum as it compares tokens with the n-th best so far. The normaliser comes
+ *   as bounds [lo, hi] on sum_j exp(y_j - max y) (as total_mass computes it, whatever the last
+ *   bits of its exps): chunks with a token within e^-NEAR of the maximum so far take float32
+ *   exps as winnow_total_mass does (held to EXACT_SLACK), and the rest, the flat bulk of an
+ *   LM's row, a cheap exp with a known error factor. With AVX2 it is two instructions: float
+ *   bits 2^23 * (x log2 e + 127) read as a float are 2^floor(v) * (1 + frac(v)) for
+ *   v = x log2 e, over 2^v by a factor in [1, 1.0616) (a chord of the convex 2^f); with AVX-512
+ *   a quadratic for 2^frac(v), within [ROUGH16_LOW, ROUGH16_HIGH]. Both sums are kept against
+ *   the running maximum (rescaled in double when it rises). The caller decides
  *   top_p with both bounds and asks for the exact sum only where they disagree.
  *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
@@ -463,31 +465,44 @@ static inline AVX512 __m512 exp_neg16(__m512 x) {
   return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
 }
 
+/* The bulk's cheap exp with 16 lanes: 2^v = 2^k 2^f (k = floor v) with 2^f taken as
+ * 1 + (2/3) f + (1/3) f^2, which is 2^f times a factor in [ROUGH16_LOW, ROUGH16_HIGH] over
+ * f in [0, 1] (a quadratic through both ends: nine times tighter than the two-instruction exp,
+ * so fewer rows need the exact normaliser). v is clamped at -200 (-inf logits give 0). */
+#define ROUGH16_LOW 0.99810
+#define ROUGH16_HIGH 1.00345
+
+static inline AVX512 __m512 exp2_rough16(__m512 v) {
+  v = _mm512_max_ps(v, _mm512_set1_ps(-200.0f));
+  __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(v, k);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 3.0f), f, _mm512_set1_ps(2.0f / 3.0f));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f)), k);
+}
+
 /* scan_row with 16 lanes and no chunk copy: the chunk's first read takes its maximum, its
  * candidates (a compare per vector) and, when the normaliser is asked and the chunk ends up far
- * below the maximum, its upper-bound exps; a chunk that needs exact exps (or the first 2n
- * tokens, without a guessed threshold) is read again from L1. */
+ * below the maximum, its cheap exps (exp2_rough16); a chunk that needs exact exps (or the
+ * first 2n tokens, without a guessed threshold) is read again from L1. */
 static AVX512 void scan_row_avx512(const float *src, const float *patch, const uint32_t *set,
                                    int64_t vocab, float temperature, int want_mass, top_n *t,
                                    double *mass) {
   const __m512 tv = _mm512_set1_ps(temperature), big = _mm512_set1_ps(FLT_MAX);
-  const float a = 0x1p23f * 1.44269504088896341f / temperature;
+  const float a = 1.44269504088896341f / temperature;
   float m = -INFINITY; /* the largest y so far */
-  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and upper-bound terms */
+  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and cheap terms */
   for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
     int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
     int fast = want_mass && m > -INFINITY && fabsf(m) <= 256.0f;
-    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(0x1p23f * 127.0f - a * temperature * m);
+    /* v = (y - m) log2 e, as z * (log2 e / T) - m log2 e */
+    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(-a * temperature * m);
     __m512 mv = _mm512_set1_ps(-INFINITY), acc = _mm512_setzero_ps();
     const int open = t->open;
     for (; j + 16 <= len; j += 16) {
       _mm_prefetch((const char *)(src + c0 + j + PREFETCH), _MM_HINT_NTA);
       __m512 x = row16(src, patch, set, c0 + j);
       mv = _mm512_max_ps(mv, x);
-      if (fast) {
-        __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(x, av, bv), _mm512_setzero_ps());
-        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
-      }
+      if (fast) acc = _mm512_add_ps(acc, exp2_rough16(_mm512_fmadd_ps(x, av, bv)));
       unsigned hits = open ? 0 : _mm512_cmp_ps_mask(x, _mm512_set1_ps(t->threshold), _CMP_GT_OQ);
       if (hits) {
         float xs[16];
@@ -512,10 +527,10 @@ static AVX512 void scan_row_avx512(const float *src, const float *patch, const u
     }
     if (!want_mass || cmax == -INFINITY) continue;
     float cm = y_of(cmax, temperature);
-    if (fast && cm < m - NEAR) { /* terms < e^-NEAR: the upper-bound exps already taken */
+    if (fast && cm < m - NEAR) { /* terms < e^-NEAR: the cheap exps already taken */
       rough += _mm512_reduce_add_ps(acc);
       for (j = len & ~(int64_t)15; j < len; j++)
-        rough += exp((double)(y_of(row1(src, patch, set, c0 + j), temperature) - m)) * ROUGH_OVER;
+        rough += exp((double)(y_of(row1(src, patch, set, c0 + j), temperature) - m));
       continue;
     }
     if (cm > m) {
@@ -536,8 +551,9 @@ static AVX512 void scan_row_avx512(const float *src, const float *patch, const u
     mass[0] = mass[1] = NAN;
     return;
   }
-  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH_OVER * (1.0 - ROUGH_SLACK);
-  mass[1] = total * (1.0 + EXACT_SLACK) + rough * (1.0 + ROUGH_SLACK) + (double)vocab * 0x1p-120;
+  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH16_HIGH * (1.0 - ROUGH_SLACK);
+  mass[1] = total * (1.0 + EXACT_SLACK) + rough / ROUGH16_LOW * (1.0 + ROUGH_SLACK) +
+            (double)vocab * 0x1p-120;
 }
 
 /* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
