@@ -45,8 +45,12 @@ def make(open_candidates: int) -> tuple[Sampler, list[int]]:
 
 @pytest.mark.parametrize("open_candidates", [8, 256])
 def test_in_place_step_picks_what_the_copying_step_picks(open_candidates: int) -> None:
+    """Also what the torch expressions alone pick (the routes without the C kernels, as on a
+    CPU without AVX2)."""
     sourced, keys = make(open_candidates)
     copied, _ = make(open_candidates)
+    torch_only, _ = make(open_candidates)
+    torch_only._routes.fused_cpu, torch_only._routes.mix_table = False, None
     everything = TokenMasks(np.array([9]), torch.full((1, words_for(VOCAB)), -1, dtype=torch.int32))
     generator = torch.Generator().manual_seed(open_candidates)
     picks = 0
@@ -61,6 +65,7 @@ def test_in_place_step_picks_what_the_copying_step_picks(open_candidates: int) -
         expected = copied.sample(logits, keys, everything).token_ids
         tokens = sourced.sample(logits, keys).token_ids
         assert torch.equal(tokens, expected), step
+        assert torch.equal(torch_only.sample(logits, keys).token_ids, expected), step
         picks += len(keys)
     assert picks == 250
 
