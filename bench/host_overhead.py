@@ -11,8 +11,9 @@ do not count; each figure is the median over the timed steps.
 the issue's target is about: the Python and staging that serialise with the forward (the sampler's
 time here is mostly its pass over the logits, device work on a GPU; it has its own bench).
 "output thread" is the text of the step (`OutputProcessor.process`: detokenisation, stop strings,
-the per-request outputs), which the server runs on its own thread while the engine runs the next
-step; it is host time too, reported apart. On a checkout without the output thread (`step_tokens`
+the per-request outputs): host time too, reported apart, as the server runs it on its own thread
+on an accelerator (while the engine thread runs the next step); on a CPU it follows the step on
+the engine thread, so there the two add up. On a checkout without the output thread (`step_tokens`
 missing), the engine thread's step is `LLMEngine.step()`, text included ("append" holds the
 detokenisation and stop checks), and "output thread" is absent.
 
