@@ -136,3 +136,120 @@ def test_plain_temperature_step_picks_what_the_pipeline_picks() -> None:
         out, ops = vocabulary_ops(lambda: plain.sample(logits, keys), vocab)  # noqa: B023
         assert torch.equal(out.token_ids, expected)
         assert ops == 0  # one C pass, no whole-row torch op
+
+
+def test_reads_reordered_rows_with_patched_tokens(isa) -> None:
+    """Rows read from the model's logits by `order`, some tokens' values from the work buffer:
+    the pick of the cleaned, patched rows (both ISAs; the patched tokens include winners)."""
+    generator = torch.Generator().manual_seed(12)
+    vocab = 40007
+    logits = torch.randn(9, vocab, generator=generator) * 2
+    logits[1, 3], logits[2, 4] = math.nan, math.inf
+    order = torch.tensor([4, 1, 8, 2, 0, 6])
+    patch_ids = torch.randint(-1, vocab, (6, 33), generator=generator)
+    work = torch.randn(6, vocab, generator=generator) * 2
+    work[:3, patch_ids[:3, 0].clamp(min=0)] = 30.0  # patched tokens that win
+    rows = logits.nan_to_num(nan=-torch.inf, posinf=FLOAT32_MAX, neginf=-torch.inf)[order]
+    for r in range(6):
+        ids = patch_ids[r][patch_ids[r] >= 0]
+        rows[r, ids] = work[r, ids]
+    temperature = torch.tensor([1.0, 0.5, 1.3, 0.8, 1.0, 2.0])
+    mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
+    for step in range(6):
+        keys = noise.row_keys(torch.arange(6) + 50, torch.full((6,), step), noise.GUMBEL_STREAM)
+        expected, _ = torch_pick(rows, temperature, keys)
+        tokens = gumbel_max.gumbel_argmax(
+            logits, temperature, keys, mix, order=order, patch_ids=patch_ids, patch=work
+        )
+        assert torch.equal(tokens, expected)
+
+
+def slice_row_params(floats, top_k, seeds, positions, mass) -> np.ndarray:
+    from winnow.sampling.routes import _slice_params
+    from winnow.sampling.step import RowParams
+
+    params = RowParams(np.zeros((len(seeds), 1), bool), np.arange(len(seeds)), floats, top_k,
+                       seeds, positions)  # fmt: skip
+    return _slice_params(params, torch.stack([mass, mass], 1))
+
+
+def test_slice_pick_is_the_torch_pick_on_the_slice() -> None:
+    """The C pick on a candidate slice against Routes._pick (top_k, top_p with and without
+    top_k, min_p, XTC, ties everywhere, an all -inf row): same tokens and overflow flags."""
+    from winnow.sampling.routes import Routes
+    from winnow.sampling.step import (
+        MIN_P,
+        MIN_P_V,
+        NUM_FLAGS,
+        NUM_FLOATS,
+        TEMPERATURE,
+        TOP_K,
+        TOP_P,
+        TOP_P_V,
+        XTC,
+        XTC_PROB,
+        XTC_THRESHOLD,
+        RowParams,
+    )  # fmt: skip
+
+    vocab = 5000
+    routes = Routes(vocab, 16, torch.device("cpu"))
+    assert routes.mix_table is not None
+    generator = torch.Generator().manual_seed(0)
+    rows = 0
+
+    def chance(p: float, yes: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.rand(16, generator=generator) < p, yes, no)
+
+    for trial in range(120):
+        n = (8, 64, 300)[trial % 3]
+        z = torch.randn(16, vocab, generator=generator) * (1 + trial % 4)
+        if trial % 5 == 0:
+            z = torch.randint(0, 4, (16, vocab), generator=generator).float()
+        z[0] = -torch.inf
+        values, ids = z.topk(n, dim=1)
+        floats = torch.zeros(16, NUM_FLOATS)
+        floats[:, TEMPERATURE] = torch.rand(16, generator=generator) + 0.2
+        floats[:, TOP_P_V] = chance(0.6, torch.rand(16, generator=generator), torch.ones(16))
+        floats[:, MIN_P_V] = chance(0.4, torch.rand(16, generator=generator) * 0.3, torch.zeros(16))
+        floats[:, XTC_PROB] = chance(0.4, torch.rand(16, generator=generator), torch.zeros(16))
+        floats[:, XTC_THRESHOLD] = torch.rand(16, generator=generator) * 0.6 - 0.05
+        top_k = chance(0.5, torch.randint(1, n + 1, (16,), generator=generator), torch.zeros(16))
+        top_k = top_k.long()
+        seeds = torch.randint(-(2**62), 2**62, (16,), generator=generator)
+        positions = torch.randint(0, 10**6, (16,), generator=generator)
+        flags = np.zeros((16, NUM_FLAGS), dtype=bool)
+        flags[:, TOP_K], flags[:, TOP_P] = top_k > 0, floats[:, TOP_P_V] < 1
+        flags[:, MIN_P] = floats[:, MIN_P_V] > 0
+        flags[:, XTC] = (floats[:, XTC_PROB] > 0) & (floats[:, XTC_THRESHOLD] <= 0.5)
+        mass = torch.rand(16, generator=generator, dtype=torch.float64) * 100 + 1
+        params = RowParams(flags, np.arange(16), floats, top_k, seeds, positions)
+        expected = routes._pick((values, ids), params, mass)
+        records = slice_row_params(floats, top_k, seeds, positions, mass)
+        tokens, overflow, undecided = gumbel_max.slice_pick(values, ids, records, routes.mix_table)
+        assert torch.equal(tokens, expected.tokens)
+        assert torch.equal(overflow, expected.overflow) and not bool(undecided.any())
+        rows += 16
+    assert rows == 1920
+
+
+def test_slice_pick_flags_rows_whose_normaliser_bounds_disagree() -> None:
+    """top_p without top_k under bounds [lo, hi]: the rows whose survivors differ between the
+    two are flagged; the others pick what the exact normaliser (anywhere between) picks."""
+    vocab, n = 1000, 16
+    values = torch.linspace(5.0, 0.0, n).expand(4, n).contiguous()
+    ids = torch.arange(n).expand(4, n).contiguous()
+    floats = torch.zeros(4, 8)
+    floats[:, 0], floats[:, 1] = 1.0, 0.5
+    mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
+    weights = torch.exp(values[0] - values[0, 0]).double()
+    exact = float(weights.sum()) * 1.5
+    zeros = torch.zeros(4, dtype=torch.int64)
+    records = slice_row_params(
+        floats, zeros, zeros, zeros, torch.full((4,), exact, dtype=torch.float64)
+    )
+    records["total_mass_hi"][1] = exact * 1.0000001  # no survivor changes
+    records["total_mass"][2], records["total_mass_hi"][2] = exact / 1.5, exact * 1.5
+    tokens, _, undecided = gumbel_max.slice_pick(values, ids, records, mix)
+    assert undecided.tolist() == [False, False, True, False]
+    assert tokens[1] == tokens[0]

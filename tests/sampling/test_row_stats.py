@@ -57,3 +57,103 @@ def test_load_rows_reorders_and_cleans() -> None:
     assert torch.equal(z, expected)
     row_stats.load_rows(logits[:4], None, z)
     assert torch.equal(z, logits[:4].nan_to_num(nan=-torch.inf, neginf=-torch.inf))
+
+
+def _cleaned(z: torch.Tensor) -> torch.Tensor:
+    return z.nan_to_num(nan=-torch.inf, posinf=torch.finfo(torch.float32).max, neginf=-torch.inf)
+
+
+@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
+def isa(request):
+    if request.param and not row_stats.use_avx512(True):
+        pytest.skip("no AVX-512 on this CPU")
+    row_stats.use_avx512(request.param)
+    yield request.param
+    row_stats.use_avx512(True)
+
+
+@pytest.mark.parametrize("vocab", [131072, 32771, 1003, 9])
+def test_scan_reads_the_logits_with_patches_and_bounds_the_normaliser(isa, vocab: int) -> None:
+    """scan_rows on raw logits (NaN, +inf, reordered rows, patched tokens) gives top_candidates'
+    slice of the cleaned, patched rows, and bounds that hold total_mass's value between them."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(10, vocab, generator=generator) * 3
+    logits[0, :: max(1, vocab // 40)] += 15.0  # a few strong tokens over a flat bulk
+    logits[1] = torch.randint(0, 4, (vocab,), generator=generator).float()  # ties
+    logits[2, : vocab // 2] = float("nan")
+    logits[3] = -torch.inf
+    logits[4, 5] = torch.inf
+    logits[5] = torch.arange(vocab, dtype=torch.float32) / vocab * 40  # the maximum keeps rising
+    order = torch.tensor([5, 0, 2, 3, 1, 4, 7, 9])
+    patch_ids = torch.randint(-1, vocab, (8, 12), generator=generator)
+    patch_ids[1, 0], patch_ids[3] = 0, -1  # a strong token pushed down; row 3 stays all -inf
+    work = torch.randn(8, vocab, generator=generator) * 10
+    work[1, 0], work[6, patch_ids[6, 1]] = -torch.inf, 60.0
+    rows = _cleaned(logits)[order]
+    for r in range(8):
+        ids = patch_ids[r][patch_ids[r] >= 0]
+        rows[r, ids] = work[r, ids]
+    temperature = torch.rand(8, generator=generator) + 0.3
+    temperature[0] = 1.0
+    want = torch.tensor([True] * 7 + [False])
+    for n in sorted({1, min(66, vocab), min(256, vocab), vocab}):
+        values, ids, bounds = row_stats.scan_rows(
+            logits, order, patch_ids, work, n, temperature, want
+        )
+        assert torch.equal(values, rows.topk(n, dim=1).values)
+        assert torch.equal(rows.gather(1, ids), values)
+        assert all(len(set(row.tolist())) == n for row in ids)
+        exact = row_stats.total_mass(rows, temperature)
+        lo, hi = bounds[:7, 0], bounds[:7, 1]
+        inside = (lo <= exact[:7]) & (exact[:7] <= hi)
+        assert bool((inside | exact[:7].isnan()).all())
+        assert torch.equal(lo.isnan(), exact[:7].isnan()) and bool(lo[3].isnan())
+        finite = ~exact[:7].isnan()
+        assert bool(((hi - lo)[finite] <= 0.07 * exact[:7][finite]).all())  # the bulk's 6.2%
+        assert torch.equal(bounds[7], torch.ones(2, dtype=torch.float64))
+
+
+def test_load_rows_keeps_patched_values_and_seed_patches_fills_them() -> None:
+    logits = torch.randn(4, 777, generator=torch.Generator().manual_seed(3))
+    logits[0, 9] = float("nan")
+    order = torch.tensor([2, 0, 3])
+    patch_ids = torch.tensor([[5, -1, 9], [9, 700, -1], [-1, -1, -1]])
+    z = torch.zeros(3, 777)
+    row_stats.seed_patches(logits, order, z, patch_ids)
+    assert z[1, 9] == -torch.inf and z[0, 5] == logits[2, 5] and z[1, 700] == logits[0, 700]
+    assert int((z != 0).sum()) == 4
+    z[0, 5], z[1, 700] = 42.0, -7.0  # what the penalties did
+    row_stats.load_rows(logits, order, z, patch_ids)
+    expected = _cleaned(logits)[order]
+    expected[0, 5], expected[1, 700] = 42.0, -7.0
+    assert torch.equal(z, expected)
+
+
+def test_penalise_in_c_gives_the_torch_values(monkeypatch) -> None:
+    """PenaltyHistory.apply through the C kernel and through its torch ops: the same float32
+    values, bit for bit (repeated and overlapping ids, negative, zero and -inf logits)."""
+    from winnow.sampling.penalties import PenaltyHistory
+
+    vocab, slots = 997, 6
+    generator = torch.Generator().manual_seed(9)
+    history = PenaltyHistory(slots, torch.device("cpu"))
+    for slot in range(slots):
+        prompt = torch.randint(0, 60, (40 + slot,), generator=generator).tolist()
+        outputs = torch.randint(0, 80, (slot * 7,), generator=generator).tolist()
+        history.reset(slot, prompt, outputs)
+    z = torch.randn(slots * vocab + 1, generator=generator) * 3
+    z[::11] = 0.0
+    z[5::13] = -torch.inf
+    rows = torch.tensor([4, 0, 2, 5])
+    slot_ids = torch.tensor([1, 5, 3, 0])
+    repetition = torch.tensor([1.3, 0.7, 1.0, 2.0])
+    frequency_presence = torch.tensor([[0.5, 0.25], [-0.3, 1.1], [0.0, 0.7], [1.7, 0.0]])
+    cases = ((repetition, frequency_presence), (repetition, None), (None, frequency_presence))
+    for rep, fp in cases:
+        in_c, in_torch = z.clone(), z.clone()
+        history.apply(in_c, rows, slot_ids, slot_ids.numpy(), rep, fp, vocab)
+        with monkeypatch.context() as patched:
+            patched.setattr(row_stats, "available", lambda: False)
+            history.apply(in_torch, rows, slot_ids, slot_ids.numpy(), rep, fp, vocab)
+        assert not torch.equal(in_c, z)
+        assert torch.equal(in_c[:-1], in_torch[:-1])  # the last cell is the padding's trash

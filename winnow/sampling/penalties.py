@@ -4,7 +4,8 @@ Only tokens a row has seen are touched, so a step costs O(batch x history), not 
 Logit updates go through a flat view of the logits buffer whose last element is a trash cell:
 padding entries point there, so every gather/scatter has a fixed shape and no masking branch.
 They use index_select / index_copy_ (torch's advanced indexing on a CPU tensor this large costs
-a pass over the whole buffer per call).
+a pass over the whole buffer per call); on a CPU with the C kernels `apply` is one C call
+(`row_stats.penalise`) with the same float32 operations.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from winnow.kernels.cpu import row_stats
 from winnow.sampling.slot_rows import SlotRows
 
 
@@ -61,6 +63,15 @@ class PenaltyHistory:
         trash = z_flat.shape[0] - 1
         out_width = self.output.width(host_slots)
         outputs = self.output.take(slots, out_width)
+        if z_flat.device.type == "cpu" and row_stats.available():  # one C call, same values
+            prompt = None
+            if repetition is not None:
+                prompt = self.prompt.take(slots, self.prompt.width(host_slots))
+            counts = self.counts.take(slots, out_width) if frequency_presence is not None else None
+            row_stats.penalise(
+                z_flat, vocab_size, rows, prompt, outputs, counts, repetition, frequency_presence
+            )
+            return
         if repetition is not None:
             ids = torch.cat([self.prompt.take(slots, self.prompt.width(host_slots)), outputs], 1)
             flat = flat_index(rows, ids, vocab_size, trash, ids >= 0).view(-1)

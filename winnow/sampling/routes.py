@@ -5,9 +5,13 @@
       |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
       |-- no truncation, XTC or top_logprobs, CUDA ------> fused Gumbel-max (or argmax) with
       |                                                    stages 1-2, bitmask, logprob
-      '-- plan, load (by route), penalise, then per route block of rows:
+      '-- plan, load (by route; on a CPU without logprobs or grammar masks only the tokens
+          stages 1-2 touch: step.Source), penalise, then per route block of rows:
             greedy       argmax of z
             thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
+                           (CPU, in place: one C pass per row for the slice and bounds on the
+                           top_p normaliser, the pick in C; exact normaliser where the bounds
+                           keep different tokens)
                            | a row's slice may miss a survivor (flag, one device->host copy)
                            v
                          widen: a slice of >= wide_candidates (4x the first), same stages
@@ -24,8 +28,11 @@ A slice "overflows" when it might miss a survivor of the whole row; such rows ar
 `widen` (a wider slice) and then, if still flagged, by `redo_exact` (the whole sorted row).
 
 On a CPU with the C kernels (winnow/kernels/cpu/gumbel_max.c, row_stats.c) the whole-row work
-is one vectorised pass each: Gumbel-max (free rows and redo_exact), the top-n slice, the top_p
-normaliser. They pick what the torch expressions below pick (tests/sampling/test_gumbel_kernel.py).
+is one vectorised pass per row: Gumbel-max (free rows and redo_exact), or the top-n slice with
+the top_p normaliser's bounds (thresholded rows), read from the model's logits with the patched
+tokens blended in; rows that need all of z (greedy, XTC without truncation, widen, redo_exact)
+are loaded on demand (`load`). They pick what the torch expressions below pick
+(tests/sampling/test_gumbel_kernel.py, test_row_stats.py, test_sampler_sourced.py).
 On CUDA the free route's Gumbel-max is one Triton pass per row (winnow/kernels/triton/gumbel_max.py,
 tests/sampling/test_triton_gumbel.py); elsewhere the torch expressions run. A CUDA step with no
 truncation, XTC or top_logprobs skips all of this (Sampler._fused_step): the same kernel takes
@@ -97,6 +104,7 @@ class Routes:
         """One token per row into step.tokens."""
         if "greedy" in step.routes:
             rows = step.routes["greedy"]
+            self.load(step, np.arange(rows.start, rows.stop))
             torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
         if "thresholded" in step.routes:
             self._thresholded(step, step.routes["thresholded"])
@@ -106,6 +114,7 @@ class Routes:
     def widen(self, step: Step, rows: np.ndarray) -> Pick:
         """Second try for the flagged work rows `rows`, on a wider slice; updates the step."""
         assert step.overflow is not None and step.total_mass is not None
+        self.load(step, rows)
         index = step.index(rows)
         width = max(self.wide_candidates, 4 * step.width)
         z, total_mass = step.z.index_select(0, index), step.total_mass.index_select(0, index)
@@ -119,6 +128,7 @@ class Routes:
 
         Updates step.tokens and clears their flags; returns their processed values [n, V].
         """
+        self.load(step, rows)
         index = step.index(rows)
         params = step.params(rows)
         flags, floats = params.flags, params.floats
@@ -152,6 +162,19 @@ class Routes:
             step.overflow.index_fill_(0, index, False)
         return values
 
+    def load(self, step: Step, rows: np.ndarray) -> None:
+        """Make z whole for the work rows `rows` where it holds only patched tokens (step.py)."""
+        source = step.source
+        if source is None or source.loaded[rows].all():
+            return
+        rows = rows[~source.loaded[rows]]
+        index = torch.from_numpy(rows)
+        patch_ids = None if source.patch_ids is None else source.patch_ids.index_select(0, index)
+        z = step.z.index_select(0, index)  # the patched values, kept by the load
+        row_stats.load_rows(source.logits, source.order.index_select(0, index), z, patch_ids)
+        step.z.index_copy_(0, index, z)
+        source.loaded[rows] = True
+
     def _thresholded(self, step: Step, rows: slice) -> None:
         """The thresholded route on its first candidate slice."""
         params = step.params(rows)
@@ -161,6 +184,9 @@ class Routes:
         if not params.flags[:, TOP_K].all():
             width = max(width, self.open_candidates)
         step.width = width
+        if step.source is not None:
+            self._thresholded_sourced(step, rows, params, min(width, self.vocab_size))
+            return
         candidates = self._candidates(step.z[rows], width)
         step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
         if step.mass_rows:  # the route's first rows: top_p without top_k
@@ -173,6 +199,43 @@ class Routes:
         step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
         step.overflow[rows] = pick.overflow
         step.pick = pick
+
+    def _thresholded_sourced(self, step: Step, rows: slice, params: RowParams, width: int) -> None:
+        """The thresholded route from the model's logits with the C kernels: one pass per row
+        for the candidates and bounds on the top_p normaliser, then the pick on the slice. Rows
+        whose bounds keep different tokens, or whose slice overflows (widen reads the
+        normaliser), get the exact normaliser and, where undecided, are picked again."""
+        source = step.source
+        assert source is not None and self.mix_table is not None
+        patch_ids = None if source.patch_ids is None else source.patch_ids[rows]
+        mass_rows = torch.arange(rows.stop - rows.start) < step.mass_rows
+        values, ids, bounds = row_stats.scan_rows(
+            source.logits, source.order[rows], patch_ids, step.z[rows], width,
+            params.floats[:, TEMPERATURE], mass_rows if step.mass_rows else None,
+        )  # fmt: skip
+        pick_params = _slice_params(params, bounds)
+        tokens, overflow, undecided = gumbel_max.slice_pick(
+            values, ids, pick_params, self.mix_table
+        )
+        exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
+        if exact.size:
+            self.load(step, exact + rows.start)
+            index = torch.from_numpy(exact)
+            z = step.z[rows].index_select(0, index)
+            temperature = params.floats[:, TEMPERATURE].index_select(0, index)
+            mass = row_stats.total_mass(z, temperature, values[:, 0].index_select(0, index))
+            bounds[exact] = mass[:, None].expand(-1, 2)
+            pick_params["total_mass"][exact] = pick_params["total_mass_hi"][exact] = mass.numpy()
+            again = gumbel_max.slice_pick(
+                values.index_select(0, index), ids.index_select(0, index),
+                pick_params[exact], self.mix_table,
+            )  # fmt: skip
+            tokens[index], overflow[index] = again[0], again[1]
+        step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
+        step.total_mass[rows] = bounds[:, 0]
+        step.tokens[rows] = tokens
+        step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
+        step.overflow[rows] = overflow
 
     def _candidates(self, z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of the top-`width` slice of the rows `z`, sorted descending."""
@@ -239,6 +302,19 @@ class Routes:
         """Rows with no threshold stage: Gumbel-max over the whole vocabulary (maybe after XTC)."""
         params = step.params(rows)
         z = step.z[rows]
+        source = step.source
+        if source is not None and not params.flags[:, XTC].any():
+            assert self.mix_table is not None
+            keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+            step.tokens[rows] = gumbel_max.gumbel_argmax(
+                source.logits, params.floats[:, TEMPERATURE], keys, self.mix_table,
+                order=source.order[rows],
+                patch_ids=None if source.patch_ids is None else source.patch_ids[rows],
+                patch=z,
+            )  # fmt: skip
+            step.free_y, step.free_keep = None, None
+            return
+        self.load(step, np.arange(rows.start, rows.stop))
         if not params.flags[:, XTC].any() and (self.triton_gumbel or self.mix_table is not None):
             # one pass; y is written over z only when processed values will be read
             y_out = z if step.want_y else None
@@ -288,6 +364,24 @@ class Routes:
         coin = noise.uniform(noise.hash_bits(keys, self.token_mix[0]))
         floats = params.floats
         return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)
+
+
+def _slice_params(params: RowParams, mass_bounds: torch.Tensor) -> np.ndarray:
+    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records); mass_bounds [b, 2]."""
+    floats = params.floats.numpy()
+    out = np.empty(len(mass_bounds), dtype=gumbel_max.SLICE_ROW)
+    for name, column in (
+        ("temperature", TEMPERATURE),
+        ("top_p", TOP_P_V),
+        ("min_p", MIN_P_V),
+        ("xtc_probability", XTC_PROB),
+        ("xtc_threshold", XTC_THRESHOLD),
+    ):
+        out[name] = floats[:, column]
+    out["top_k"], out["seed"] = params.top_k.numpy(), params.seeds.numpy()
+    out["position"] = params.positions.numpy()
+    out["total_mass"], out["total_mass_hi"] = mass_bounds[:, 0].numpy(), mass_bounds[:, 1].numpy()
+    return out
 
 
 def _triton_gumbel(device: torch.device, wanted: bool | None) -> ModuleType | None:

@@ -4,8 +4,10 @@ Per-row parameters live in persistent per-slot device tensors written once by `a
 only indexes them with the batch's slots. Which stages run is decided from host-side per-slot
 flags, so unused stages cost nothing and a greedy-only batch is a plain argmax.
 
-Each row takes one of three routes, and the logits are copied into the work buffer grouped by
-route, so every route works on a contiguous block of rows (no per-route row gathers):
+Each row takes one of three routes, and the rows are grouped by route in the work buffer, so
+every route works on a contiguous block of rows (no per-route row gathers). With the CPU kernels
+and no logprobs or grammar masks in the step the logits are not copied there at all: only the
+tokens stages 1-2 touch are, and the kernels read the rest from the model's logits (step.py):
 
 * greedy (T < 1e-5): argmax of the penalised logits z, ties -> lowest id.
 * thresholded (top_k / top_p / min_p): a top-n candidate slice of z (torch.topk, no full sort);
@@ -65,6 +67,7 @@ from winnow.sampling.step import (
     TOP_K,
     TOP_P,
     XTC,
+    Source,
     Step,
     Subset,
 )
@@ -223,14 +226,15 @@ class Sampler:
         """
         if bitmasks is not None and bitmasks.rows.size == 0:
             bitmasks = None
-        plain = self._plain_argmax(logits, keys) if bitmasks is None else None
+        slots = self._batch_slots(keys)
+        plain = self._plain_argmax(logits, slots) if bitmasks is None else None
         if plain is None and self._routes.triton_gumbel is not None:
             plain = self._fused_step(logits, keys, bitmasks)
         elif plain is None and bitmasks is None:
-            plain = self._plain_temperature(logits, keys)
+            plain = self._plain_temperature(logits, slots)
         if plain is not None:
             return plain
-        step = self._prepare(logits, keys, bitmasks)
+        step = self._prepare(logits, keys, bitmasks, copy=False, slots=slots)
         step.want_y = "processed" in step.subsets
         self._routes.choose(step)
         if step.lp is not None:
@@ -272,13 +276,17 @@ class Sampler:
             values[step.index(flagged)] = self._routes.redo_exact(step, flagged)
         return values.index_select(0, step.index(np.argsort(step.order)))
 
-    def _plain_temperature(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+    def _batch_slots(self, keys: Sequence[int]) -> np.ndarray:
+        """The slots of the batch's rows, in batch order."""
+        return np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=len(keys))
+
+    def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The OpenAI SDK's default step (temperature only, maybe 1) with the fused C kernel on a
         CPU: every row on the free route with nothing to apply before it (no penalty, bias,
         ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the
         work buffer -- and gives the pipeline's pick (its NaN and +inf rules included).
         Anything else -> None, and the full pipeline runs."""
-        batch = len(keys)
+        batch = len(slots)
         mix = self._routes.mix_table
         if mix is None or logits.dtype != torch.float32:
             return None
@@ -286,7 +294,6 @@ class Sampler:
             return None
         if logits.device.type != self.device.type:
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
@@ -385,18 +392,17 @@ class Sampler:
         info[2 + fused.GREEDY_ROW] = flags[:, GREEDY]
         return info
 
-    def _plain_argmax(self, logits: torch.Tensor, keys: Sequence[int]) -> SamplerOutput | None:
+    def _plain_argmax(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The common greedy step on a CPU without the pipeline's per-step setup (most of the
         sampler's time at batch 1; BENCHMARKS.md, "C decoder stack"): every row greedy with no
         penalty, bias, ban or logprobs, and every row's maximum finite. Anything else -> None,
         and the full pipeline (which defines NaN and inf rows) runs. numpy's argmax, like the
         greedy route, returns the lowest id among ties."""
-        batch = len(keys)
+        batch = len(slots)
         if logits.device.type != "cpu" or logits.dtype != torch.float32:
             return None
         if logits.shape != (batch, self.vocab_size):
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if not flags[:, GREEDY].all() or flags[:, _BEYOND_ARGMAX].any() or banned.any():
@@ -413,18 +419,27 @@ class Sampler:
     # ------------------------------------------------------------------ stages 1-2
 
     def _prepare(
-        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None = None
+        self,
+        logits: torch.Tensor,
+        keys: Sequence[int],
+        bitmasks: TokenMasks | None = None,
+        copy: bool = True,
+        slots: np.ndarray | None = None,
     ) -> Step:
         """Plan the step on the host, upload its indices, copy the logits in (by route) and
-        apply stages 1-2."""
+        apply stages 1-2. copy=False: where the CPU kernels can read the model's logits (no
+        logprobs, no bitmask), only the tokens stages 1-2 touch are copied (step.Source)."""
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")
-        plan = self._plan(keys, bitmasks)
+        plan = self._plan(self._batch_slots(keys) if slots is None else slots, bitmasks)
         index = self._upload(plan.indices())
         z = self._work[: batch * vocab].view(batch, vocab)
         reordered = np.any(plan.order != np.arange(batch))
-        self._load_logits(logits, z, index["order"] if reordered else None)
+        sourced = not copy and bitmasks is None and self._readable(logits)
+        if not sourced or plan.flags[:, LOGPROBS].any():
+            self._load_logits(logits, z, index["order"] if reordered else None)
+            sourced = False
         seeds_top_k = self._seeds_top_k.index_select(0, index["slots"])
         step = Step(
             order=plan.order,
@@ -447,15 +462,16 @@ class Sampler:
         if plan.flags[:, LOGPROBS].any():
             top = int(self._num_top_logprobs[plan.host_slots].max())
             step_logprobs.start(step, min(top, vocab))
+        if sourced:
+            step.source = self._patch(step, logits, index["order"])
         self._penalise(step)
         if bitmasks is not None:  # the end of stage 2: the grammar bitmask
             apply_bitmask(z, index["bitmask_rows"], bitmasks.bits)
         return step
 
-    def _plan(self, keys: Sequence[int], bitmasks: TokenMasks | None) -> _Plan:
+    def _plan(self, batch_slots: np.ndarray, bitmasks: TokenMasks | None) -> _Plan:
         """The step's host-side plan: work-row order by route and which rows need what."""
-        batch = len(keys)
-        batch_slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
+        batch = len(batch_slots)
         if len(np.unique(batch_slots)) != batch:
             raise ValueError("a row appears twice in the batch")
         flags = self._flags[batch_slots]
@@ -499,6 +515,40 @@ class Sampler:
             bitmask_rows=bitmask_rows,
             mass_rows=int(needs_mass.sum()),
         )
+
+    def _readable(self, logits: torch.Tensor) -> bool:
+        """The CPU kernels can read these logits in place of the work buffer's copy."""
+        cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32
+        return self._routes.fused_cpu and cpu_float and logits.stride(1) == 1
+
+    def _patch(self, step: Step, logits: torch.Tensor, order: torch.Tensor) -> Source:
+        """The step's Source: each work row's ids that stages 1-2 touch (-1 padded), their
+        logits copied into the work buffer for `_penalise` to work on."""
+        parts: list[tuple[Subset, torch.Tensor]] = []
+        subsets = step.subsets
+        if "penalised" in subsets:
+            rows = subsets["penalised"]
+            slots, host_slots = step.slots.index_select(0, rows.device), step.host_slots[rows.host]
+            history = self._history
+            if step.flags[rows.host, REPETITION].any():
+                parts.append((rows, history.prompt.take(slots, history.prompt.width(host_slots))))
+            parts.append((rows, history.output.take(slots, history.output.width(host_slots))))
+        for name, table in (("bias", self._bias_ids), ("banned", self._ban_ids)):
+            if name in subsets:
+                rows = subsets[name]
+                slots = step.slots.index_select(0, rows.device)
+                parts.append((rows, table.take(slots, table.width(step.host_slots[rows.host]))))
+        patch_ids = None
+        if parts:
+            width = sum(ids.shape[1] for _, ids in parts)
+            patch_ids = torch.full((len(step.order), width), -1, dtype=torch.int64)
+            start = 0
+            for rows, ids in parts:
+                patch_ids[:, start : start + ids.shape[1]].index_copy_(0, rows.device, ids)
+                start += ids.shape[1]
+            row_stats.seed_patches(logits.detach(), order, step.z, patch_ids)
+        loaded = np.zeros(len(step.order), dtype=bool)
+        return Source(logits.detach(), order, patch_ids, loaded)
 
     def _load_logits(
         self, logits: torch.Tensor, z: torch.Tensor, order: torch.Tensor | None

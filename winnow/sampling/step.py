@@ -2,6 +2,11 @@
 
 Rows are reordered by route when the logits are loaded, so row i of every per-row array is
 "work row" i, which holds batch row `Step.order[i]`.
+
+With the CPU kernels and nothing that reads whole processed rows (logprobs, grammar masks) the
+logits are not copied: the work buffer holds only each row's patched tokens (`Source`), the
+kernels read the model's logits with those values blended in, and the rows that need all of z
+(greedy, XTC without truncation, the fallbacks) are loaded on demand.
 """
 
 from __future__ import annotations
@@ -66,6 +71,18 @@ class Pick:
 
 
 @dataclass
+class Source:
+    """Where the CPU kernels read a step's rows: work row r is logits[order[r]] (cleaned on the
+    fly), except the tokens patch_ids[r] (-1: padding; None: no row has any), whose values are
+    the work buffer's (penalties, logit_bias, bans). `loaded[r]`: z[r] is complete."""
+
+    logits: torch.Tensor
+    order: torch.Tensor
+    patch_ids: torch.Tensor | None
+    loaded: np.ndarray
+
+
+@dataclass
 class Step:
     """Everything one `Sampler.sample` call computes, shared by its phases."""
 
@@ -92,6 +109,7 @@ class Step:
     want_y: bool = True  # processed values will be read: the free route keeps y (else z)
     free_y: torch.Tensor | None = None  # scaled logits of the free rows (in the work buffer)
     free_keep: torch.Tensor | None = None
+    source: Source | None = None  # set when z holds only patched tokens (see module doc)
     raw_lse: torch.Tensor | None = None  # [B] logsumexp of the raw logits
     top_k_logprobs: int = 0
     lp: torch.Tensor | None = None  # [B] sampled-token logprob

@@ -1,4 +1,5 @@
-"""The fused full-vocabulary Gumbel-max of `gumbel_max.c`: build, load, call (ctypes).
+"""The sampler's Gumbel-max kernels of `gumbel_max.c` (the fused full-vocabulary pass and the
+pick on a thresholded row's candidate slice): build, load, call (ctypes).
 
 Built into the kernel cache like the projection kernels; `available()` is False where it cannot
 be (no AVX2, no compiler), and the sampler then keeps to its torch expression of the same pick.
@@ -11,6 +12,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from winnow.kernels.cpu.cpu_kernels import load_library
@@ -28,8 +30,14 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_gumbel_init.restype = ctypes.c_int
     lib.winnow_gumbel_noise.argtypes = [_PTR, _I64, _PTR]
     lib.winnow_gumbel_noise.restype = None
-    lib.winnow_gumbel_argmax.argtypes = [*(_PTR, _I64, _I64, _I64), *(_PTR,) * 5, ctypes.c_int]
+    lib.winnow_gumbel_argmax.argtypes = [
+        *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64),
+        *(_PTR,) * 6,
+        ctypes.c_int,
+    ]
     lib.winnow_gumbel_argmax.restype = None
+    lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 5, ctypes.c_int]
+    lib.winnow_slice_pick.restype = None
     wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"
     lib.winnow_gumbel_init(int(wanted))
     return lib
@@ -66,14 +74,23 @@ def gumbel_argmax(
     keys: torch.Tensor,
     token_mix: torch.Tensor,
     y_out: torch.Tensor | None = None,
+    *,
+    order: torch.Tensor | None = None,
+    patch_ids: torch.Tensor | None = None,
+    patch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per row of z [b, V] (float32, CPU, unit inner stride): the lowest id with the largest
     min(z / T, FLOAT32_MAX) + gumbel noise; writes y = min(z / T, FLOAT32_MAX) into y_out when
     given (same strides as z; may be z). temperature [b] float32, keys [b] int64 row keys,
-    token_mix [V] int32: `mix_table(noise.token_mix(ids))`, kept by the caller."""
+    token_mix [V] int32: `mix_table(noise.token_mix(ids))`, kept by the caller.
+
+    order [b] int64: row r is z[order[r]] (z then has any number of rows). patch_ids [b, w] int64
+    (-1: padding) with patch [b, V] contiguous: row r's tokens in patch_ids[r] take their value
+    from patch[r] (the work buffer's penalised, biased and banned values)."""
     lib = _library()
     assert lib is not None and z.dtype == torch.float32 and z.stride(1) == 1
-    rows, vocab = z.shape
+    vocab = z.shape[1]
+    rows = z.shape[0] if order is None else order.shape[0]
     assert token_mix.dtype == torch.int32 and token_mix.shape == (vocab,)
     tokens = torch.empty(rows, dtype=torch.int64)
     if rows == 0:
@@ -82,10 +99,66 @@ def gumbel_argmax(
     keys = keys.to(torch.int64).contiguous()
     if y_out is not None:
         assert y_out.stride() == z.stride() and y_out.dtype == torch.float32
+        assert order is None and patch_ids is None
+    width = 0
+    if patch_ids is not None:
+        assert patch is not None and patch.is_contiguous() and patch.shape == (rows, vocab)
+        patch_ids = patch_ids.contiguous()
+        width = patch_ids.shape[1]
+    order = None if order is None else order.contiguous()
     lib.winnow_gumbel_argmax(
-        z.data_ptr(), rows, vocab, z.stride(0), temperature.data_ptr(), keys.data_ptr(),
-        token_mix.data_ptr(),
-        None if y_out is None else y_out.data_ptr(), tokens.data_ptr(),
-        torch.get_num_threads(),
+        z.data_ptr(), rows, vocab, z.stride(0), _ptr(order), _ptr(patch_ids), width,
+        _ptr(patch), temperature.data_ptr(), keys.data_ptr(), token_mix.data_ptr(), _ptr(y_out),
+        tokens.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return tokens
+
+
+# One row's inputs to `slice_pick`: `slice_row` in gumbel_max.c, field for field.
+SLICE_ROW = np.dtype(
+    [
+        ("temperature", np.float32),
+        ("top_p", np.float32),
+        ("min_p", np.float32),
+        ("xtc_probability", np.float32),
+        ("xtc_threshold", np.float32),
+        ("top_k", np.int64),
+        ("seed", np.int64),
+        ("position", np.int64),
+        ("total_mass", np.float64),
+        ("total_mass_hi", np.float64),
+    ],
+    align=True,
+)
+
+
+def slice_pick(
+    values: torch.Tensor, ids: torch.Tensor, params: np.ndarray, token_mix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thresholded route's pick on candidate slices (routes.Routes._pick in C): values [b, n]
+    float32 and ids [b, n] int64, each row sorted by value descending; params [b] of SLICE_ROW
+    (top_k 0 = off, top_p 1 = off, min_p 0 = off, XTC off at probability 0; total_mass and
+    total_mass_hi bound the top_p normaliser of a row without top_k, equal when it is known).
+    Returns (tokens [b] int64, overflow [b] bool: the slice may miss a survivor of the whole
+    row, undecided [b] bool: the bounds keep different tokens, so the row's token is not known
+    until it is picked again with its exact normaliser)."""
+    lib = _library()
+    assert lib is not None and values.dtype == torch.float32 and ids.dtype == torch.int64
+    rows, n = values.shape
+    assert params.dtype == SLICE_ROW and params.shape == (rows,) and token_mix.dtype == torch.int32
+    values, ids = values.contiguous(), ids.contiguous()
+    params = np.ascontiguousarray(params)
+    tokens = torch.empty(rows, dtype=torch.int64)
+    overflow = torch.empty(rows, dtype=torch.bool)
+    undecided = torch.empty(rows, dtype=torch.bool)
+    if rows:
+        lib.winnow_slice_pick(
+            values.data_ptr(), ids.data_ptr(), rows, n, token_mix.shape[0],
+            params.ctypes.data, token_mix.data_ptr(), tokens.data_ptr(), overflow.data_ptr(),
+            undecided.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return tokens, overflow, undecided
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -1,13 +1,15 @@
 """Whole-row helpers of the sampler (`row_stats.c`): the load of the logits into its work buffer,
-top-n candidates and the top_p normaliser, each one vectorised pass per row. Built and loaded
-like the other CPU kernels; `available()` is False where they cannot be, and the sampler keeps
-to torch ops.
+top-n candidates and the top_p normaliser, each one vectorised pass per row, and the thresholded
+route's scan (candidates and normaliser in one pass over the model's logits, patched tokens read
+from the work buffer). Built and loaded like the other CPU kernels; `available()` is False where
+they cannot be, and the sampler keeps to torch ops.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -27,13 +29,34 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_top_candidates.restype = None
     lib.winnow_total_mass.argtypes = [_PTR, *(_I64,) * 3, *(_PTR,) * 3, ctypes.c_int]
     lib.winnow_total_mass.restype = None
-    lib.winnow_load_rows.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_load_rows.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, _PTR, _I64, ctypes.c_int]
     lib.winnow_load_rows.restype = None
+    lib.winnow_seed_patches.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, _PTR, _I64]
+    lib.winnow_seed_patches.restype = None
+    lib.winnow_scan_rows.argtypes = [
+        *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64),
+        *(_PTR,) * 5,
+        ctypes.c_int,
+    ]
+    lib.winnow_scan_rows.restype = None
+    lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
+    lib.winnow_penalise.argtypes += [_PTR, _PTR]
+    lib.winnow_penalise.restype = None
+    lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
+    lib.winnow_row_stats_init.restype = ctypes.c_int
+    lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def use_avx512(wanted: bool) -> bool:
+    """Switch `scan_rows` between its AVX-512 and AVX2 loops (tests); returns whether AVX-512
+    is in use."""
+    lib = _library()
+    return lib is not None and bool(lib.winnow_row_stats_init(int(wanted)))
 
 
 def _checked(z: torch.Tensor) -> ctypes.CDLL:
@@ -81,17 +104,111 @@ def total_mass(
     return mass
 
 
-def load_rows(logits: torch.Tensor, order: torch.Tensor | None, z: torch.Tensor) -> None:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def load_rows(
+    logits: torch.Tensor,
+    order: torch.Tensor | None,
+    z: torch.Tensor,
+    patch_ids: torch.Tensor | None = None,
+) -> None:
     """z[r] = logits[order[r]] (logits[r] without an order), NaN -> -inf, +inf -> FLOAT32_MAX.
 
-    logits [n, V] float32 with unit inner stride; z [b, V] contiguous; order [b] int64 (CPU)."""
+    logits [n, V] float32 with unit inner stride; z [b, V] contiguous; order [b] int64 (CPU).
+    patch_ids [b, w] int64 (-1: padding): tokens of each row whose value in z is kept."""
     lib = _checked(logits)
     rows, vocab = z.shape
     assert z.is_contiguous() and logits.shape[1] == vocab
-    if order is not None:
-        order = order.contiguous()
+    order = None if order is None else order.contiguous()
+    patch_ids = None if patch_ids is None else patch_ids.contiguous()
+    width = 0 if patch_ids is None else patch_ids.shape[1]
     if rows:
         lib.winnow_load_rows(
-            logits.data_ptr(), rows, vocab, logits.stride(0),
-            None if order is None else order.data_ptr(), z.data_ptr(), torch.get_num_threads(),
+            logits.data_ptr(), rows, vocab, logits.stride(0), _ptr(order), z.data_ptr(),
+            _ptr(patch_ids), width, torch.get_num_threads(),
         )  # fmt: skip
+
+
+def seed_patches(
+    logits: torch.Tensor, order: torch.Tensor | None, z: torch.Tensor, patch_ids: torch.Tensor
+) -> None:
+    """z[r, id] = the cleaned logits[order[r], id] for each id in patch_ids[r] (-1: padding),
+    the values the penalties then work on (shapes as `load_rows`)."""
+    lib = _checked(logits)
+    rows, vocab = z.shape
+    assert z.is_contiguous() and logits.shape[1] == vocab and patch_ids.shape[0] == rows
+    order = None if order is None else order.contiguous()
+    patch_ids = patch_ids.contiguous()
+    lib.winnow_seed_patches(
+        logits.data_ptr(), rows, vocab, logits.stride(0), _ptr(order), z.data_ptr(),
+        patch_ids.data_ptr(), patch_ids.shape[1],
+    )  # fmt: skip
+
+
+def scan_rows(
+    logits: torch.Tensor,
+    order: torch.Tensor | None,
+    patch_ids: torch.Tensor | None,
+    patch: torch.Tensor,
+    n: int,
+    temperature: torch.Tensor,
+    want_mass: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thresholded route's pass over rows of the model's logits: row r is logits[order[r]]
+    cleaned (NaN -> -inf, +inf -> FLOAT32_MAX), with the tokens in patch_ids[r] (-1: padding)
+    read from patch[r] (the work buffer's rows [b, V]) instead. Returns (values, ids) [b, n] as
+    `top_candidates` and [b, 2] float64 bounds (lo, hi) on what `total_mass` gives for the rows
+    where want_mass [b] (bool) holds (1.0 elsewhere), all in one pass per row."""
+    lib = _checked(logits)
+    rows, vocab = patch.shape
+    assert patch.is_contiguous() and logits.shape[1] == vocab
+    values = torch.empty(rows, n, dtype=torch.float32)
+    ids = torch.empty(rows, n, dtype=torch.int64)
+    mass = torch.ones(rows, 2, dtype=torch.float64)
+    order = None if order is None else order.contiguous()
+    patch_ids = None if patch_ids is None else patch_ids.contiguous()
+    width = 0 if patch_ids is None else patch_ids.shape[1]
+    temperature = temperature.to(torch.float32).contiguous()
+    wanted = None if want_mass is None else want_mass.to(torch.uint8).contiguous()
+    if rows and n:
+        lib.winnow_scan_rows(
+            logits.data_ptr(), rows, vocab, logits.stride(0), _ptr(order), _ptr(patch_ids),
+            width, patch.data_ptr(), n, temperature.data_ptr(), _ptr(wanted),
+            values.data_ptr(), ids.data_ptr(), mass.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return values, ids, mass
+
+
+def penalise(
+    z: torch.Tensor,
+    vocab: int,
+    rows: torch.Tensor,
+    prompt: torch.Tensor | None,
+    output: torch.Tensor,
+    counts: torch.Tensor | None,
+    repetition: torch.Tensor | None,
+    frequency_presence: torch.Tensor | None,
+) -> None:
+    """penalties.PenaltyHistory.apply in C, in place on the flat work buffer z (CPU float32):
+    rows [n] work rows; prompt [n, wp] and output [n, wo] ids (-1: padding); counts [n, wo]
+    int32 (with frequency_presence [n, 2]); repetition [n] (with prompt). Same float32
+    operations, so the same values."""
+    lib = _library()
+    assert lib is not None and z.dtype == torch.float32 and z.is_contiguous()
+    n = rows.shape[0]
+    if n == 0:
+        return
+    rows = rows.contiguous()
+    wp = 0 if prompt is None else prompt.shape[1]
+    prompt = None if prompt is None else prompt.contiguous()
+    output = output.contiguous()
+    counts = None if counts is None else counts.to(torch.int32).contiguous()
+    repetition = None if repetition is None else repetition.to(torch.float32).contiguous()
+    if frequency_presence is not None:
+        frequency_presence = frequency_presence.to(torch.float32).contiguous()
+    lib.winnow_penalise(
+        z.data_ptr(), vocab, rows.data_ptr(), n, _ptr(prompt), wp, output.data_ptr(),
+        _ptr(counts), output.shape[1], _ptr(repetition), _ptr(frequency_presence),
+    )  # fmt: skip
