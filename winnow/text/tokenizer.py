@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from tokenizers import Tokenizer as RustTokenizer
+
 
 class TextTokenizer(Protocol):
     """What the `text` package needs of a tokenizer (`winnow.models.Tokenizer` is one).
@@ -30,6 +32,10 @@ class TextTokenizer(Protocol):
 
     def join_pieces(self, pieces: Sequence[str]) -> str:
         """The text of consecutive pieces."""
+        ...
+
+    def backend(self) -> RustTokenizer | None:
+        """The Rust `tokenizers.Tokenizer` that decodes, or None for a Python-only tokenizer."""
         ...
 
     def added_tokens(self) -> Mapping[int, str]:
