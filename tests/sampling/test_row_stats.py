@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,14 @@ def test_scan_reads_the_logits_with_patches_and_bounds_the_normaliser(isa, vocab
         finite = ~exact[:7].isnan()
         assert bool(((hi - lo)[finite] <= 0.07 * exact[:7][finite]).all())  # the bulk's 6.2%
         assert torch.equal(bounds[7], torch.ones(2, dtype=torch.float64))
+    # the exact normaliser of some rows read the same way: total_mass's sums, bit for bit
+    some = np.array([6, 0, 4, 3])
+    picked = torch.from_numpy(some)
+    mass = row_stats.source_mass(
+        logits, order, patch_ids, work, some, temperature[picked], rows[picked].amax(1)
+    )
+    assert torch.equal(mass.isnan(), exact[picked].isnan()) and bool(mass[3].isnan())
+    assert torch.equal(mass.nan_to_num(), exact[picked].nan_to_num())
 
 
 def test_load_rows_keeps_patched_values_and_seed_patches_fills_them() -> None:

@@ -32,6 +32,9 @@
  *   the running maximum (rescaled in double when it rises). The caller decides
  *   top_p with both bounds and asks for the exact sum only where they disagree.
  *
+ * winnow_source_mass: winnow_total_mass of rows as winnow_scan_rows reads them, for the rows
+ *   whose bounds leave their nucleus undecided.
+ *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
  *   without truncation, the fallbacks) is loaded around its patched values.
@@ -248,6 +251,34 @@ void winnow_seed_patches(const float *src, int64_t rows, int64_t vocab, int64_t 
       int64_t id = patch_ids[r * width + i];
       if (id >= 0) dst[r * vocab + id] = clean(s[id]);
     }
+  }
+}
+
+/* mass[i] = winnow_total_mass's value for work row r = rows[i] as winnow_scan_rows reads it
+ * (src row order[r], cleaned, with the tokens in patch_ids[r, :width] taken from
+ * patch[r * vocab + id]), built in a thread-local row: the exact normaliser of a row whose
+ * bounds did not decide its nucleus, without loading it into the work buffer. */
+void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const int64_t *order,
+                        const int64_t *patch_ids, int64_t width, const float *patch,
+                        const int64_t *rows, int64_t n, const float *temperature,
+                        const float *max_z, double *mass, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (n > 1)
+  {
+    float *row = malloc(sizeof(float) * vocab);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t r = rows[i];
+      const float *s = src + (order ? order[r] : r) * stride;
+      int64_t j = 0;
+      for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(row + j, clean8(_mm256_loadu_ps(s + j)));
+      for (; j < vocab; j++) row[j] = clean(s[j]);
+      for (int64_t k = 0; patch_ids && k < width; k++) {
+        int64_t id = patch_ids[r * width + k];
+        if (id >= 0) row[id] = patch[r * vocab + id];
+      }
+      mass[i] = row_mass(row, vocab, temperature[i], max_z ? max_z + i : NULL);
+    }
+    free(row);
   }
 }
 

@@ -12,6 +12,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from winnow.kernels.cpu.cpu_kernels import load_library
@@ -39,6 +40,9 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_scan_rows.restype = None
+    lib.winnow_source_mass.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64]
+    lib.winnow_source_mass.argtypes += [_PTR, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_source_mass.restype = None
     lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
     lib.winnow_penalise.argtypes += [_PTR, _PTR]
     lib.winnow_penalise.restype = None
@@ -179,6 +183,39 @@ def scan_rows(
             values.data_ptr(), ids.data_ptr(), mass.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return values, ids, mass
+
+
+def source_mass(
+    logits: torch.Tensor,
+    order: torch.Tensor | None,
+    patch_ids: torch.Tensor | None,
+    patch: torch.Tensor,
+    rows: np.ndarray,
+    temperature: torch.Tensor,
+    row_max: torch.Tensor,
+) -> torch.Tensor:
+    """`total_mass` [n] of the work rows `rows` as `scan_rows` reads them (logits[order[r]]
+    cleaned, patch_ids[r] from patch[r]; all indexed by work row), without loading them into
+    the work buffer. temperature and row_max [n]: per entry of `rows`."""
+    lib = _checked(logits)
+    vocab = patch.shape[1]
+    assert patch.is_contiguous() and logits.shape[1] == vocab
+    n = len(rows)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    order = None if order is None else order.contiguous()
+    patch_ids = None if patch_ids is None else patch_ids.contiguous()
+    width = 0 if patch_ids is None else patch_ids.shape[1]
+    temperature = temperature.to(torch.float32).contiguous()
+    row_max = row_max.to(torch.float32).contiguous()
+    assert temperature.shape == row_max.shape == (n,)
+    mass = torch.empty(n, dtype=torch.float64)
+    if n:
+        lib.winnow_source_mass(
+            logits.data_ptr(), vocab, logits.stride(0), _ptr(order), _ptr(patch_ids), width,
+            patch.data_ptr(), rows.ctypes.data, n, temperature.data_ptr(), row_max.data_ptr(),
+            mass.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return mass
 
 
 def penalise(
