@@ -306,7 +306,8 @@ class Routes:
         source = step.source
         if source is not None and not params.flags[:, XTC].any():
             assert self.mix_table is not None
-            keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+            seeds, positions = params.seeds.numpy(), params.positions.numpy()
+            keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))
             step.tokens[rows] = gumbel_max.gumbel_argmax(
                 source.logits, params.floats[:, TEMPERATURE], keys, self.mix_table,
                 order=source.order[rows],
