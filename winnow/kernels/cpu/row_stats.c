@@ -40,7 +40,9 @@
  *   without truncation, the fallbacks) is loaded around its patched values.
  *
  * winnow_penalise: the repetition / frequency / presence penalties on the work buffer's tokens,
- *   with penalties.PenaltyHistory.apply's float32 operations.
+ *   with penalties.PenaltyHistory.apply's float32 operations; winnow_record_tokens: the
+ *   history's update after the step (PenaltyHistory.record), one call instead of a dozen
+ *   small torch ops.
  */
 #include <immintrin.h>
 #include <float.h>
@@ -681,3 +683,21 @@ __attribute__((optimize("fp-contract=off"))) void winnow_penalise(
   }
   free(done);
 }
+
+/* penalties.PenaltyHistory.record for n rows: slot slots[i] appends tokens[i] at column
+ * cols[i] (its length) of output [*, out_stride] (int64) and counts [*, count_stride] (int32):
+ * the token's first earlier occurrence, if any, counts one more and the new column gets 0;
+ * otherwise the new column gets 1. The caller has made room for the column. */
+void winnow_record_tokens(int64_t *output, int64_t out_stride, int32_t *counts,
+                          int64_t count_stride, const int64_t *slots, const int64_t *tokens,
+                          const int64_t *cols, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    int64_t *row = output + slots[i] * out_stride, len = cols[i], k = 0;
+    int32_t *count = counts + slots[i] * count_stride;
+    while (k < len && row[k] != tokens[i]) k++;
+    if (k < len) count[k] += 1;
+    row[len] = tokens[i];
+    count[len] = k == len;
+  }
+}
+

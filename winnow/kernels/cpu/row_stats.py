@@ -46,6 +46,8 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
     lib.winnow_penalise.argtypes += [_PTR, _PTR]
     lib.winnow_penalise.restype = None
+    lib.winnow_record_tokens.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64]
+    lib.winnow_record_tokens.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
     lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
@@ -248,4 +250,25 @@ def penalise(
     lib.winnow_penalise(
         z.data_ptr(), vocab, rows.data_ptr(), n, _ptr(prompt), wp, output.data_ptr(),
         _ptr(counts), output.shape[1], _ptr(repetition), _ptr(frequency_presence),
+    )  # fmt: skip
+
+
+def record_tokens(
+    output: torch.Tensor,
+    counts: torch.Tensor,
+    slots: torch.Tensor,
+    tokens: torch.Tensor,
+    cols: torch.Tensor,
+) -> None:
+    """penalties.PenaltyHistory.record in C, in place: output [S, w] int64 and counts [S, w']
+    int32 (CPU, unit inner stride, room for column cols[i]); slot slots[i] appends tokens[i]
+    at column cols[i], and the count of the token's first earlier occurrence (or of the new
+    column, when there is none) goes up by one."""
+    lib = _library()
+    assert lib is not None and output.dtype == torch.int64 and counts.dtype == torch.int32
+    assert output.stride(1) == 1 and counts.stride(1) == 1 and output.device.type == "cpu"
+    slots, tokens, cols = (t.to(torch.int64).contiguous() for t in (slots, tokens, cols))
+    lib.winnow_record_tokens(
+        output.data_ptr(), output.stride(0), counts.data_ptr(), counts.stride(0),
+        slots.data_ptr(), tokens.data_ptr(), cols.data_ptr(), slots.shape[0],
     )  # fmt: skip
