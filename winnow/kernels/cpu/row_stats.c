@@ -339,7 +339,14 @@ static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
   return len == m ? best[m - 1] : -INFINITY;
 }
 
-/* Sort the n entries by value descending, then id ascending (LSD radix sort on 64-bit keys). */
+static int compare_keys(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* Sort the n entries by value descending, then id ascending: an LSD radix sort on the value
+ * half of 64-bit keys (value, id), then each run of equal values (rare in float32 logits, common
+ * where they come from bfloat16) sorted by id. */
 static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
   for (int64_t i = 0; i < n; i++) {
     uint32_t bits;
@@ -347,13 +354,18 @@ static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
     bits = bits >> 31 ? ~bits : bits | 0x80000000u; /* ascending as unsigned */
     keys[i] = (uint64_t)~bits << 32 | (uint64_t)buf[i].id;
   }
-  for (int shift = 0; shift < 64; shift += 8) {
+  for (int shift = 32; shift < 64; shift += 8) {
     int64_t count[257] = {0};
     for (int64_t i = 0; i < n; i++) count[(keys[i] >> shift & 0xFF) + 1]++;
     if (count[(keys[0] >> shift & 0xFF) + 1] == n) continue; /* one digit value: nothing moves */
     for (int d = 0; d < 256; d++) count[d + 1] += count[d];
     for (int64_t i = 0; i < n; i++) tmp[count[keys[i] >> shift & 0xFF]++] = keys[i];
     memcpy(keys, tmp, sizeof(uint64_t) * n);
+  }
+  for (int64_t i = 0, run; i < n; i += run) {
+    for (run = 1; i + run < n && keys[i + run] >> 32 == keys[i] >> 32; run++) {
+    }
+    if (run > 1) qsort(keys + i, (size_t)run, sizeof(uint64_t), compare_keys);
   }
   for (int64_t i = 0; i < n; i++) {
     uint32_t bits = ~(uint32_t)(keys[i] >> 32);
