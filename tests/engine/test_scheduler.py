@@ -16,7 +16,7 @@ BLOCK = 4
 def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 100) -> Sequence:
     request = GenerationRequest(f"r{seq_id}", list(range(1, prompt_len + 1)), SamplingParams())
     state = RequestState(request, seed=0, max_tokens=max_tokens, deadline=None)
-    seq = Sequence(seq_id=seq_id, request=state, index=0, seed=0, text=None)  # type: ignore[arg-type]
+    seq = Sequence(seq_id=seq_id, request=state, index=0, seed=0)
     state.sequences.append(seq)
     return seq
 

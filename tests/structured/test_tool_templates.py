@@ -16,8 +16,14 @@ from winnow.models.tokenizer import ChatTemplateError, Tokenizer
 from winnow.server.errors import ApiError
 from winnow.server.prompts import chat_prompt, template_inputs
 from winnow.server.protocol import ChatCompletionRequest
-from winnow.structured.tool_formats import ToolFormat, detect_tool_format, tool_format
-from winnow.structured.tool_prompt import template_reads_tools
+from winnow.structured.tool_formats import (
+    TOOL_FORMAT_NAMES,
+    ToolFormat,
+    detect_tool_format,
+    tool_format,
+)
+from winnow.structured.tool_parser import CallArguments, CallOpened, ToolCallParser
+from winnow.structured.tool_prompt import EXAMPLES, template_reads_tools, tool_instructions
 
 # Qwen2.5: tools in the system turn, calls as <tool_call> blocks, results as user turns.
 QWEN_TEMPLATE = r"""
@@ -242,3 +248,27 @@ def test_mistral_template_refuses_foreign_call_ids(demo_model_dir: Path) -> None
     with pytest.raises(ApiError) as caught:
         chat_prompt(tokenizer, conversation("call_1").messages, tool_format=fmt)
     assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize("name", TOOL_FORMAT_NAMES)
+@pytest.mark.parametrize(
+    "offered", [["add"], [EXAMPLES[0][1]], [function for _, function, _ in EXAMPLES]]
+)
+def test_injected_tool_prompt_shows_a_concrete_call(name: str, offered: list[str]) -> None:
+    """Small models copy placeholders such as `<function-name>` into their calls, and the values
+    of an example call of their own tool: the example is one whole call, in the server's format,
+    of a function the request does not offer, closing the example exchange."""
+    fmt = tool_format(name, lambda _: None)
+    tools = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in offered]
+    text = tool_instructions(fmt, tools)
+    assert "<function-name>" not in text and "<arguments" not in text
+    reply = text.rsplit("\nassistant:\n", 1)[1]
+    parser = ToolCallParser(fmt)
+    events = [*parser.feed(reply), *parser.finish()]
+    framing = [event for event in events if not isinstance(event, CallArguments)]
+    assert [type(event) for event in framing] == [CallOpened]  # one call, no text around it
+    assert isinstance(framing[0], CallOpened)
+    if len(offered) < len(EXAMPLES):
+        assert framing[0].name not in offered
+    arguments = "".join(e.fragment for e in events if isinstance(e, CallArguments))
+    assert json.loads(arguments)

@@ -20,6 +20,7 @@ from winnow.engine.request import (
     EngineOverloaded,
     GenerationRequest,
 )
+from winnow.engine.step_result import StepResult
 from winnow.models import LoadedModel, Tokenizer, load_model
 from winnow.structured.backend import CompiledGrammar
 from winnow.structured.spec import GrammarSpec
@@ -27,6 +28,10 @@ from winnow.structured.spec import GrammarSpec
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
+
+# Steps the engine thread may run ahead of the output thread. One overlaps the text of step k
+# with step k + 1 and bounds what a stop string found late costs: at most one more token.
+_STEPS_AHEAD = 1
 
 EngineState = Literal["loading", "ready", "draining", "dead"]
 
@@ -76,10 +81,18 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Runs `LLMEngine.step()` in one background thread and routes outputs to request streams.
+    """Runs `LLMEngine.step_tokens()` in one background thread, turns its tokens into text
+    (`OutputProcessor`), and routes outputs to request streams.
 
-    The engine thread owns the LLMEngine; other threads only enqueue commands. Outputs are
-    handed to the event loop with one `call_soon_threadsafe` per step.
+    The engine thread owns the LLMEngine; other threads only enqueue commands (a stop string
+    found in the text is one: "stop"). Outputs reach the event loop with one
+    `call_soon_threadsafe` per step.
+
+    `output_thread`: the text is made on a thread of its own (`winnow-outputs`, which owns the
+    requests' text state) while the engine thread runs the next step. That overlap needs the
+    next step to leave the GIL and a core free, as a GPU forward does while the engine thread
+    waits for it; on a CPU the forward's OpenMP team wants every core, so by default the text is
+    made on the engine thread there, after each step (BENCHMARKS.md has both).
 
     The model is loaded and the LLMEngine built on the engine thread too, so that no other
     thread ever runs an OpenMP parallel region: once two threads own worker pools, libgomp
@@ -91,9 +104,15 @@ class AsyncEngine:
     """
 
     def __init__(
-        self, build: Callable[[], LLMEngine], model_name: str, *, wait: bool = True
+        self,
+        build: Callable[[], LLMEngine],
+        model_name: str,
+        *,
+        wait: bool = True,
+        output_thread: bool | None = None,
     ) -> None:
         self.model_name = model_name
+        self._threaded = output_thread
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +122,11 @@ class AsyncEngine:
         self._draining = False
         self._dead_error: BaseException | None = None
         self._build_error: BaseException | None = None
+        self._handoff: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._ahead = threading.Semaphore(_STEPS_AHEAD)
+        self._output_thread = threading.Thread(
+            target=self._output_main, name="winnow-outputs", daemon=True
+        )
         self._thread = threading.Thread(
             target=self._thread_main, args=(build,), name="winnow-engine", daemon=True
         )
@@ -113,9 +137,12 @@ class AsyncEngine:
                 raise self._build_error
 
     @classmethod
-    def from_config(cls, config: EngineConfig, *, wait: bool = True) -> AsyncEngine:
+    def from_config(
+        cls, config: EngineConfig, *, wait: bool = True, output_thread: bool | None = None
+    ) -> AsyncEngine:
         """With `config.tensor_parallel_size` > 1 the build also starts this node's worker
-        ranks; a worker that dies ends the engine (`fail`)."""
+        ranks; a worker that dies ends the engine (`fail`). `output_thread`: see `AsyncEngine`
+        (None: by the model's device)."""
         started: list[AsyncEngine] = []
         early: list[BaseException] = []
 
@@ -138,7 +165,7 @@ class AsyncEngine:
                     workers.stop(clean=False)
                 raise
 
-        engine = cls(build, config.model, wait=wait)
+        engine = cls(build, config.model, wait=wait, output_thread=output_thread)
         started.append(engine)
         for error in early:
             engine.fail(error)
@@ -269,6 +296,10 @@ class AsyncEngine:
             self._built.set()
         self._started.wait()
         if not self._stopping.is_set():
+            if self._threaded is None:
+                self._threaded = self.engine.runner.device.type != "cpu"
+            if self._threaded:
+                self._output_thread.start()
             self._run()
         else:
             self.engine.close(clean=True)
@@ -282,20 +313,67 @@ class AsyncEngine:
                 if not self.engine.has_work:
                     self._stats = self.engine.stats()  # aborts may have freed everything
                     continue
-                outputs = self.engine.step()
+                step = self.engine.step_tokens()
                 self._stats = self.engine.stats()
-                for request_id, error in self.engine.take_failures():
-                    self._deliver_request_error(request_id, error)
-                if outputs:
-                    self._deliver(outputs)
+                for failure in self.engine.take_failures():
+                    self._hand_off("fail", failure)
+                if step:
+                    self._hand_off("step", step)
         except BaseException as exc:
             logger.exception("engine loop died")
             self._dead_error = self._dead_error or exc
-            self._deliver_error(EngineDeadError(f"the engine failed: {exc!r}"))
+            self._end(EngineDeadError(f"the engine failed: {exc!r}"))
             self.engine.close(clean=False)
             return
-        self._deliver_error(EngineDeadError("the server is shutting down"))
+        self._end(EngineDeadError("the server is shutting down"))
         self.engine.close(clean=True)
+
+    def _hand_off(self, kind: str, payload: object) -> None:
+        """To the output thread, in order: ("step", StepResult), ("fail", (request id, error)),
+        ("end", the error every stream left ends with); handled at once without one."""
+        if not self._threaded:
+            self._handle(kind, payload)
+            return
+        if kind == "step":  # at most `_STEPS_AHEAD` steps ahead of the text
+            while not self._ahead.acquire(timeout=_IDLE_WAIT_S):
+                if self._dead_error is not None:
+                    raise self._dead_error
+        self._handoff.put((kind, payload))
+
+    def _end(self, error: BaseException) -> None:
+        """End every stream with `error` after the outputs handed off before it."""
+        self._hand_off("end", error)
+        if self._threaded:
+            self._output_thread.join(timeout=10)
+        self._deliver_error(error)  # done already, unless the output thread died
+
+    def _output_main(self) -> None:
+        """The output thread: each step's text, in step order, then the end."""
+        try:
+            kind = ""
+            while kind != "end":
+                kind, payload = self._handoff.get()
+                self._handle(kind, payload)
+        except BaseException as exc:
+            logger.exception("output thread died")
+            self.fail(exc)
+
+    def _handle(self, kind: str, payload: object) -> None:
+        if kind == "step":
+            assert isinstance(payload, StepResult)
+            outputs, stopped = self.engine.output_processor.process(payload)
+            if stopped:  # before the engine may run another step
+                self._commands.put(("stop", stopped))
+            if self._threaded:
+                self._ahead.release()
+            if outputs:
+                self._deliver(outputs)
+        elif kind == "fail":
+            assert isinstance(payload, tuple)
+            self._deliver_request_error(*payload)
+        else:
+            assert isinstance(payload, BaseException)
+            self._deliver_error(payload)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -316,6 +394,9 @@ class AsyncEngine:
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)
+            elif command == "stop":
+                assert isinstance(payload, list)
+                self.engine.stop_sequences(payload)
             try:
                 command, payload = self._commands.get_nowait()
             except queue.Empty:

@@ -23,16 +23,12 @@ from winnow.engine.memory_plan import (
     plan_kv_cache,
 )
 from winnow.engine.model_runner import ModelRunner
-from winnow.engine.outputs import (
-    ChoiceDelta,
-    FinishReason,
-    PositionLogprobs,
-    RequestOutput,
-    TokenLogprob,
-)
+from winnow.engine.output_processor import OutputProcessor
+from winnow.engine.outputs import RequestOutput
 from winnow.engine.request import GenerationRequest, RequestRejected
 from winnow.engine.scheduler import Scheduler
-from winnow.engine.sequence import PendingDelta, RequestState, Sequence, SequenceStatus
+from winnow.engine.sequence import RequestState, Sequence, SequenceStatus
+from winnow.engine.step_result import Finish, StepResult
 from winnow.limits import InvalidRequest
 from winnow.models import LoadedModel, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from winnow.sampling.bitmask import TokenMasks, words_for
@@ -42,7 +38,6 @@ from winnow.sampling.sampler import Sampler, SamplerOutput
 from winnow.structured.backend import CompiledGrammar, GrammarBackend
 from winnow.structured.llguidance_backend import LLGuidanceBackend
 from winnow.structured.spec import GrammarSpec
-from winnow.text import TextStream, build_token_bytes, token_text
 
 if TYPE_CHECKING:
     from winnow.distributed.launcher import WorkerGroup
@@ -116,13 +111,14 @@ class LLMEngine:
             self.vocab_size, config.max_num_seqs, device, sorted(self.eos_token_ids)
         )
         self.sampler.warm_up()
-        self.token_bytes = build_token_bytes(loaded.tokenizer)
+        self.output_processor = OutputProcessor(loaded.tokenizer)
         self._grammar_backend: GrammarBackend | None = None
         self._grammar_backend_lock = threading.Lock()
         self._bitmask_buffer = np.empty(
             (config.max_num_seqs, words_for(self.vocab_size)), dtype=np.int32
         )
         self.requests: dict[str, RequestState] = {}
+        self._timed: dict[RequestState, None] = {}  # the requests with a time limit, in order
         self._seq_ids = itertools.count()
         self._preemptions = 0
         self.failures: list[tuple[str, InvalidRequest]] = []
@@ -213,21 +209,23 @@ class LLMEngine:
             else None
         )
         state = RequestState(request, seed, max_tokens, deadline, grammar)
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        max_output = min(max_tokens, self.max_model_len - len(request.prompt_token_ids))
         for index in range(params.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request=state,
                 index=index,
                 seed=self._choice_seed(params.choice_seeds, seed, index, params.n),
-                text=TextStream(
-                    self.tokenizer,
-                    request.prompt_token_ids if request.text_continues_prompt else (),
-                    params.stop,
-                    params.include_stop_str_in_output,
-                ),
+                stop_ids=stop_ids,
+                max_output=max_output,
             )
             state.sequences.append(seq)
         self.requests[request.request_id] = state
+        if deadline is not None:
+            self._timed[state] = None
         for seq in state.sequences:
             self.scheduler.add(seq)
 
@@ -243,10 +241,17 @@ class LLMEngine:
         return seed if n == 1 else child_seed(seed, index)
 
     def abort(self, request_id: str) -> None:
-        state = self.requests.pop(request_id, None)
+        state = self.requests.get(request_id)
         if state is None:
             return
         for seq in state.sequences:
+            if not seq.is_finished:
+                self._release(seq)
+
+    def stop_sequences(self, seqs: list[Sequence]) -> None:
+        """End sequences whose text the output processor ended (a stop string). On its own
+        thread it finds one a step after the token, so the engine may have finished them since."""
+        for seq in seqs:
             if not seq.is_finished:
                 self._release(seq)
 
@@ -274,9 +279,17 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns a delta for every request that advanced."""
-        pending: dict[Sequence, PendingDelta] = {}
-        self._expire_deadlines(pending)
+        """Run one step and turn it into text here (tests, benches; the server runs
+        `output_processor` on its own thread): a delta for every request that advanced."""
+        outputs, stopped = self.output_processor.process(self.step_tokens())
+        self.stop_sequences(stopped)
+        return outputs
+
+    def step_tokens(self) -> StepResult:
+        """Run one scheduling step: the tokens each sequence sampled, and the sequences that
+        ended for reasons token ids decide. No text: see `OutputProcessor`."""
+        step = StepResult()
+        self._expire_deadlines(step)
         plan = self.scheduler.schedule()
         if plan.preempted:
             self._preemptions += len(plan.preempted)
@@ -291,22 +304,21 @@ class LLMEngine:
         failed = self._add_sampler_rows([item.seq for item in plan.scheduled if item.samples])
         if failed:
             plan.scheduled = [i for i in plan.scheduled if i.seq.request.request_id not in failed]
-            pending = {s: d for s, d in pending.items() if s.request.request_id not in failed}
+            step.expired = [s for s in step.expired if s.request.request_id not in failed]
         if plan.scheduled:
             sampling = [item.seq for item in plan.scheduled if item.samples]
             logits = self.runner.execute(plan.scheduled)
             # after the forward is queued: on an accelerator the masks are filled meanwhile
             bitmasks = self._grammar_bitmasks(sampling)
             block_size = self.block_manager.block_size
-            for item in plan.scheduled:
-                seq = item.seq
-                seq.num_computed_tokens += item.num_new_tokens
-                if seq.num_computed_tokens // block_size > len(seq.block_hashes):
+            for seq, num_new, _ in plan.scheduled:
+                computed = seq.num_computed_tokens = seq.num_computed_tokens + num_new
+                if computed // block_size > len(seq.block_hashes):
                     self._register_full_blocks(seq)
             if sampling:
                 result = self.sampler.sample(logits, [seq.seq_id for seq in sampling], bitmasks)
-                self._append_tokens(sampling, result, pending)
-        return self._collect(pending)
+                self._append_tokens(sampling, result, step)
+        return step
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer each newly completed block of `seq` to the prefix cache."""
@@ -322,9 +334,9 @@ class LLMEngine:
         added (a parameter the sampler cannot hold) is aborted and queued in `failures`, so it
         ends with its own error and the step goes on without it; returns the failed ids."""
         failed: set[str] = set()
-        for seq in seqs:
+        for seq in [seq for seq in seqs if not seq.has_sampler_row]:
             request_id = seq.request.request_id
-            if seq.has_sampler_row or request_id in failed:
+            if request_id in failed:
                 continue
             try:
                 grammar = seq.request.grammar
@@ -370,151 +382,72 @@ class LLMEngine:
             seq.has_sampler_row = False
         seq.matcher = None
 
-    def _append_tokens(
-        self, seqs: list[Sequence], result: SamplerOutput, pending: dict[Sequence, PendingDelta]
-    ) -> None:
-        token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        for row, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
-            params = seq.request.request.params
-            seq.output_token_ids.append(token_id)
-            matcher = seq.matcher
-            if matcher is not None and not matcher.consume(token_id):
-                logger.error(
-                    "sequence %d: token %d breaks its grammar; ending it", seq.seq_id, token_id
-                )
-            delta = pending.get(seq)
-            if delta is None:
-                delta = pending[seq] = PendingDelta()
-            delta.token_ids.append(token_id)
-            if logprobs is not None and params.logprobs:
-                if delta.logprobs is None:
-                    delta.logprobs = []
-                k = params.top_logprobs
-                delta.logprobs.append(
-                    self._position_logprobs(
-                        token_id,
-                        logprobs[row],
-                        top_ids[row][:k] if top_ids is not None else [],
-                        top_lps[row][:k] if top_lps is not None else [],
-                    )
-                )
-            self._check_stop(seq, params, token_id, delta)
-            if matcher is not None and not seq.is_finished and matcher.is_finished:
-                self._finish(seq, delta, "stop", None)
+    def _append_tokens(self, seqs: list[Sequence], result: SamplerOutput, step: StepResult) -> None:
+        """Append each sampled token and end the sequences that token ids end: a stop token id,
+        EOS, max_tokens or the context, the grammar's end. Stop strings are the output
+        processor's (they need the text)."""
+        step.seqs = seqs
+        step.token_ids = token_ids = result.token_ids.tolist()
+        if result.logprobs is not None:
+            step.logprobs = result.logprobs.tolist()
+            if result.top_token_ids is not None and result.top_logprobs is not None:
+                step.top_token_ids = result.top_token_ids.tolist()
+                step.top_logprobs = result.top_logprobs.tolist()
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            output = seq.output_token_ids
+            output.append(token_id)
+            if seq.matcher is not None:
+                self._advance_grammar(seq, token_id, step)
+            elif token_id in seq.stop_ids:
+                self._finish_on_stop_id(seq, token_id, step)
+            elif len(output) >= seq.max_output:
+                self._finish(seq, step, Finish("length", None, True))
 
-    def _position_logprobs(
-        self, token_id: int, logprob: float, top_ids: list[int], top_logprobs: list[float]
-    ) -> PositionLogprobs:
-        top = [self._token_logprob(t, lp) for t, lp in zip(top_ids, top_logprobs, strict=True)]
-        return PositionLogprobs(self._token_logprob(token_id, logprob), top)
+    def _finish_on_stop_id(self, seq: Sequence, token_id: int, step: StepResult) -> None:
+        stop_token_ids = seq.request.request.params.stop_token_ids
+        stop_reason = token_id if token_id in stop_token_ids else None  # else EOS
+        self._finish(seq, step, Finish("stop", stop_reason, False))
 
-    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
-        raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
-        return TokenLogprob(token_id, token_text(raw), logprob, list(raw))
+    def _advance_grammar(self, seq: Sequence, token_id: int, step: StepResult) -> None:
+        matcher = seq.matcher
+        assert matcher is not None
+        if not matcher.consume(token_id):
+            logger.error(
+                "sequence %d: token %d breaks its grammar; ending it", seq.seq_id, token_id
+            )
+        if token_id in seq.stop_ids:
+            self._finish_on_stop_id(seq, token_id, step)
+        elif len(seq.output_token_ids) >= seq.max_output:
+            self._finish(seq, step, Finish("length", None, True))
+        elif matcher.is_finished:
+            self._finish(seq, step, Finish("stop", None, True))
 
-    def _check_stop(
-        self, seq: Sequence, params: SamplingParams, token_id: int, delta: PendingDelta
-    ) -> None:
-        if params.stop_token_ids and token_id in params.stop_token_ids:
-            self._finish(seq, delta, "stop", token_id)
+    def _expire_deadlines(self, step: StepResult) -> None:
+        if not self._timed:
             return
-        if token_id in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, delta, "stop", None)
-            return
-        text = seq.text.append(token_id)
-        if text.text:
-            delta.text += text.text
-        if text.stop_string is not None:
-            self._finish(seq, delta, "stop", text.stop_string, flush=False)
-        elif (
-            len(seq.output_token_ids) >= seq.request.max_tokens
-            or seq.num_prompt_tokens + len(seq.output_token_ids) >= self.max_model_len
-        ):
-            self._finish(seq, delta, "length", None)
-
-    def _expire_deadlines(self, pending: dict[Sequence, PendingDelta]) -> None:
         now = time.monotonic()
-        for state in self.requests.values():
-            if state.deadline is None or now < state.deadline:
-                continue
+        for state in [s for s in self._timed if s.deadline is not None and now >= s.deadline]:
             for seq in state.sequences:
                 if not seq.is_finished:
-                    self._finish(
-                        seq, pending.setdefault(seq, PendingDelta()), "length", "time_limit"
-                    )
+                    self._release(seq)
+                    step.expired.append(seq)
 
-    def _finish(
-        self,
-        seq: Sequence,
-        delta: PendingDelta,
-        reason: FinishReason,
-        stop_reason: str | int | None,
-        *,
-        flush: bool = True,
-    ) -> None:
-        if flush:
-            delta.text += seq.text.flush()
-            if seq.text.stop_string is not None:  # the released tail completed a stop string
-                reason, stop_reason = "stop", seq.text.stop_string
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
+    def _finish(self, seq: Sequence, step: StepResult, finish: Finish) -> None:
+        step.finishes[seq] = finish
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and row; the engine forgets its request once every
+        sequence of it has ended."""
         self.scheduler.remove(seq)
         self._drop_sampler_row(seq)
         self.runner.release(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
-
-    def _collect(self, pending: dict[Sequence, PendingDelta]) -> list[RequestOutput]:
-        """One RequestOutput per request that advanced, in the order its first choice did."""
-        by_request: dict[RequestState, list[ChoiceDelta]] = {}
-        for seq, delta in pending.items():
-            choice = ChoiceDelta(
-                seq.index,
-                delta.text,
-                delta.token_ids,
-                delta.logprobs,
-                seq.finish_reason,
-                seq.stop_reason,
-            )
-            choices = by_request.get(seq.request)
-            if choices is None:
-                by_request[seq.request] = [choice]
-            else:
-                choices.append(choice)
-        outputs = []
-        for state, choices in by_request.items():
-            sequences = state.sequences
-            if len(sequences) == 1:  # the common n = 1: no sums or sorts over choices
-                finished = sequences[0].status is SequenceStatus.FINISHED
-                completion_tokens = len(sequences[0].output_token_ids)
-            else:
-                finished = state.is_finished
-                completion_tokens = state.completion_tokens
-                choices.sort(key=_choice_index)
-            request_id = state.request.request_id
-            if finished:
-                del self.requests[request_id]
-            outputs.append(
-                RequestOutput(
-                    request_id=request_id,
-                    choices=choices,
-                    prompt_tokens=len(state.request.prompt_token_ids),
-                    cached_tokens=sequences[0].num_cached_prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    finished=finished,
-                    seed=state.seed,
-                )
-            )
-        return outputs
-
-
-def _choice_index(choice: ChoiceDelta) -> int:
-    return choice.index
+        state = seq.request
+        if len(state.sequences) == 1 or state.is_finished:
+            if self.requests.get(state.request.request_id) is state:
+                del self.requests[state.request.request_id]
+            self._timed.pop(state, None)
 
 
 def plan_kv_cache_for(

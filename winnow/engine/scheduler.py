@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from winnow.engine.block_manager import BlockManager
 from winnow.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class ScheduledSequence:
-    """`samples`: this step brings the sequence up to date, so its last logits are sampled."""
+class ScheduledSequence(NamedTuple):
+    """`samples`: this step brings the sequence up to date, so its last logits are sampled.
+    (A named tuple: one is built per sequence per step, and a frozen dataclass costs more.)
+    """
 
     seq: Sequence
     num_new_tokens: int
@@ -72,9 +74,10 @@ class Scheduler:
         index = 0
         while index < len(running) and budget > 0:
             seq = running[index]
-            num_tokens = seq.num_tokens
-            target = min(num_tokens, seq.num_computed_tokens + budget)
-            num_new = target - seq.num_computed_tokens
+            num_tokens = seq.num_prompt_tokens + len(seq.output_token_ids)
+            computed = seq.num_computed_tokens
+            target = num_tokens if num_tokens <= computed + budget else computed + budget
+            num_new = target - computed
             # a decode mostly fits the blocks it holds: only a new block asks the block manager
             if len(seq.block_table) * block_size < target and not self._reserve(seq, num_new, out):
                 continue  # seq itself was preempted; the list shifted under index

@@ -6,12 +6,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from winnow.engine.outputs import FinishReason, PositionLogprobs
 from winnow.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
+    from winnow.engine.output_processor import RequestText
     from winnow.structured.backend import CompiledGrammar, GrammarMatcher
-    from winnow.text import TextStream
 
 
 class SequenceStatus(enum.Enum):
@@ -26,13 +25,16 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose KV is in the cache; a sequence needs
     `num_tokens - num_computed_tokens` more tokens of forward work before it can sample.
+    `stop_ids` (stop token ids, and EOS unless ignored) and `max_output` (max_tokens, or the
+    room left in the context) are what the engine checks after each token.
     """
 
     seq_id: int
     request: RequestState
     index: int
     seed: int
-    text: TextStream
+    stop_ids: frozenset[int] = frozenset()
+    max_output: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
@@ -42,8 +44,6 @@ class Sequence:
     has_sampler_row: bool = False
     # the grammar's matcher, while the sequence has a sampler row (rebuilt after preemption)
     matcher: GrammarMatcher | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
     # the prompt never changes: its length is read for every sequence in every step
     num_prompt_tokens: int = field(init=False, default=0)
 
@@ -82,6 +82,8 @@ class RequestState:
     deadline: float | None
     grammar: CompiledGrammar | None = None
     sequences: list[Sequence] = field(default_factory=list)
+    # the output processor's state (its thread alone reads and writes it)
+    text: RequestText | None = None
 
     @property
     def request_id(self) -> str:
@@ -94,16 +96,3 @@ class RequestState:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.sequences)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(seq.output_token_ids) for seq in self.sequences)
-
-
-@dataclass
-class PendingDelta:
-    """Output of one sequence accumulated during a step, before it becomes a ChoiceDelta."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None

@@ -33,16 +33,23 @@ class StepInputs:
         cls, scheduled: list[ScheduledSequence], block_size: int, tables: BlockTables
     ) -> StepInputs:
         batch = len(scheduled)
-        seqs = [item.seq for item in scheduled]
-        query_lens = np.fromiter((i.num_new_tokens for i in scheduled), np.int64, batch)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, batch)
-        samples = np.fromiter((i.samples for i in scheduled), np.bool_, batch)
+        seqs, new, sampled = zip(*scheduled, strict=True) if batch else ((), (), ())
+        query_lens = np.array(new, dtype=np.int64)
+        starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        samples = np.array(sampled, dtype=np.bool_)
         seq_lens = starts + query_lens
         table_rows = tables.rows(seqs)
         decode_only = bool((query_lens == 1).all())
         if decode_only:
-            pairs = zip(seqs, starts.tolist(), strict=True)
-            token_ids = np.fromiter((_token_at(s, p) for s, p in pairs), np.int64, batch)
+            if samples.all():  # each sequence's one new token is its last
+                token_ids = np.array(
+                    [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
+                     for s in seqs],
+                    dtype=np.int64,
+                )  # fmt: skip
+            else:
+                pairs = zip(seqs, starts.tolist(), strict=True)
+                token_ids = np.fromiter((_token_at(s, p) for s, p in pairs), np.int64, batch)
             positions = starts
             token_rows = table_rows
             ends = np.arange(1, batch + 1, dtype=np.int64)

@@ -30,15 +30,33 @@ def template_reads_tools(template: str | None) -> bool:
     return "tools" in meta.find_undeclared_variables(parsed)
 
 
+# Example exchanges (question, function, arguments) with made-up functions: the first the request
+# does not offer is shown (the last when it offers them all). Small models copy the values of an
+# example call of their own tool (SmolLM2 wrote the example's `input: 1` when asked for
+# `input: 3`), and copy placeholders such as `<function-name>` verbatim.
+EXAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("What is the weather in Paris?", "get_weather", '{"city": "Paris"}'),
+    ("Convert 20 euros to dollars.", "convert_currency", '{"amount": 20, "to": "USD"}'),
+)
+
+
 def tool_instructions(fmt: ToolFormat, tools: list[dict[str, Any]]) -> str:
+    """The tool list, and the call format shown as a whole exchange: a user line, then an
+    assistant reply that is one call and nothing after it (shown so, SmolLM2 ends its turn
+    after a forced call more surely than after a bare example call, where it repeated it)."""
     listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
-    example = fmt.render_calls([("<function-name>", "<arguments-json-object>")])
+    offered = {tool["function"]["name"] for tool in tools}
+    unused = (example for example in EXAMPLES if example[1] not in offered)
+    question, name, arguments = next(unused, EXAMPLES[-1])
+    example = fmt.render_calls([(name, arguments)])
     return (
         "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n"
         f"<tools>\n{listing}\n</tools>\n\n"
-        "To call a function, reply with its name and arguments in this form:\n"
-        f"{example}"
+        "To call a function, reply with its name and arguments. An example exchange, "
+        f"with a function {name}:\n\n"
+        f"user: {question}\n"
+        f"assistant:\n{example}"
     )
 
 

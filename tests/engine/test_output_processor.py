@@ -1,0 +1,203 @@
+"""Text on its own thread: a stop string found a step or more after the engine decoded it must
+give the client exactly what finding it at once gives, and free the sequence's blocks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from winnow.config import EngineConfig
+from winnow.engine.async_engine import AsyncEngine
+from winnow.engine.engine import LLMEngine
+from winnow.engine.outputs import PositionLogprobs, RequestOutput
+from winnow.engine.request import EngineDeadError, GenerationRequest
+from winnow.models import LoadedModel, load_model
+from winnow.sampling.params import SamplingParams
+
+PROMPT = [1, 3, 100, 4, 250, 17]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_model_dir: Path) -> LoadedModel:
+    return load_model(str(demo_model_dir))
+
+
+def make_engine(loaded: LoadedModel) -> LLMEngine:
+    return LLMEngine(loaded, EngineConfig(model="demo", max_num_seqs=4, num_kv_blocks=64))
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class Result:
+    choices: dict[int, Choice] = field(default_factory=dict)
+    completion_tokens: int = 0
+    finished: int = 0  # outputs that said finished: exactly one, the last
+
+
+def collect(outputs: list[RequestOutput], result: Result) -> None:
+    for output in outputs:
+        assert result.finished == 0, "an output after the finished one"
+        for delta in output.choices:
+            choice = result.choices.setdefault(delta.index, Choice())
+            assert choice.finish_reason is None, "a delta after the choice finished"
+            choice.text += delta.text
+            choice.token_ids += delta.token_ids
+            choice.logprobs += delta.logprobs or []
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        result.completion_tokens = output.completion_tokens
+        result.finished += output.finished
+
+
+def assert_same(late: Result, inline: Result) -> None:
+    """Equal, but for the logprobs of choices other than 0 (the one the stop string ends) after
+    choice 0's stop: the late run decoded them alongside choice 0's extra tokens, a batch one
+    larger, which moves logits by float rounding. Their tokens and text must not move."""
+    assert late.choices[0] == inline.choices[0]
+    assert (late.completion_tokens, late.finished) == (inline.completion_tokens, inline.finished)
+    assert late.choices.keys() == inline.choices.keys()
+    for index, choice in inline.choices.items():
+        other = late.choices[index]
+        assert (other.text, other.token_ids) == (choice.text, choice.token_ids)
+        assert (other.finish_reason, other.stop_reason) == (
+            choice.finish_reason,
+            choice.stop_reason,
+        )
+        assert [p.sampled.token_id for p in other.logprobs] == choice.token_ids
+
+
+def params(n: int = 1, **fields: object) -> SamplingParams:
+    return SamplingParams(
+        n=n, temperature=1.0, seed=5, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=True,
+        top_logprobs=2, **fields,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def run_inline(engine: LLMEngine, sampling: SamplingParams) -> Result:
+    """Text made in the same step as the tokens (`LLMEngine.step`)."""
+    result = Result()
+    engine.add_request(GenerationRequest("r", PROMPT, sampling))
+    while engine.has_work:
+        collect(engine.step(), result)
+    return result
+
+
+def run_lagging(engine: LLMEngine, sampling: SamplingParams, lag: int) -> tuple[Result, int]:
+    """The text of step k made after the engine ran step k + `lag`, as an output thread that
+    falls behind does; returns the result and the tokens the engine decoded past what it kept."""
+    result = Result()
+    engine.add_request(GenerationRequest("r", PROMPT, sampling))
+    sequences = engine.requests["r"].sequences
+    steps: deque = deque()
+    while engine.has_work or steps:
+        if engine.has_work:
+            steps.append(engine.step_tokens())
+        if len(steps) > lag or not engine.has_work:
+            outputs, stopped = engine.output_processor.process(steps.popleft())
+            engine.stop_sequences(stopped)
+            for seq in stopped:  # stopped by its text: its blocks and row are free at once
+                assert seq.is_finished and not seq.block_table and not seq.has_sampler_row
+            collect(outputs, result)
+    decoded = sum(len(seq.output_token_ids) for seq in sequences)
+    return result, decoded - result.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def unstopped(loaded: LoadedModel) -> dict[int, str]:
+    """Choice 0's text without stop strings, for n = 1 and n = 2 (other seeds)."""
+    return {n: run_inline(make_engine(loaded), params(n)).choices[0].text for n in (1, 2)}
+
+
+def a_stop_string(text: str) -> str:
+    """Three characters from the middle of `text`."""
+    assert len(text) > 8, text
+    return text[len(text) // 2 :][:3]
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stop_found_late_sends_what_one_found_at_once_sends(
+    loaded: LoadedModel, unstopped: dict[int, str], n: int, include: bool
+) -> None:
+    stop = a_stop_string(unstopped[n])
+    sampling = params(n, stop=(stop,), include_stop_str_in_output=include)
+    inline = run_inline(make_engine(loaded), sampling)
+    cut = unstopped[n].index(stop) + (len(stop) if include else 0)
+    assert inline.choices[0].text == unstopped[n][:cut]
+    assert inline.choices[0].finish_reason == "stop"
+    assert inline.choices[0].stop_reason == stop
+    assert inline.completion_tokens == sum(len(c.token_ids) for c in inline.choices.values())
+    assert inline.finished == 1
+    for lag in (1, 2):
+        late, extra = run_lagging(make_engine(loaded), sampling, lag)
+        assert_same(late, inline)
+        assert extra >= lag  # the engine did decode past the stop; those tokens were dropped
+
+
+def test_a_choice_stopped_late_stops_decoding_and_frees_its_blocks(
+    loaded: LoadedModel, unstopped: dict[int, str]
+) -> None:
+    stop = a_stop_string(unstopped[1])
+    engine = make_engine(loaded)
+    total = engine.stats().kv_blocks_total
+    result, extra = run_lagging(engine, params(stop=(stop,)), lag=2)
+    assert len(result.choices[0].token_ids) < MAX_TOKENS - 2
+    assert extra == 2  # decoding ended with the stop, not at max_tokens
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.num_requests) == (0, 0, 0)
+    assert stats.kv_blocks_free == total
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_the_async_engine_sends_what_the_inline_path_sends(
+    loaded: LoadedModel, unstopped: dict[int, str], demo_model_dir: Path, threaded: bool
+) -> None:
+    stop = a_stop_string(unstopped[2])
+    sampling = params(2, stop=(stop,))
+    inline = run_inline(make_engine(loaded), sampling)
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4)
+    engine = AsyncEngine.from_config(config, output_thread=threaded)
+    engine.start()
+    try:
+        streamed = Result()
+        async for output in engine.submit(GenerationRequest("r", PROMPT, sampling)):
+            collect([output], streamed)
+        assert_same(streamed, inline)
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_failing_text_ends_the_engine(demo_model_dir: Path, threaded: bool) -> None:
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4)
+    engine = AsyncEngine.from_config(config, output_thread=threaded)
+
+    def fail(step: object) -> None:
+        raise RuntimeError("detokeniser failed")
+
+    engine.engine.output_processor.process = fail  # type: ignore[method-assign,assignment]
+    engine.start()
+    try:
+        stream = engine.submit(GenerationRequest("r", PROMPT, params()))
+        with pytest.raises(EngineDeadError, match="detokeniser failed"):
+            async for _ in stream:
+                pass
+        assert engine.is_dead and engine.state == "dead"
+    finally:
+        await asyncio.to_thread(engine.shutdown)

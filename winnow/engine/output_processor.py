@@ -1,0 +1,173 @@
+"""Token ids -> the deltas the server sends: detokenisation, stop strings, logprob entries.
+
+The engine thread only appends token ids and ends sequences on what ids alone decide; this turns
+each step's `StepResult` into `RequestOutput`s: on a thread of its own under `AsyncEngine` on an
+accelerator (so the text of step k overlaps step k + 1), else right after the step (the
+engine thread's loop on a CPU, `LLMEngine.step()`).
+
+A stop string is found here, possibly after the engine has already decoded one more token of
+that choice: the choice ends at the token that completed the stop string, later tokens are
+dropped (not sent, not counted in `completion_tokens`, no logprobs), and `process` returns the
+sequence so that the engine thread stops it and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from winnow.engine.outputs import (
+    ChoiceDelta,
+    FinishReason,
+    PositionLogprobs,
+    RequestOutput,
+    TokenLogprob,
+)
+from winnow.engine.sequence import RequestState, Sequence
+from winnow.engine.step_result import StepResult
+from winnow.text import TextStream, TextTokenizer, build_token_bytes, token_text
+
+
+class ChoiceText:
+    """One choice as the client sees it: its text stream, the tokens it kept, and whether it
+    ended (the engine may still be decoding it for a step)."""
+
+    __slots__ = ("finished", "num_tokens", "text")
+
+    def __init__(self, text: TextStream) -> None:
+        self.text = text
+        self.num_tokens = 0
+        self.finished = False
+
+
+@dataclass(eq=False)
+class RequestText:
+    """The output processor's state of one request, kept on its `RequestState.text`."""
+
+    choices: list[ChoiceText]
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.finished for choice in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.num_tokens for choice in self.choices)
+
+
+class OutputProcessor:
+    """Owns every request's text state; one thread at a time calls `process`."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.token_bytes = build_token_bytes(tokenizer)
+
+    def process(self, step: StepResult) -> tuple[list[RequestOutput], list[Sequence]]:
+        """The step's deltas, one RequestOutput per request that advanced (in the order its
+        first choice did), and the sequences this step's text ended that the engine must stop."""
+        deltas: dict[RequestState, list[ChoiceDelta]] = {}
+        stopped: list[Sequence] = []
+        for seq in step.expired:
+            choice = self._choice(seq)
+            if not choice.finished:
+                delta = ChoiceDelta(seq.index)
+                self._finish(choice, delta, "length", "time_limit")
+                _add(deltas, seq.request, delta)
+        finishes, logprobs = step.finishes, step.logprobs
+        for row, (seq, token_id) in enumerate(zip(step.seqs, step.token_ids, strict=True)):
+            choice = self._choice(seq)
+            if choice.finished:  # decoded past a stop string: dropped
+                continue
+            choice.num_tokens += 1
+            delta = ChoiceDelta(seq.index, "", [token_id])
+            params = seq.request.request.params
+            if logprobs is not None and params.logprobs:
+                delta.logprobs = [self._position_logprobs(step, row, params.top_logprobs)]
+            finish = finishes.get(seq) if finishes else None
+            if finish is None or finish.token_is_text:
+                text = choice.text.append(token_id)
+                delta.text = text.text
+                if text.stop_string is not None:
+                    choice.finished = True
+                    delta.finish_reason, delta.stop_reason = "stop", text.stop_string
+                    if finish is None:
+                        stopped.append(seq)
+            if finish is not None and not choice.finished:
+                self._finish(choice, delta, finish.reason, finish.stop_reason)
+            _add(deltas, seq.request, delta)
+        return [_output(state, choices) for state, choices in deltas.items()], stopped
+
+    def _choice(self, seq: Sequence) -> ChoiceText:
+        state = seq.request
+        text = state.text
+        if text is None:  # the request's first output: its streams are built on this thread
+            request = state.request
+            params = request.params
+            context = request.prompt_token_ids if request.text_continues_prompt else ()
+            text = state.text = RequestText(
+                [
+                    ChoiceText(
+                        TextStream(
+                            self.tokenizer, context, params.stop, params.include_stop_str_in_output
+                        )
+                    )
+                    for _ in state.sequences
+                ]
+            )
+        return text.choices[seq.index]
+
+    @staticmethod
+    def _finish(
+        choice: ChoiceText, delta: ChoiceDelta, reason: FinishReason, stop_reason: str | int | None
+    ) -> None:
+        """End the choice for a reason the engine decided; the text it held back is final now,
+        and may complete a stop string."""
+        delta.text += choice.text.flush()
+        if choice.text.stop_string is not None:
+            reason, stop_reason = "stop", choice.text.stop_string
+        choice.finished = True
+        delta.finish_reason, delta.stop_reason = reason, stop_reason
+
+    def _position_logprobs(self, step: StepResult, row: int, k: int) -> PositionLogprobs:
+        assert step.logprobs is not None
+        top_ids = step.top_token_ids[row][:k] if step.top_token_ids is not None else []
+        top_lps = step.top_logprobs[row][:k] if step.top_logprobs is not None else []
+        top = [self._token_logprob(t, lp) for t, lp in zip(top_ids, top_lps, strict=True)]
+        return PositionLogprobs(self._token_logprob(step.token_ids[row], step.logprobs[row]), top)
+
+    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
+        raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
+        return TokenLogprob(token_id, token_text(raw), logprob, list(raw))
+
+
+def _add(
+    deltas: dict[RequestState, list[ChoiceDelta]], state: RequestState, delta: ChoiceDelta
+) -> None:
+    choices = deltas.get(state)
+    if choices is None:
+        deltas[state] = [delta]
+    else:
+        choices.append(delta)
+
+
+def _output(state: RequestState, choices: list[ChoiceDelta]) -> RequestOutput:
+    text = state.text
+    assert text is not None
+    if len(text.choices) == 1:  # the common n = 1: no sums or sorts over choices
+        only = text.choices[0]
+        finished, completion_tokens = only.finished, only.num_tokens
+    else:
+        finished, completion_tokens = text.finished, text.completion_tokens
+        choices.sort(key=_choice_index)
+    return RequestOutput(
+        request_id=state.request.request_id,
+        choices=choices,
+        prompt_tokens=len(state.request.prompt_token_ids),
+        cached_tokens=state.sequences[0].num_cached_prompt_tokens,
+        completion_tokens=completion_tokens,
+        finished=finished,
+        seed=state.seed,
+    )
+
+
+def _choice_index(choice: ChoiceDelta) -> int:
+    return choice.index
