@@ -46,7 +46,8 @@ Ints = TypeVar("Ints", torch.Tensor, np.ndarray)
 
 
 def fmix32(x: Ints) -> Ints:
-    """MurmurHash3 finaliser on int64 tensors holding values in [0, 2**32); returns a new tensor."""
+    """MurmurHash3 finaliser on int64 tensors (or arrays) holding values in [0, 2**32); returns
+    a new one."""
     x = x ^ (x >> 16)
     x = (x * _FMIX_1_S) & MASK32
     x = x ^ (x >> 13)

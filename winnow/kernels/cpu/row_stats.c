@@ -712,4 +712,3 @@ void winnow_record_tokens(int64_t *output, int64_t out_stride, int32_t *counts,
     count[len] = k == len;
   }
 }
-
