@@ -234,7 +234,7 @@ class Sampler:
         slots = self._batch_slots(keys)
         plain = self._plain_argmax(logits, slots) if bitmasks is None else None
         if plain is None and self._routes.triton_gumbel is not None:
-            plain = self._fused_step(logits, keys, bitmasks)
+            plain = self._fused_step(logits, slots, bitmasks)
         elif plain is None and bitmasks is None:
             plain = self._plain_temperature(logits, slots)
         if plain is not None:
@@ -320,24 +320,21 @@ class Sampler:
         return SamplerOutput(tokens)
 
     def _fused_step(
-        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None
+        self, logits: torch.Tensor, slots: np.ndarray, bitmasks: TokenMasks | None
     ) -> SamplerOutput | None:
         """CUDA's step for batches without truncation, XTC or top_logprobs (greedy or sampled
         from the whole vocabulary, with any penalties, logit_bias, min_tokens ban, grammar
         bitmask and logprobs): one upload of the rows' indices, one Triton launch that applies
         stages 1-2 sparsely, picks, takes the logprob and records the penalty history, and one
         download. Anything else -> None, and the full pipeline runs."""
-        kernel, batch = self._routes.triton_gumbel, len(keys)
+        kernel, batch = self._routes.triton_gumbel, len(slots)
         assert kernel is not None
         if logits.shape != (batch, self.vocab_size) or logits.stride(1) != 1:
             return None
         if logits.device.type != self.device.type:
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         if flags[:, _BEYOND_FUSED].any() or self._num_top_logprobs[slots].any():
-            return None
-        if len(np.unique(slots)) != batch:
             return None
         info = self._fused_info(slots, flags, bitmasks)
         fields = info[2:]
