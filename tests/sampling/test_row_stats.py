@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,14 @@ def test_scan_reads_the_logits_with_patches_and_bounds_the_normaliser(isa, vocab
         finite = ~exact[:7].isnan()
         assert bool(((hi - lo)[finite] <= 0.07 * exact[:7][finite]).all())  # the bulk's 6.2%
         assert torch.equal(bounds[7], torch.ones(2, dtype=torch.float64))
+    # the exact normaliser of some rows read the same way: total_mass's sums, bit for bit
+    some = np.array([6, 0, 4, 3])
+    picked = torch.from_numpy(some)
+    mass = row_stats.source_mass(
+        logits, order, patch_ids, work, some, temperature[picked], rows[picked].amax(1)
+    )
+    assert torch.equal(mass.isnan(), exact[picked].isnan()) and bool(mass[3].isnan())
+    assert torch.equal(mass.nan_to_num(), exact[picked].nan_to_num())
 
 
 def test_load_rows_keeps_patched_values_and_seed_patches_fills_them() -> None:
@@ -157,3 +166,32 @@ def test_penalise_in_c_gives_the_torch_values(monkeypatch) -> None:
             history.apply(in_torch, rows, slot_ids, slot_ids.numpy(), rep, fp, vocab)
         assert not torch.equal(in_c, z)
         assert torch.equal(in_c[:-1], in_torch[:-1])  # the last cell is the padding's trash
+
+
+def test_record_in_c_gives_the_torch_tables(monkeypatch) -> None:
+    """PenaltyHistory.record through the C kernel and through its torch ops: the same output
+    ids and counts over several steps (repeats of earlier tokens, new ones, empty histories)."""
+    from winnow.sampling.penalties import PenaltyHistory
+
+    generator = torch.Generator().manual_seed(4)
+    histories = [PenaltyHistory(5, torch.device("cpu")) for _ in range(2)]
+    for history in histories:
+        for slot in range(5):
+            outputs = torch.randint(
+                0, 9, (slot * 3,), generator=torch.Generator().manual_seed(slot)
+            )
+            history.reset(slot, [1, 2], outputs.tolist())
+    slot_ids = torch.tensor([3, 0, 4, 1])
+    for _ in range(6):
+        tokens = torch.randint(0, 9, (4,), generator=generator)
+        for history, in_c in zip(histories, (True, False), strict=True):
+            cols = torch.from_numpy(history.output.lengths[slot_ids.numpy()].copy())
+            with monkeypatch.context() as patched:
+                if not in_c:
+                    patched.setattr(row_stats, "available", lambda: False)
+                history.record(slot_ids, slot_ids.numpy(), tokens, cols)
+    in_c, in_torch = histories
+    assert torch.equal(in_c.output.data, in_torch.output.data)
+    assert torch.equal(in_c.counts.data, in_torch.counts.data)
+    assert int(in_c.counts.data.sum()) == int(in_c.output.lengths.sum())  # one count per token
+    assert bool((in_c.counts.data > 1).any())  # some tokens came back

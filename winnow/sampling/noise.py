@@ -18,7 +18,9 @@ uses GUMBEL_STREAM; the XTC coin of a step is u of token 0 in XTC_STREAM.
 from __future__ import annotations
 
 import secrets
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -39,9 +41,13 @@ def _signed32(c: int) -> int:
 _FMIX_1_S = _signed32(_FMIX_1)
 _FMIX_2_S = _signed32(_FMIX_2)
 
+# int64 tensors or, for a few host values (cheaper per op), int64 numpy arrays
+Ints = TypeVar("Ints", torch.Tensor, np.ndarray)
 
-def fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3 finaliser on int64 tensors holding values in [0, 2**32); returns a new tensor."""
+
+def fmix32(x: Ints) -> Ints:
+    """MurmurHash3 finaliser on int64 tensors (or arrays) holding values in [0, 2**32); returns
+    a new one."""
     x = x ^ (x >> 16)
     x = (x * _FMIX_1_S) & MASK32
     x = x ^ (x >> 13)
@@ -58,8 +64,9 @@ def fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
-def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """Per-row 32-bit keys (int64) for int64 `seeds` and `positions` in one noise stream."""
+def row_keys(seeds: Ints, positions: Ints, stream: int) -> Ints:
+    """Per-row 32-bit keys (int64) for int64 `seeds` and `positions` in one noise stream (both
+    tensors or both numpy arrays: the same values)."""
     h = fmix32((seeds & MASK32) ^ stream)
     h = fmix32(h ^ ((seeds >> 32) & MASK32))
     return fmix32(h ^ (positions & MASK32))

@@ -109,6 +109,17 @@ class PenaltyHistory:
         width = self.output.width(host_slots)
         self.output.reserve(width + 1)
         self.counts.reserve(width + 1)
+        if tokens.device.type == "cpu" and row_stats.available():  # one C call, same tables
+            row_stats.record_tokens(self.output.data, self.counts.data, slots, tokens, device_cols)
+        else:
+            self._record_torch(slots, tokens, device_cols, width)
+        self.output.lengths[host_slots] += 1
+        self.counts.lengths[host_slots] += 1
+
+    def _record_torch(
+        self, slots: torch.Tensor, tokens: torch.Tensor, device_cols: torch.Tensor, width: int
+    ) -> None:
+        """`record`'s table updates with torch ops (columns < width hold each row's history)."""
         if width:
             match = self.output.take(slots, width) == tokens[:, None]
             seen = match.any(1)
@@ -118,5 +129,3 @@ class PenaltyHistory:
             seen = torch.zeros_like(tokens, dtype=torch.bool)
         self.output.data[slots, device_cols] = tokens
         self.counts.data[slots, device_cols] = (~seen).to(torch.int32)
-        self.output.lengths[host_slots] += 1
-        self.counts.lengths[host_slots] += 1

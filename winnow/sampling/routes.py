@@ -219,11 +219,12 @@ class Routes:
         )
         exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
         if exact.size:
-            self.load(step, exact + rows.start)
             index = torch.from_numpy(exact)
-            z = step.z[rows].index_select(0, index)
             temperature = params.floats[:, TEMPERATURE].index_select(0, index)
-            mass = row_stats.total_mass(z, temperature, values[:, 0].index_select(0, index))
+            mass = row_stats.source_mass(
+                source.logits, source.order, source.patch_ids, step.z, exact + rows.start,
+                temperature, values[:, 0].index_select(0, index),
+            )  # fmt: skip
             bounds[exact] = mass[:, None].expand(-1, 2)
             pick_params["total_mass"][exact] = pick_params["total_mass_hi"][exact] = mass.numpy()
             again = gumbel_max.slice_pick(
@@ -305,7 +306,8 @@ class Routes:
         source = step.source
         if source is not None and not params.flags[:, XTC].any():
             assert self.mix_table is not None
-            keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
+            seeds, positions = params.seeds.numpy(), params.positions.numpy()
+            keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))
             step.tokens[rows] = gumbel_max.gumbel_argmax(
                 source.logits, params.floats[:, TEMPERATURE], keys, self.mix_table,
                 order=source.order[rows],

@@ -122,6 +122,9 @@ class Sampler:
         self.device = torch.device(device)
         self._eos = frozenset(int(t) for t in eos_token_ids)
         self._slots: dict[int, int] = {}
+        # the last batch's keys and slots: a decode batch often repeats from step to step
+        self._last_keys: list[int] | None = None
+        self._last_slots = np.zeros(0, dtype=np.int64)
         self._free = list(range(max_rows - 1, -1, -1))
         self._flags = np.zeros((max_rows, NUM_FLAGS), dtype=bool)
         self._top_k = np.zeros(max_rows, dtype=np.int64)
@@ -165,6 +168,7 @@ class Sampler:
         params.check_vocab(self.vocab_size)
         slot = self._free.pop()
         self._slots[key] = slot
+        self._last_keys = None
         top_k = params.top_k if 0 < params.top_k < self.vocab_size else 0
         sampled = not params.greedy
         flags = self._flags[slot]
@@ -207,6 +211,7 @@ class Sampler:
     def remove_row(self, key: int) -> None:
         """Forget a finished (or preempted) sequence and free its slot."""
         self._free.append(self._slots.pop(key))
+        self._last_keys = None
 
     def warm_up(self) -> None:
         """Compile every Triton variant this sampler launches (on CUDA) before serving."""
@@ -229,7 +234,7 @@ class Sampler:
         slots = self._batch_slots(keys)
         plain = self._plain_argmax(logits, slots) if bitmasks is None else None
         if plain is None and self._routes.triton_gumbel is not None:
-            plain = self._fused_step(logits, keys, bitmasks)
+            plain = self._fused_step(logits, slots, bitmasks)
         elif plain is None and bitmasks is None:
             plain = self._plain_temperature(logits, slots)
         if plain is not None:
@@ -277,8 +282,15 @@ class Sampler:
         return values.index_select(0, step.index(np.argsort(step.order)))
 
     def _batch_slots(self, keys: Sequence[int]) -> np.ndarray:
-        """The slots of the batch's rows, in batch order."""
-        return np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=len(keys))
+        """The slots of the batch's rows, in batch order (not to be written to); a key twice is
+        a ValueError."""
+        if isinstance(keys, list) and keys == self._last_keys:
+            return self._last_slots
+        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=len(keys))
+        if len(np.unique(slots)) != len(slots):
+            raise ValueError("a row appears twice in the batch")
+        self._last_keys, self._last_slots = list(keys), slots
+        return slots
 
     def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
         """The OpenAI SDK's default step (temperature only, maybe 1) with the fused C kernel on a
@@ -296,37 +308,33 @@ class Sampler:
             return None
         flags = self._flags[slots]
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
-        if flags[:, _BEYOND_TEMPERATURE].any() or banned.any() or len(np.unique(slots)) != batch:
+        if flags[:, _BEYOND_TEMPERATURE].any() or banned.any():
             return None
         positions = self._prompt_len[slots] + self._out_len[slots]
-        index = torch.from_numpy(slots)
-        row_keys = noise.row_keys(
-            self._seeds_top_k[index, 0], torch.from_numpy(positions), noise.GUMBEL_STREAM
-        )
-        temperature = self._floats[index, TEMPERATURE]
+        # the parameter tables are CPU tensors here: their numpy views, no small torch ops
+        seeds = self._seeds_top_k.numpy()[slots, 0]
+        row_keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))
+        temperature = torch.from_numpy(self._floats.numpy()[slots, TEMPERATURE])
         tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 
     def _fused_step(
-        self, logits: torch.Tensor, keys: Sequence[int], bitmasks: TokenMasks | None
+        self, logits: torch.Tensor, slots: np.ndarray, bitmasks: TokenMasks | None
     ) -> SamplerOutput | None:
         """CUDA's step for batches without truncation, XTC or top_logprobs (greedy or sampled
         from the whole vocabulary, with any penalties, logit_bias, min_tokens ban, grammar
         bitmask and logprobs): one upload of the rows' indices, one Triton launch that applies
         stages 1-2 sparsely, picks, takes the logprob and records the penalty history, and one
         download. Anything else -> None, and the full pipeline runs."""
-        kernel, batch = self._routes.triton_gumbel, len(keys)
+        kernel, batch = self._routes.triton_gumbel, len(slots)
         assert kernel is not None
         if logits.shape != (batch, self.vocab_size) or logits.stride(1) != 1:
             return None
         if logits.device.type != self.device.type:
             return None
-        slots = np.fromiter((self._slots[k] for k in keys), dtype=np.int64, count=batch)
         flags = self._flags[slots]
         if flags[:, _BEYOND_FUSED].any() or self._num_top_logprobs[slots].any():
-            return None
-        if len(np.unique(slots)) != batch:
             return None
         info = self._fused_info(slots, flags, bitmasks)
         fields = info[2:]
@@ -407,8 +415,6 @@ class Sampler:
         banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
         if not flags[:, GREEDY].all() or flags[:, _BEYOND_ARGMAX].any() or banned.any():
             return None
-        if len(np.unique(slots)) != batch:
-            return None
         rows = logits.detach().numpy()
         tokens = rows.argmax(axis=1)
         if not np.isfinite(rows[np.arange(batch), tokens]).all():
@@ -472,13 +478,14 @@ class Sampler:
     def _plan(self, batch_slots: np.ndarray, bitmasks: TokenMasks | None) -> _Plan:
         """The step's host-side plan: work-row order by route and which rows need what."""
         batch = len(batch_slots)
-        if len(np.unique(batch_slots)) != batch:
-            raise ValueError("a row appears twice in the batch")
         flags = self._flags[batch_slots]
         greedy = flags[:, GREEDY]
         thresholded = ~greedy & (flags[:, TOP_K] | flags[:, TOP_P] | flags[:, MIN_P])
         needs_mass = thresholded & ~flags[:, TOP_K] & flags[:, TOP_P]
-        route = np.select([greedy, needs_mass, thresholded], [0, 1, 2], 3)
+        route = np.full(batch, 3, dtype=np.int64)
+        route[thresholded] = 2
+        route[needs_mass] = 1
+        route[greedy] = 0
         order = np.argsort(route, kind="stable")
         host_slots, flags = batch_slots[order], flags[order]
         bounds = np.searchsorted(route[order], [0, 1, 3, 4])

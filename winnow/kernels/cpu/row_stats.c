@@ -32,12 +32,17 @@
  *   the running maximum (rescaled in double when it rises). The caller decides
  *   top_p with both bounds and asks for the exact sum only where they disagree.
  *
+ * winnow_source_mass: winnow_total_mass of rows as winnow_scan_rows reads them, for the rows
+ *   whose bounds leave their nucleus undecided.
+ *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
  *   without truncation, the fallbacks) is loaded around its patched values.
  *
  * winnow_penalise: the repetition / frequency / presence penalties on the work buffer's tokens,
- *   with penalties.PenaltyHistory.apply's float32 operations.
+ *   with penalties.PenaltyHistory.apply's float32 operations; winnow_record_tokens: the
+ *   history's update after the step (PenaltyHistory.record), one call instead of a dozen
+ *   small torch ops.
  */
 #include <immintrin.h>
 #include <float.h>
@@ -251,6 +256,34 @@ void winnow_seed_patches(const float *src, int64_t rows, int64_t vocab, int64_t 
   }
 }
 
+/* mass[i] = winnow_total_mass's value for work row r = rows[i] as winnow_scan_rows reads it
+ * (src row order[r], cleaned, with the tokens in patch_ids[r, :width] taken from
+ * patch[r * vocab + id]), built in a thread-local row: the exact normaliser of a row whose
+ * bounds did not decide its nucleus, without loading it into the work buffer. */
+void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const int64_t *order,
+                        const int64_t *patch_ids, int64_t width, const float *patch,
+                        const int64_t *rows, int64_t n, const float *temperature,
+                        const float *max_z, double *mass, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (n > 1)
+  {
+    float *row = malloc(sizeof(float) * vocab);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t r = rows[i];
+      const float *s = src + (order ? order[r] : r) * stride;
+      int64_t j = 0;
+      for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(row + j, clean8(_mm256_loadu_ps(s + j)));
+      for (; j < vocab; j++) row[j] = clean(s[j]);
+      for (int64_t k = 0; patch_ids && k < width; k++) {
+        int64_t id = patch_ids[r * width + k];
+        if (id >= 0) row[id] = patch[r * vocab + id];
+      }
+      mass[i] = row_mass(row, vocab, temperature[i], max_z ? max_z + i : NULL);
+    }
+    free(row);
+  }
+}
+
 typedef struct {
   entry *buf;
   int64_t len, n;
@@ -306,7 +339,14 @@ static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
   return len == m ? best[m - 1] : -INFINITY;
 }
 
-/* Sort the n entries by value descending, then id ascending (LSD radix sort on 64-bit keys). */
+static int compare_keys(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* Sort the n entries by value descending, then id ascending: an LSD radix sort on the value
+ * half of 64-bit keys (value, id), then each run of equal values (rare in float32 logits, common
+ * where they come from bfloat16) sorted by id. */
 static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
   for (int64_t i = 0; i < n; i++) {
     uint32_t bits;
@@ -314,13 +354,18 @@ static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
     bits = bits >> 31 ? ~bits : bits | 0x80000000u; /* ascending as unsigned */
     keys[i] = (uint64_t)~bits << 32 | (uint64_t)buf[i].id;
   }
-  for (int shift = 0; shift < 64; shift += 8) {
+  for (int shift = 32; shift < 64; shift += 8) {
     int64_t count[257] = {0};
     for (int64_t i = 0; i < n; i++) count[(keys[i] >> shift & 0xFF) + 1]++;
     if (count[(keys[0] >> shift & 0xFF) + 1] == n) continue; /* one digit value: nothing moves */
     for (int d = 0; d < 256; d++) count[d + 1] += count[d];
     for (int64_t i = 0; i < n; i++) tmp[count[keys[i] >> shift & 0xFF]++] = keys[i];
     memcpy(keys, tmp, sizeof(uint64_t) * n);
+  }
+  for (int64_t i = 0, run; i < n; i += run) {
+    for (run = 1; i + run < n && keys[i + run] >> 32 == keys[i] >> 32; run++) {
+    }
+    if (run > 1) qsort(keys + i, (size_t)run, sizeof(uint64_t), compare_keys);
   }
   for (int64_t i = 0; i < n; i++) {
     uint32_t bits = ~(uint32_t)(keys[i] >> 32);
@@ -649,4 +694,21 @@ __attribute__((optimize("fp-contract=off"))) void winnow_penalise(
     }
   }
   free(done);
+}
+
+/* penalties.PenaltyHistory.record for n rows: slot slots[i] appends tokens[i] at column
+ * cols[i] (its length) of output [*, out_stride] (int64) and counts [*, count_stride] (int32):
+ * the token's first earlier occurrence, if any, counts one more and the new column gets 0;
+ * otherwise the new column gets 1. The caller has made room for the column. */
+void winnow_record_tokens(int64_t *output, int64_t out_stride, int32_t *counts,
+                          int64_t count_stride, const int64_t *slots, const int64_t *tokens,
+                          const int64_t *cols, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    int64_t *row = output + slots[i] * out_stride, len = cols[i], k = 0;
+    int32_t *count = counts + slots[i] * count_stride;
+    while (k < len && row[k] != tokens[i]) k++;
+    if (k < len) count[k] += 1;
+    row[len] = tokens[i];
+    count[len] = k == len;
+  }
 }

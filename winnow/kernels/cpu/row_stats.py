@@ -12,6 +12,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from winnow.kernels.cpu.cpu_kernels import load_library
@@ -39,9 +40,14 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_scan_rows.restype = None
+    lib.winnow_source_mass.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64]
+    lib.winnow_source_mass.argtypes += [_PTR, _PTR, _PTR, ctypes.c_int]
+    lib.winnow_source_mass.restype = None
     lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
     lib.winnow_penalise.argtypes += [_PTR, _PTR]
     lib.winnow_penalise.restype = None
+    lib.winnow_record_tokens.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64]
+    lib.winnow_record_tokens.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
     lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
@@ -181,6 +187,39 @@ def scan_rows(
     return values, ids, mass
 
 
+def source_mass(
+    logits: torch.Tensor,
+    order: torch.Tensor | None,
+    patch_ids: torch.Tensor | None,
+    patch: torch.Tensor,
+    rows: np.ndarray,
+    temperature: torch.Tensor,
+    row_max: torch.Tensor,
+) -> torch.Tensor:
+    """`total_mass` [n] of the work rows `rows` as `scan_rows` reads them (logits[order[r]]
+    cleaned, patch_ids[r] from patch[r]; all indexed by work row), without loading them into
+    the work buffer. temperature and row_max [n]: per entry of `rows`."""
+    lib = _checked(logits)
+    vocab = patch.shape[1]
+    assert patch.is_contiguous() and logits.shape[1] == vocab
+    n = len(rows)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    order = None if order is None else order.contiguous()
+    patch_ids = None if patch_ids is None else patch_ids.contiguous()
+    width = 0 if patch_ids is None else patch_ids.shape[1]
+    temperature = temperature.to(torch.float32).contiguous()
+    row_max = row_max.to(torch.float32).contiguous()
+    assert temperature.shape == row_max.shape == (n,)
+    mass = torch.empty(n, dtype=torch.float64)
+    if n:
+        lib.winnow_source_mass(
+            logits.data_ptr(), vocab, logits.stride(0), _ptr(order), _ptr(patch_ids), width,
+            patch.data_ptr(), rows.ctypes.data, n, temperature.data_ptr(), row_max.data_ptr(),
+            mass.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return mass
+
+
 def penalise(
     z: torch.Tensor,
     vocab: int,
@@ -211,4 +250,25 @@ def penalise(
     lib.winnow_penalise(
         z.data_ptr(), vocab, rows.data_ptr(), n, _ptr(prompt), wp, output.data_ptr(),
         _ptr(counts), output.shape[1], _ptr(repetition), _ptr(frequency_presence),
+    )  # fmt: skip
+
+
+def record_tokens(
+    output: torch.Tensor,
+    counts: torch.Tensor,
+    slots: torch.Tensor,
+    tokens: torch.Tensor,
+    cols: torch.Tensor,
+) -> None:
+    """penalties.PenaltyHistory.record in C, in place: output [S, w] int64 and counts [S, w']
+    int32 (CPU, unit inner stride, room for column cols[i]); slot slots[i] appends tokens[i]
+    at column cols[i], and the count of the token's first earlier occurrence (or of the new
+    column, when there is none) goes up by one."""
+    lib = _library()
+    assert lib is not None and output.dtype == torch.int64 and counts.dtype == torch.int32
+    assert output.stride(1) == 1 and counts.stride(1) == 1 and output.device.type == "cpu"
+    slots, tokens, cols = (t.to(torch.int64).contiguous() for t in (slots, tokens, cols))
+    lib.winnow_record_tokens(
+        output.data_ptr(), output.stride(0), counts.data_ptr(), counts.stride(0),
+        slots.data_ptr(), tokens.data_ptr(), cols.data_ptr(), slots.shape[0],
     )  # fmt: skip
