@@ -122,6 +122,17 @@ def test_special_tokens_are_skipped(tokenizer: Any) -> None:
     assert deltas[1].text == deltas[-1].text == ""
 
 
+def test_ids_past_the_vocabulary_give_no_text(tokenizer: Any) -> None:
+    """Padding rows of a wider embedding: the model may sample them; they add nothing."""
+    prompt = prompt_ids(tokenizer)
+    padding = [tokenizer.vocab_size, tokenizer.vocab_size + 7]
+    ids = encode(tokenizer, "Hello 🦩 world")
+    mixed = [padding[0], *ids[:2], padding[1], *ids[2:], padding[0]]
+    deltas, tail, _ = run(tokenizer, [*prompt, padding[1]], mixed)
+    assert joined(deltas, tail) == reference(tokenizer, prompt, ids)
+    assert deltas[0].text == deltas[3].text == deltas[-1].text == ""
+
+
 def test_special_tokens_in_prompt_are_not_context(sp_either: Any) -> None:
     inst = sp_either.hf.convert_tokens_to_ids(["[INST]", "[/INST]"])
     prompt = [1, inst[0], *encode(sp_either, "hi"), inst[1]]
