@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from importlib.resources import files
-from typing import Any
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -66,30 +65,7 @@ def bpe_tokenizer() -> WinnowTokenizer:
     )
 
 
-class PiecesOnly:
-    """A tokenizer seen without its Rust backend, as a Python-only (remote code) tokenizer is:
-    detokenisation takes the piece-window path."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-    def backend(self) -> None:
-        return None
-
-
-@pytest.fixture(scope="session", params=["sp", "bpe", "sp-pieces", "bpe-pieces"])
-def tokenizer(request: pytest.FixtureRequest) -> Any:
-    """Each real tokenizer in turn, through its Rust `DecodeStream` and through the Python
-    piece window, for tests that hold for both kinds and both paths."""
-    kind, _, path = request.param.partition("-")
-    tokenizer = request.getfixturevalue(f"{kind}_tokenizer")
-    return PiecesOnly(tokenizer) if path else tokenizer
-
-
-@pytest.fixture(scope="session", params=["stream", "pieces"])
-def sp_either(request: pytest.FixtureRequest, sp_tokenizer: WinnowTokenizer) -> Any:
-    """The SentencePiece tokenizer through either detokenisation path."""
-    return PiecesOnly(sp_tokenizer) if request.param == "pieces" else sp_tokenizer
+@pytest.fixture(scope="session", params=["sp", "bpe"])
+def tokenizer(request: pytest.FixtureRequest) -> WinnowTokenizer:
+    """Each real tokenizer in turn, for tests that hold for both kinds."""
+    return request.getfixturevalue(f"{request.param}_tokenizer")

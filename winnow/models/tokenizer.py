@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import jinja2
-from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from winnow.models.config import read_generation_eos, read_model_eos
@@ -86,10 +85,6 @@ class Tokenizer:
 
     def join_pieces(self, pieces: Sequence[str]) -> str:
         return str(self.hf.convert_tokens_to_string(list(pieces)))
-
-    def backend(self) -> RustTokenizer | None:
-        backend = getattr(self.hf, "backend_tokenizer", None)
-        return backend if isinstance(backend, RustTokenizer) else None
 
     def added_tokens(self) -> Mapping[int, str]:
         return {token_id: token.content for token_id, token in self.hf.added_tokens_decoder.items()}

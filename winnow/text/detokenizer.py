@@ -1,17 +1,8 @@
-"""Token ids -> text, one token at a time, never showing half a character.
-
-`incremental_detokenizer` picks the Rust tokenizer's own `DecodeStream` where the tokenizer has
-one (every `tokenizers`-backed Hugging Face tokenizer) and the Python piece window otherwise (a
-Python-only tokenizer, e.g. one brought by `--trust-remote-code`).
-"""
+"""Token ids -> text, one token at a time, never showing half a character."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
-
-from tokenizers import Tokenizer as RustTokenizer
-from tokenizers.decoders import DecodeStream
 
 from winnow.text.tokenizer import TextTokenizer
 
@@ -27,101 +18,8 @@ _PROMPT_CONTEXT_PIECES = 4
 _MAX_HELD_PIECES = 16
 
 
-class Detokenizer(Protocol):
-    """Text of one generated choice, a token at a time."""
-
-    def append(self, token_id: int) -> str:
-        """Add one token; return the text that became final (possibly empty)."""
-        ...
-
-    def flush(self) -> str:
-        """Release the held text (an incomplete character shows as U+FFFD, as `decode` does)."""
-        ...
-
-
-def incremental_detokenizer(
-    tokenizer: TextTokenizer, prompt_token_ids: Sequence[int]
-) -> Detokenizer:
-    """The fastest detokeniser this tokenizer allows, its text continuing the prompt's."""
-    backend = tokenizer.backend()
-    if backend is None:
-        return PieceWindowDetokenizer(tokenizer, prompt_token_ids)
-    return StreamDetokenizer(backend, tokenizer, prompt_token_ids)
-
-
-class StreamDetokenizer:
-    """The Rust tokenizer's `DecodeStream`: one call per token, its prefix/read offsets kept on
-    the Rust side, decoding a window of recent ids as `PieceWindowDetokenizer` does.
-
-    Around it: special tokens and ids past the vocabulary never reach it. A (re)started stream is
-    first fed its left context, the prompt's last ids, so the first generated piece decodes as a
-    continuation (SentencePiece keeps its leading `▁` space); when that context ends inside a
-    character, the stream holds it and repeats its text at its first output, which is cut off
-    there. And `DecodeStream` would hold a window ending in U+FFFD forever: after
-    `_MAX_HELD_PIECES` held ids, their text is released as `decode` shows it and the stream
-    restarts with them as its context (as the piece window does), so that invalid bytes later
-    joined by more bytes still show as `decode` groups them.
-    """
-
-    def __init__(
-        self, backend: RustTokenizer, tokenizer: TextTokenizer, prompt_token_ids: Sequence[int]
-    ) -> None:
-        self._backend = backend
-        self._special_ids = tokenizer.special_ids
-        self._vocab_size = tokenizer.vocab_size
-        # Recent ids: the left context (`[:read]`, its text emitted or the prompt's), then the
-        # held ones; trimmed on each output.
-        self._ids = [i for i in prompt_token_ids if self._is_text(i)][-_PROMPT_CONTEXT_PIECES:]
-        self._read = len(self._ids)
-        self._stream, self._repeated = self._restart()
-
-    def _is_text(self, token_id: int) -> bool:
-        """False for special tokens and ids past the vocabulary (padding rows of the embedding):
-        both contribute no text, as in `decode(skip_special_tokens=True)`."""
-        return token_id < self._vocab_size and token_id not in self._special_ids
-
-    def _restart(self) -> tuple[DecodeStream, str]:
-        """A stream fed the context ids, and the text of them it will repeat at its first
-        output ("" unless it held them all: a context ending inside a character)."""
-        stream = DecodeStream(skip_special_tokens=True)
-        if not self._ids or stream.step(self._backend, self._ids) is not None:
-            return stream, ""
-        return stream, self._backend.decode(self._ids, skip_special_tokens=True)
-
-    def append(self, token_id: int) -> str:
-        """Add one token; return the text that became final (possibly empty)."""
-        if not self._is_text(token_id):
-            return ""
-        ids = self._ids
-        ids.append(token_id)
-        text = self._stream.step(self._backend, token_id)
-        if text is not None:
-            if self._repeated:
-                text = text[_common_prefix_len(self._repeated, text) :]
-                self._repeated = ""
-            if len(ids) > 2 * _PROMPT_CONTEXT_PIECES:
-                del ids[:-_PROMPT_CONTEXT_PIECES]
-            self._read = len(ids)
-            return text
-        if len(ids) - self._read < _MAX_HELD_PIECES:
-            return ""
-        text = self.flush()
-        del ids[: self._read]
-        self._read = len(ids)
-        self._stream, self._repeated = self._restart()
-        return text
-
-    def flush(self) -> str:
-        """Release the held text (an incomplete character shows as U+FFFD, as `decode` does)."""
-        if self._read == len(self._ids):
-            return ""
-        head = self._backend.decode(self._ids[: self._read], skip_special_tokens=True)
-        text = self._backend.decode(self._ids, skip_special_tokens=True)
-        return text[_common_prefix_len(head, text) :]
-
-
-class PieceWindowDetokenizer:
-    """Prefix-offset / read-offset incremental detokeniser over the tokenizer's pieces.
+class IncrementalDetokenizer:
+    """Prefix-offset / read-offset incremental detokeniser.
 
     The window `pieces` holds already emitted pieces (`pieces[:read]`, the left context) followed
     by pieces not emitted yet. Each step decodes the window and emits what lies past the text of

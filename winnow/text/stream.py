@@ -2,9 +2,9 @@
 
 Two layers, per docs/sampling.md "Stops" and docs/api.md "Streaming":
 
-1. The detokeniser (winnow/text/detokenizer.py) turns token ids into text that is final: it
-   decodes only a small window of recent tokens and never returns a trailing incomplete UTF-8
-   character.
+1. `IncrementalDetokenizer` (winnow/text/detokenizer.py) turns token ids into text that is
+   final: it decodes only a small window of recent pieces and never returns a trailing
+   incomplete UTF-8 character.
 2. `TextStream` matches stop strings on that text and holds back the longest suffix that could
    still become a stop string, so no part of a stop string is ever sent.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from winnow.text.detokenizer import incremental_detokenizer
+from winnow.text.detokenizer import IncrementalDetokenizer
 from winnow.text.stop_matcher import stop_matcher
 from winnow.text.tokenizer import TextTokenizer
 
@@ -53,7 +53,7 @@ class TextStream:
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self._detokenizer = incremental_detokenizer(tokenizer, prompt_token_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self._stops = stop_matcher(tuple(dict.fromkeys(stop))) if stop else None
         self._state = 0
         self._include_stop = include_stop_str_in_output

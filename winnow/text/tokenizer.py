@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from tokenizers import Tokenizer as RustTokenizer
-
 
 class TextTokenizer(Protocol):
     """What the `text` package needs of a tokenizer (`winnow.models.Tokenizer` is one).
@@ -32,10 +30,6 @@ class TextTokenizer(Protocol):
 
     def join_pieces(self, pieces: Sequence[str]) -> str:
         """The text of consecutive pieces."""
-        ...
-
-    def backend(self) -> RustTokenizer | None:
-        """The Rust `tokenizers.Tokenizer` that decodes, or None for a Python-only tokenizer."""
         ...
 
     def added_tokens(self) -> Mapping[int, str]:
