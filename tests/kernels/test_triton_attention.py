@@ -18,8 +18,6 @@ import itertools
 import math
 import os
 import random
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from tests.kernels.triton_launches import recorded_launches  # noqa: E402
+from tests.kernels.triton_launches import compile_for_sm90, recorded_launches  # noqa: E402
 from tests.models.helpers import PagedRunner, make_hf_model, save_hf_model  # noqa: E402
 from winnow.kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from winnow.kernels.torch_attention import TorchAttentionBackend  # noqa: E402
@@ -419,18 +417,11 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     real models' layouts, built by the real GPU compiler for sm_90 (the interpreter never
     compiles them): none spills registers to local memory or asks for more shared memory than
     an H100 block has."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns while the default is unset
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.triton_cuda_compile"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = compile_for_sm90("tests.kernels.triton_cuda_compile", timeout=900)
     # 4 layouts x (KV write, decode direct and split, each also with RoPE and the KV write
     # folded in, merge, prefill; RMSNorm plain, with the residual add, on q heads and on k heads;
     # RoPE with and without the KV write; SiLU x up), each distinct variant once: Qwen2.5's
     # RMSNorm on q heads and on k heads are one
-    assert len(lines) == 55 and all(line.endswith(" ok") for line in lines), result.stdout
-    assert sum("_decode_kernel" in line for line in lines) == 16, result.stdout
-    assert sum("_rope_kv_kernel" in line for line in lines) == 8, result.stdout
+    assert len(lines) == 55 and all(line.endswith(" ok") for line in lines), lines
+    assert sum("_decode_kernel" in line for line in lines) == 16, lines
+    assert sum("_rope_kv_kernel" in line for line in lines) == 8, lines

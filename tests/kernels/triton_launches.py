@@ -4,6 +4,9 @@ kernel cache on a GPU), so a test can count the variants a run compiles without 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,3 +56,15 @@ def recorded_launches() -> Iterator[list[Launch]]:
         yield launches
     finally:
         InterpretedFunction.run = run  # type: ignore[method-assign]
+
+
+def compile_for_sm90(module: str, timeout: int) -> list[str]:
+    """Run a compile script (`python -m module`) with the real GPU compiler, not the
+    interpreter; its stdout lines, one per variant built. Fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns while the default is unset
+    result = subprocess.run(
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result.stdout.splitlines()

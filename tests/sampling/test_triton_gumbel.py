@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +27,7 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from tests.kernels.triton_launches import Launch, recorded_launches  # noqa: E402
+from tests.kernels.triton_launches import Launch, compile_for_sm90, recorded_launches  # noqa: E402
 from winnow.kernels.triton import gumbel_max  # noqa: E402
 from winnow.sampling import noise  # noqa: E402
 from winnow.sampling.bitmask import TokenMasks, words_for  # noqa: E402
@@ -235,17 +233,10 @@ def test_default_sampling_step_stays_within_three_launches() -> None:
 def test_kernel_compiles_for_h100_without_spills() -> None:
     """The interpreter never compiles the kernel: every variant the sampler launches, built by the
     real GPU compiler for sm_90, spills nothing and divides by T with IEEE rounding."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns while the default is unset
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.sampling.triton_gumbel_compile"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = compile_for_sm90("tests.sampling.triton_gumbel_compile", timeout=600)
     # distinct variants: the fused step's four in float32 and bf16, the free route with and
     # without y (the exact redo and both block alignments at this vocabulary among them)
-    assert len(lines) == 10 and all(line.endswith(" ok") for line in lines), result.stdout
+    assert len(lines) == 10 and all(line.endswith(" ok") for line in lines), lines
 
 
 # Greedy rows and rows on the free route, with stages 1-2 and logprobs: the fused step's business.
