@@ -221,6 +221,8 @@ static inline __m256 clean8(__m256 x) {
   return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
 }
 
+static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
+
 static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
 
 /* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the
@@ -376,7 +378,7 @@ static inline float read1(const float *src, const float *patch, const uint32_t *
   return set && (set[id >> 5] >> (id & 31) & 1u) ? patch[id] : clean(src[id]);
 }
 
-#define SAMPLE_SPANS 8
+#define SAMPLE_SPANS 16
 
 /* A guess at a value that about 2n of the row's tokens reach, from the largest values of
  * SAMPLE_SPANS spans of SPAN tokens spread over the row (unpatched); -inf where the row is too
@@ -385,8 +387,8 @@ static inline float read1(const float *src, const float *patch, const uint32_t *
 static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
   const int64_t sampled = SAMPLE_SPANS * SPAN;
   int64_t m = (2 * n * sampled + vocab - 1) / vocab;
-  if (vocab < 4 * sampled || m > 64) return -INFINITY;
-  float best[64]; /* the m largest so far, descending */
+  if (vocab < 4 * sampled || m > 128) return -INFINITY;
+  float best[128]; /* the m largest so far, descending */
   int64_t len = 0;
   for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
     const float *span = src + (k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
@@ -416,11 +418,11 @@ static float sample_max(const float *src, int64_t vocab) {
     const float *span = whole ? src : src + (k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
     int64_t len = whole ? vocab : SPAN, j = 0;
     for (; j + 8 <= len; j += 8) best = _mm256_max_ps(best, clean8(_mm256_loadu_ps(span + j)));
-    for (; j < len; j++) top = fmaxf(top, clean(span[j]));
+    for (; j < len; j++) top = max_of(top, clean(span[j]));
   }
   float lanes[8];
   _mm256_storeu_ps(lanes, best);
-  for (int i = 0; i < 8; i++) top = fmaxf(top, lanes[i]);
+  for (int i = 0; i < 8; i++) top = max_of(top, lanes[i]);
   return top;
 }
 
@@ -512,7 +514,7 @@ static int64_t scan_scalar(const float *src, const float *patch, const uint32_t 
       top_push(t, v, j);
     } else if (t->want_mass) {
       rest->rough += exp(((double)v - (double)rest->zref) / (double)t->temperature);
-      rest->top = fmaxf(rest->top, v);
+      rest->top = max_of(rest->top, v);
     }
   }
   return j;
@@ -562,9 +564,11 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
         acc = _mm256_add_ps(acc, _mm256_andnot_ps(flagged, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits))));
         top = _mm256_blendv_ps(_mm256_max_ps(x, top), top, flagged);
       }
-      at[count] = j;
-      flags[count] = (uint32_t)_mm256_movemask_ps(flagged);
-      count += flags[count] != 0;
+      uint32_t hits = (uint32_t)_mm256_movemask_ps(flagged);
+      if (hits) {
+        at[count] = j;
+        flags[count++] = hits;
+      }
     }
     if (mass)
       sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(acc)),
@@ -577,7 +581,7 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
     _mm256_storeu_pd(sums, sum);
     _mm256_storeu_ps(tops, top);
     rest->rough += sums[0] + sums[1] + sums[2] + sums[3];
-    for (int i = 0; i < 8; i++) rest->top = fmaxf(rest->top, tops[i]);
+    for (int i = 0; i < 8; i++) rest->top = max_of(rest->top, tops[i]);
     rest->lane_adds = BLOCK / 8;
   }
   scan_scalar(src, patch, set, j, vocab, 0, t, rest);
@@ -629,9 +633,10 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
         acc = _mm512_mask_add_ps(acc, (__mmask16)~flagged, acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
         top = _mm512_mask_max_ps(top, (__mmask16)~flagged, x, top); /* NaN: max gives top */
       }
-      at[count] = j;
-      flags[count] = flagged;
-      count += flagged != 0;
+      if (flagged) {
+        at[count] = j;
+        flags[count++] = flagged;
+      }
     }
     if (mass) {
       __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
@@ -642,7 +647,7 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
   }
   if (mass) {
     rest->rough += _mm512_reduce_add_pd(sum);
-    rest->top = fmaxf(rest->top, _mm512_reduce_max_ps(top));
+    rest->top = max_of(rest->top, _mm512_reduce_max_ps(top));
     rest->lane_adds = BLOCK / 16;
   }
   scan_scalar(src, patch, set, j, vocab, 0, t, rest);
@@ -726,7 +731,7 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
       float m = -INFINITY;
       if (wanted && t.len) { /* the row's largest token is among them (see the top) */
         float top = -INFINITY;
-        for (int64_t i = 0; i < t.len; i++) top = fmaxf(top, scratch[i] = buf[i].v);
+        for (int64_t i = 0; i < t.len; i++) top = max_of(top, scratch[i] = buf[i].v);
         m = y_of(top, t_r);
         kept = exact_terms(scratch, t.len, t_r, m);
       }
