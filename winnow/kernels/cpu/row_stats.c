@@ -174,9 +174,94 @@ static inline float y_of(float z, float t) {
   return y > FLT_MAX ? FLT_MAX : y;
 }
 
+static inline __m256 clean8(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
+}
+
+static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
+
+static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+
+#define AVX512 __attribute__((target("avx512f")))
+
+static int use_avx512 = 0;
+
+/* Pick the ISA of winnow_scan_rows and row_mass; returns whether AVX-512 is in use. */
+int winnow_row_stats_init(int wanted_avx512) {
+  __builtin_cpu_init();
+  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
+  return use_avx512;
+}
+
+/* exp(x) for x <= 0 as exp_neg, 16 lanes (the same operations, so the same values). */
+static inline AVX512 __m512 exp_neg16(__m512 x) {
+  const __m512 low = _mm512_set1_ps(-87.3f);
+  __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, low);
+  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+}
+
+/* row_mass with 16 lanes: the same terms, added in the same order (8 double sums, term j to
+ * sum j % 8, then the scalar tail). raw: z may hold NaN and +inf, cleaned as they are read
+ * (NaN -> -inf, +inf -> FLT_MAX) with the same values as a cleaned copy. */
+static AVX512 double row_mass16(const float *z, int64_t vocab, float t, const float *max_z,
+                                int raw) {
+  const __m512 tv = _mm512_set1_ps(t), big = _mm512_set1_ps(FLT_MAX);
+  const __m512 none = _mm512_set1_ps(-INFINITY); /* max(NaN, none) = none */
+  int64_t j = 0;
+  float m = -INFINITY;
+  if (max_z) {
+    m = y_of(*max_z, t);
+  } else {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= vocab; j += 16) {
+      __m512 x = _mm512_loadu_ps(z + j);
+      x = raw ? _mm512_min_ps(big, _mm512_max_ps(x, none)) : x;
+      mv = _mm512_max_ps(mv, _mm512_min_ps(big, _mm512_div_ps(x, tv)));
+    }
+    m = _mm512_reduce_max_ps(mv);
+    for (int64_t i = j; i < vocab; i++) m = y_of(clean(z[i]), t) > m ? y_of(clean(z[i]), t) : m;
+  }
+  if (m == -INFINITY) return NAN; /* torch: exp(-inf - -inf) */
+  const __m512 mm = _mm512_set1_ps(m);
+  __m512d acc = _mm512_setzero_pd();
+  for (j = 0; j + 16 <= vocab; j += 16) {
+    __m512 x = _mm512_loadu_ps(z + j);
+    x = raw ? _mm512_min_ps(big, _mm512_max_ps(x, none)) : x;
+    __m512 e = exp_neg16(_mm512_sub_ps(_mm512_min_ps(big, _mm512_div_ps(x, tv)), mm));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+  }
+  if (j + 8 <= vocab) {
+    __m256 x = _mm256_loadu_ps(z + j);
+    x = raw ? clean8(x) : x;
+    __m256 y = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_div_ps(x, _mm256_set1_ps(t)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(exp_neg(_mm256_sub_ps(y, _mm256_set1_ps(m)))));
+    j += 8;
+  }
+  double sums[8], total = 0.0;
+  _mm512_storeu_pd(sums, acc);
+  for (int i = 0; i < 4; i++) total += sums[i] + sums[i + 4];
+  for (; j < vocab; j++) total += (double)expf(y_of(clean(z[j]), t) - m);
+  return total;
+}
+
 /* max_z: the row's largest z when the caller knows it (y_of is monotone, so max y = y_of(max z)
  * and the max pass is skipped), else NULL. */
 static double row_mass(const float *z, int64_t vocab, float t, const float *max_z) {
+  if (use_avx512) return row_mass16(z, vocab, t, max_z, 0);
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
   int64_t j = 0;
   float m = -INFINITY;
@@ -216,14 +301,6 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
 }
 
 #define SPAN 256 /* tokens in each of sample_threshold's spans */
-
-static inline __m256 clean8(__m256 x) {
-  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
-}
-
-static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
-
-static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
 
 /* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the
  * sampler's load of the model's logits into its work buffer, in one streaming pass. Tokens in
@@ -278,6 +355,12 @@ void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const i
     for (int64_t i = 0; i < n; i++) {
       const int64_t r = rows[i];
       const float *s = src + (order ? order[r] : r) * stride;
+      int patched = 0;
+      for (int64_t k = 0; patch_ids && k < width; k++) patched |= patch_ids[r * width + k] >= 0;
+      if (use_avx512 && !patched) { /* no copy: cleaned as read */
+        mass[i] = row_mass16(s, vocab, temperature[i], max_z ? max_z + i : NULL, 1);
+        continue;
+      }
       int64_t j = 0;
       for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(row + j, clean8(_mm256_loadu_ps(s + j)));
       for (; j < vocab; j++) row[j] = clean(s[j]);
@@ -591,17 +674,6 @@ static void scan_row(const float *src, const float *patch, const uint32_t *set, 
                      top_n *t, rest_sum *rest) {
   if (t->want_mass) scan8(src, patch, set, vocab, t, rest, 1);
   else scan8(src, patch, set, vocab, t, rest, 0);
-}
-
-#define AVX512 __attribute__((target("avx512f")))
-
-static int use_avx512 = 0;
-
-/* Pick the ISA of winnow_scan_rows; returns whether AVX-512 is in use. */
-int winnow_row_stats_init(int wanted_avx512) {
-  __builtin_cpu_init();
-  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
-  return use_avx512;
 }
 
 /* scan_row with 16 lanes. */
