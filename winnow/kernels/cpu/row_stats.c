@@ -567,19 +567,23 @@ static void sort_entries(const entry *buf, int64_t len, int64_t keep, uint64_t *
 
 /* The normaliser's bounds (see winnow_scan_rows); slacks relative to each part's sum. */
 #define ROUGH_OVER 1.0616   /* the bits exp is at most this factor over 2^v */
-#define ROUGH_SLACK 1e-3    /* its argument's roundings (|v| < 128: ~2e-5) and row_mass's own
-                               roundings of y and y - max y (|max y| <= MASS_RANGE: ~3e-4); plus
-                               lane_adds * 2^-24 for the float32 lane sums */
+#define ROUGH_SLACK 1e-3    /* its argument's roundings (|v| < 128, |zref| / T <= BITS_RANGE:
+                               ~1.5e-4) and row_mass's own roundings of y and y - max y
+                               (|max y| <= MASS_RANGE: ~3e-4); plus lane_adds * 2^-24 for the
+                               float32 lane sums */
 #define MASS_RANGE 4096.0f
+#define BITS_RANGE 256.0
 #define ROUGH_TOP 125.0     /* v of the largest token the bits exp may see (2^128 overflows) */
 #define EXACT_SLACK 1e-6    /* row_mass's terms, but for expf in its last vocab % 8 (a few ulp) */
 #define DROPPED_SLACK 1e-4  /* exps of differences from another reference, each rounded to
                                float32 (|y - max y| < 128: 2^-17), and the rescales */
 
 /* The bits exp's constants: the float32 whose bits are round(2^23 (v + 127)) is
- * 2^floor(v) (1 + frac(v)), v = (z - zref) log2(e) / T. */
+ * 2^floor(v) (1 + frac(v)), v = (z - zref) log2(e) / T, taken as one FMA of z (so its
+ * roundings grow with |zref| / T: BITS_RANGE bounds it). */
 #define BITS_SCALE(t) (0x1p23f * 1.44269504088896341f / (t))
 #define BITS_BIAS (0x1p23f * 127.0f)
+#define PREFETCH 2048 /* tokens ahead the loops ask for */
 #define BLOCK 512 /* tokens per block of the loops: their sums restart each block, and the
                      candidates a block's compares flag are taken after it (no call inside the
                      loop, so the sums stay in registers) */
@@ -621,8 +625,9 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
                                                         top_n *t, rest_sum *rest,
                                                         const int mass) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256 a = _mm256_set1_ps(BITS_SCALE(t->temperature)), b = _mm256_set1_ps(BITS_BIAS);
-  const __m256 zr = _mm256_set1_ps(rest->zref), zero = _mm256_setzero_ps();
+  const float scale = BITS_SCALE(t->temperature);
+  const __m256 a = _mm256_set1_ps(scale), b = _mm256_set1_ps(BITS_BIAS - scale * rest->zref);
+  const __m256 zero = _mm256_setzero_ps();
   __m256d sum = _mm256_setzero_pd();
   __m256 top = _mm256_set1_ps(-INFINITY);
   int64_t at[BLOCK / 8];
@@ -634,6 +639,7 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
     __m256 acc = zero;
     int count = 0;
     for (; j < end; j += 8) {
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
       __m256 x = _mm256_loadu_ps(src + j);
       uint32_t hit = set ? (set[j >> 5] >> (j & 24)) & 0xFFu : 0;
       if (hit) {
@@ -643,7 +649,7 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
       }
       __m256 flagged = _mm256_cmp_ps(x, threshold, _CMP_GT_OQ);
       if (mass) { /* NaN and -inf give bits 0 (max returns its second operand for NaN) */
-        __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(_mm256_sub_ps(x, zr), a, b), zero);
+        __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(x, a, b), zero);
         acc = _mm256_add_ps(acc, _mm256_andnot_ps(flagged, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits))));
         top = _mm256_blendv_ps(_mm256_max_ps(x, top), top, flagged);
       }
@@ -683,8 +689,9 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
                                                                 int64_t vocab, top_n *t,
                                                                 rest_sum *rest,
                                                                 const int mass) {
-  const __m512 a = _mm512_set1_ps(BITS_SCALE(t->temperature)), b = _mm512_set1_ps(BITS_BIAS);
-  const __m512 zr = _mm512_set1_ps(rest->zref), zero = _mm512_setzero_ps();
+  const float scale = BITS_SCALE(t->temperature);
+  const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(BITS_BIAS - scale * rest->zref);
+  const __m512 zero = _mm512_setzero_ps();
   __m512d sum = _mm512_setzero_pd();
   __m512 top = _mm512_set1_ps(-INFINITY);
   int64_t at[BLOCK / 16];
@@ -696,12 +703,13 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
     __m512 acc = zero;
     int count = 0;
     for (; j < end; j += 16) {
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
       __m512 x = _mm512_loadu_ps(src + j);
       __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
       if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
       __mmask16 flagged = _mm512_cmp_ps_mask(x, threshold, _CMP_GT_OQ);
       if (mass) {
-        __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(_mm512_sub_ps(x, zr), a, b), zero);
+        __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(x, a, b), zero);
         acc = _mm512_mask_add_ps(acc, (__mmask16)~flagged, acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
         top = _mm512_mask_max_ps(top, (__mmask16)~flagged, x, top); /* NaN: max gives top */
       }
@@ -750,7 +758,8 @@ static void mass_bounds(const top_n *t, float m, double kept, const rest_sum *re
   double cap = (double)vocab * exp(fmin(below, 0.0)) * (1.0 + DROPPED_SLACK);
   double top_v = ((double)rest->top - rest->zref) / temperature * 1.4426950408889634;
   double scale = exp((double)rest->zref / temperature - m), rough = scale * rest->rough;
-  if (!(fabsf(m) <= MASS_RANGE && top_v < ROUGH_TOP && isfinite(rough))) {
+  int valid = fabsf(m) <= MASS_RANGE && fabs((double)rest->zref / temperature) <= BITS_RANGE;
+  if (!(valid && top_v < ROUGH_TOP && isfinite(rough))) {
     mass[1] += cap;
     return;
   }
