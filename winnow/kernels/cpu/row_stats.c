@@ -466,29 +466,37 @@ static inline float read1(const float *src, const float *patch, const uint32_t *
 /* A guess at a value that about 2n of the row's tokens reach, from the largest values of
  * SAMPLE_SPANS spans of SPAN tokens spread over the row (unpatched); -inf where the row is too
  * short for a sample to tell. Only a starting threshold: the caller checks that n tokens reach
- * it and otherwise scans again without one. */
-static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
+ * it and otherwise scans again without one. Spread over the row, the spans are cache misses no
+ * hardware prefetcher foresees: the same spans of the row at `next` (NULL: none) are asked for
+ * meanwhile, the rows' guesses being taken one after the other before any row is scanned. */
+static float sample_threshold(const float *src, int64_t vocab, int64_t n, const float *next) {
   const int64_t sampled = SAMPLE_SPANS * SPAN;
   int64_t m = (2 * n * sampled + vocab - 1) / vocab;
   if (vocab < 4 * sampled || m > 128) return -INFINITY;
-  float best[128]; /* the m largest so far, descending */
+  float best[128], floor = -INFINITY; /* the m largest so far, descending; the m-th once held */
   int64_t len = 0;
   for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
-    const float *span = src + (k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
-    for (int64_t j0 = 0; j0 < SPAN; j0 += 8) { /* a vector compare drops most of the span */
-      __m256 floor = _mm256_set1_ps(len == m ? best[m - 1] : -INFINITY);
-      __m256 x = clean8(_mm256_loadu_ps(span + j0));
-      if (len == m && !_mm256_movemask_ps(_mm256_cmp_ps(x, floor, _CMP_GT_OQ))) continue;
-      for (int64_t j = j0; j < j0 + 8; j++) {
-        float v = clean(span[j]);
-        if (len == m && !(v > best[m - 1])) continue;
+    const int64_t offset = k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7;
+    const float *span = src + offset;
+    for (int64_t b = 0; next && b < (int64_t)sizeof(float) * SPAN; b += 64)
+      _mm_prefetch((const char *)(next + offset) + b, _MM_HINT_T0);
+    for (int64_t j = 0; j < SPAN; j += 8) { /* a vector compare drops most of the span */
+      __m256 x = clean8(_mm256_loadu_ps(span + j));
+      int hits = _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(floor), _CMP_GT_OQ));
+      if (!hits) continue;
+      float lanes[8];
+      _mm256_storeu_ps(lanes, x);
+      for (; hits; hits &= hits - 1) {
+        float v = lanes[__builtin_ctz(hits)];
+        if (!(v > floor)) continue; /* the floor rose within this vector */
         int64_t i = len < m ? len++ : m - 1;
         for (; i > 0 && best[i - 1] < v; i--) best[i] = best[i - 1];
         best[i] = v;
+        if (len == m) floor = best[m - 1];
       }
     }
   }
-  return len == m ? best[m - 1] : -INFINITY;
+  return len == m ? floor : -INFINITY;
 }
 
 /* The largest (cleaned, unpatched) value of sample_threshold's spans, or of the whole row
@@ -507,16 +515,6 @@ static float sample_max(const float *src, int64_t vocab) {
   _mm256_storeu_ps(lanes, best);
   for (int i = 0; i < 8; i++) top = max_of(top, lanes[i]);
   return top;
-}
-
-/* Start loading the spans sample_threshold and sample_max read (the next row's, while this one
- * is scanned: spread over the row, they are cache misses no hardware prefetcher foresees). */
-static void prefetch_sample(const float *src, int64_t vocab) {
-  if (vocab < 4 * SAMPLE_SPANS * SPAN) return;
-  for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
-    const char *span = (const char *)(src + (k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7));
-    for (int64_t b = 0; b < (int64_t)sizeof(float) * SPAN; b += 64) _mm_prefetch(span + b, _MM_HINT_T0);
-  }
 }
 
 static int compare_keys(const void *a, const void *b) {
@@ -777,8 +775,14 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
                       const float *patch, int64_t n, const float *temperature,
                       const unsigned char *want_mass, float *values, int64_t *ids, double *mass,
                       int nthreads) {
+  float *guesses = malloc(sizeof(float) * rows);
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *next = r + 1 < rows ? src + (order ? order[r + 1] : r + 1) * stride : NULL;
+      guesses[r] = sample_threshold(src + (order ? order[r] : r) * stride, vocab, n, next);
+    }
     entry *buf = malloc(sizeof(entry) * TAKEN * n);
     uint64_t *keys = malloc(sizeof(uint64_t) * 2 * TAKEN * n);
     float *scratch = malloc(sizeof(float) * TAKEN * n);
@@ -796,11 +800,9 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
           set[row_ids[i] >> 5] |= 1u << (row_ids[i] & 31);
           dense[row_ids[i]] = patch[r * vocab + row_ids[i]];
         }
-      if (r + 1 < rows) prefetch_sample(src + (order ? order[r + 1] : r + 1) * stride, vocab);
       const int wanted = want_mass && want_mass[r];
-      const float t_r = temperature[r];
-      float guess = sample_threshold(row, vocab, n);
-      float zref = wanted && guess == -INFINITY ? sample_max(row, vocab) : guess;
+      const float t_r = temperature[r], guess = guesses[r];
+      const float zref = wanted && guess == -INFINITY ? sample_max(row, vocab) : guess;
       top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY), wanted, t_r,
                  -INFINITY, 0.0, scratch};
       void (*scan)(const float *, const float *, const uint32_t *, int64_t, top_n *,
@@ -832,6 +834,7 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     free(set);
     free(dense);
   }
+  free(guesses);
 }
 
 /* Stage 1 on the work buffer z [*, vocab], as penalties.PenaltyHistory.apply computes it, for
