@@ -105,7 +105,8 @@ def run_lagging(engine: LLMEngine, sampling: SamplingParams, lag: int) -> tuple[
         if engine.has_work:
             steps.append(engine.step_tokens())
         if len(steps) > lag or not engine.has_work:
-            outputs, stopped = engine.output_processor.process(steps.popleft())
+            outputs, stopped, failed = engine.output_processor.process(steps.popleft())
+            assert not failed
             engine.stop_sequences(stopped)
             for seq in stopped:  # stopped by its text: its blocks and row are free at once
                 assert seq.is_finished and not seq.block_table and not seq.has_sampler_row

@@ -3,8 +3,16 @@ holdback (`TextStream`) and the per-token bytes of logprobs (`build_token_bytes`
 tokenizer of the `TextTokenizer` shape (`winnow.models.Tokenizer` is one). Knows nothing about
 HTTP, scheduling or tensors."""
 
+from winnow.text.detokenizers import Detokenizers
 from winnow.text.stream import TextDelta, TextStream
 from winnow.text.token_bytes import build_token_bytes, token_text
 from winnow.text.tokenizer import TextTokenizer
 
-__all__ = ["TextDelta", "TextStream", "TextTokenizer", "build_token_bytes", "token_text"]
+__all__ = [
+    "Detokenizers",
+    "TextDelta",
+    "TextStream",
+    "TextTokenizer",
+    "build_token_bytes",
+    "token_text",
+]
