@@ -60,21 +60,13 @@ class _TableDetokenizer:
     def _set_context(self, context: list[Entry]) -> None:
         self._context = context
 
-    def _shortcut(self, entry: Entry) -> str | None:
-        """The delta of `entry` when nothing is pending and it cannot change the context's
-        text (then it becomes the context); None to take the window."""
-        return None
-
     def append(self, token_id: int) -> str:
-        """Add one token; return the text that became final (possibly empty)."""
+        """Add one token; return the text that became final (possibly empty). Subclasses take
+        their shortcut first, then call this."""
         entries = self._entries
         entry = entries[token_id] if token_id < len(entries) else None
         if entry is None:
             return ""
-        if not self._pending:
-            text = self._shortcut(entry)
-            if text is not None:
-                return text
         pending = self._pending
         pending.append(entry)
         text = self._join([*self._context, *pending])
@@ -102,15 +94,17 @@ class _ByteLevelDetokenizer(_TableDetokenizer):
         self._context = context
         self._whole = not self._join(context).endswith(REPLACEMENT_CHAR)
 
-    def _shortcut(self, entry: Entry) -> str | None:
-        if not self._whole:
-            return None
-        assert isinstance(entry, bytes)
-        text = entry.decode("utf-8", errors="replace")
-        if text.endswith(REPLACEMENT_CHAR):
-            return None
-        self._context = [entry]
-        return text
+    def append(self, token_id: int) -> str:
+        entries = self._entries
+        if self._whole and not self._pending and token_id < len(entries):
+            entry = entries[token_id]
+            if entry is not None:
+                assert isinstance(entry, bytes)
+                text = entry.decode("utf-8", errors="replace")
+                if not text.endswith(REPLACEMENT_CHAR):
+                    self._context = [entry]
+                    return text
+        return super().append(token_id)
 
 
 class _ByteFallbackDetokenizer(_TableDetokenizer):
@@ -127,11 +121,14 @@ class _ByteFallbackDetokenizer(_TableDetokenizer):
         self._context = context
         self._bare = self._strip and all(entry == "" for entry in context)
 
-    def _shortcut(self, entry: Entry) -> str | None:
-        if type(entry) is not str or not entry or entry[-1] == REPLACEMENT_CHAR:
-            return None
-        self._context = [entry]
-        if self._bare:
-            self._bare = False
-            return entry[1:] if entry[0] == " " else entry
-        return entry
+    def append(self, token_id: int) -> str:
+        entries = self._entries
+        if not self._pending and token_id < len(entries):
+            entry = entries[token_id]
+            if type(entry) is str and entry and entry[-1] != REPLACEMENT_CHAR:
+                self._context = [entry]
+                if self._bare:
+                    self._bare = False
+                    return entry[1:] if entry[0] == " " else entry
+                return entry
+        return super().append(token_id)
