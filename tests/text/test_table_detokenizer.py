@@ -78,8 +78,12 @@ def random_stream(
     while True:
         ids = _random_ids(rng, tokenizer, byte_ids, valid)
         # a vocabulary token may end inside a character: draw again for whole characters
-        if not valid or REPLACEMENT not in tokenizer.decode(ids):
+        if not valid or REPLACEMENT not in tokenizer.decode(in_vocabulary(tokenizer, ids)):
             return ids
+
+
+def in_vocabulary(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    return [token_id for token_id in ids if token_id < tokenizer.vocab_size]
 
 
 def _random_ids(
@@ -93,6 +97,8 @@ def _random_ids(
             ids.append(rng.randrange(tokenizer.vocab_size))  # may spell part of a character
         elif kind < 0.45:
             ids.append(rng.choice(special))
+        elif kind < 0.47:  # a padding row of the embedding, past the vocabulary: no text
+            ids.append(tokenizer.vocab_size + rng.randrange(64))
         elif kind < 0.6:
             ids += tokenizer.encode(
                 random_char(rng, byte_ids) * rng.randint(1, 3), add_special_tokens=False
@@ -113,10 +119,13 @@ def deltas(detokenizer: Any, ids: list[int]) -> list[str]:
 
 def reference(tokenizer: Tokenizer, prompt: list[int], ids: list[int]) -> str:
     """`decode`'s text of the output past the prompt's, where the tokens that add no text are
-    the engine's `special_ids` (as in the piece window): `decode`'s own skip list differs for
-    some added tokens (SmolLM2's `<issue_closed>` is special to `decode` only, the .model-only
-    Mistral tokenizer's `[REFERENCE_DOC_15]` to the engine only)."""
-    prompt, ids = ([i for i in part if i not in tokenizer.special_ids] for part in (prompt, ids))
+    the engine's `special_ids` and ids past the vocabulary (as in the piece window): `decode`'s
+    own skip list differs for some added tokens (SmolLM2's `<issue_closed>` is special to
+    `decode` only, the .model-only Mistral tokenizer's `[REFERENCE_DOC_15]` to the engine only)."""
+    prompt, ids = (
+        [i for i in in_vocabulary(tokenizer, part) if i not in tokenizer.special_ids]
+        for part in (prompt, ids)
+    )
     full = tokenizer.decode([*prompt, *ids], skip_special_tokens=False)
     head = tokenizer.decode(prompt, skip_special_tokens=False)
     assert full.startswith(head)
