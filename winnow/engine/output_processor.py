@@ -213,14 +213,15 @@ def _output(state: RequestState, choices: list[ChoiceDelta]) -> RequestOutput:
     else:
         finished, completion_tokens = text.finished, text.completion_tokens
         choices.sort(key=_choice_index)
-    return RequestOutput(
-        request_id=state.request.request_id,
-        choices=choices,
-        prompt_tokens=len(state.request.prompt_token_ids),
-        cached_tokens=state.sequences[0].num_cached_prompt_tokens,
-        completion_tokens=completion_tokens,
-        finished=finished,
-        seed=state.seed,
+    request = state.request
+    return RequestOutput(  # positional: once per request and step
+        request.request_id,
+        choices,
+        len(request.prompt_token_ids),  # prompt_tokens
+        state.sequences[0].num_cached_prompt_tokens,
+        completion_tokens,
+        finished,
+        state.seed,
     )
 
 
