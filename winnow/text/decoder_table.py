@@ -112,6 +112,7 @@ def build_decoder_table(tokenizer: TextTokenizer) -> DecoderTable | None:
             mismatch[:32],
         )
         return None
+    logger.info("detokenisation: token table (%s)", "byte-level" if byte_level else "byte fallback")
     return table
 
 
@@ -129,11 +130,8 @@ def _shape(config: dict[str, Any]) -> tuple[bool, bool] | None:
     if len(types) == 3:
         return False, False
     strip = decoders[3]
-    if types[3] != "Strip" or (strip.get("content"), strip.get("start"), strip.get("stop")) != (
-        " ",
-        1,
-        0,
-    ):
+    strip_one_space = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    if any(strip.get(key) != value for key, value in strip_one_space.items()):
         return None
     return False, True
 
