@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.models.helpers import tiny_tokenizer
 from winnow.models import Tokenizer
 from winnow.text import Detokenizers, build_token_bytes
 from winnow.text.detokenizer import MAX_HELD_PIECES, IncrementalDetokenizer
@@ -199,14 +200,17 @@ def metaspace_tokenizer() -> Tokenizer:
     return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>"))
 
 
-def test_a_decoder_the_table_does_not_know_gets_the_piece_window() -> None:
-    tokenizer = metaspace_tokenizer()
+@pytest.mark.parametrize("kind", ["metaspace", "no decoder"])
+def test_a_decoder_the_table_does_not_know_gets_the_piece_window(kind: str) -> None:
+    """`Metaspace`, and the word-level tokenizer of tests/models, which has no decoder."""
+    tokenizer = metaspace_tokenizer() if kind == "metaspace" else Tokenizer(tiny_tokenizer(64))
     built = Detokenizers(tokenizer)
     assert built.table is None
     detokenizer = built.new([])
     assert isinstance(detokenizer, IncrementalDetokenizer)
-    ids = tokenizer.encode("Hello world, the quick fox.", add_special_tokens=False)
-    assert "".join(deltas(detokenizer, ids)) == tokenizer.decode(ids)
+    text = "Hello world, the quick fox." if kind == "metaspace" else "w5 w7 w9 w11"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(deltas(detokenizer, ids)) == tokenizer.decode(ids) == text
 
 
 class _ClaimsByteLevel:
