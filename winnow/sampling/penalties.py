@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from winnow.kernels.cpu import row_stats
+from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling.slot_rows import SlotRows
+from winnow.sampling.step import PRES_V, REP_V
 
 
 def flat_index(
@@ -86,6 +87,28 @@ class PenaltyHistory:
             frequency, presence = frequency_presence[:, :1], frequency_presence[:, 1:]
             z = z_flat.index_select(0, flat).view(counts.shape)
             z_flat.index_copy_(0, flat, (z - c * frequency - (c > 0) * presence).view(-1))
+
+    def kernel_view(
+        self,
+        host_slots: np.ndarray,
+        repetition: np.ndarray,
+        penalised: np.ndarray,
+        floats: np.ndarray,
+    ) -> gumbel_max.PenaltyTables:
+        """The C step's view of the rows of slots `host_slots` (CPU tables), with room for the
+        token it records: repetition / penalised [b] bool per row, floats [b, NUM_FLOATS] their
+        parameter rows (step.py's columns). The caller then `advance`s the penalised rows."""
+        out_len = np.where(penalised, self.output.lengths[host_slots], -1)
+        self.reserve(int(out_len.max()) + 1)
+        return gumbel_max.PenaltyTables(
+            self.prompt.data,
+            self.output.data,
+            self.counts.data,
+            host_slots,
+            np.where(repetition, self.prompt.lengths[host_slots], 0),
+            out_len,
+            floats[:, REP_V : PRES_V + 1],
+        )
 
     def reserve(self, width: int) -> None:
         """Room for `width` output ids per slot (before a kernel records a token at a row's

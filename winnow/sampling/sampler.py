@@ -43,7 +43,7 @@ import torch
 
 from winnow.kernels import sampler_edits as fused
 from winnow.kernels.cpu import gumbel_max, row_stats
-from winnow.sampling import noise, step_logprobs
+from winnow.sampling import step_logprobs
 from winnow.sampling.bitmask import TokenMasks, apply_bitmask, words_for
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
@@ -75,8 +75,9 @@ from winnow.sampling.step import (
 _ROUTES = ("greedy", "thresholded", "free")
 # flags that give a greedy row more to do than an argmax of the model's logits
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
-# flags that take a row off the plain temperature step (the free route with nothing before it)
-_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, *_BEYOND_ARGMAX]
+# flags that take a row off the plain temperature step (the free route with at most a penalty
+# before it)
+_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, BIAS, LOGPROBS]
 # flags that give a row work the fused CUDA step does not do (set on sampled rows only)
 _BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
 
@@ -293,10 +294,11 @@ class Sampler:
         return slots
 
     def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
-        """The OpenAI SDK's default step (temperature only, maybe 1) with the fused C kernel on a
-        CPU: every row on the free route with nothing to apply before it (no penalty, bias,
-        ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the
-        work buffer -- and gives the pipeline's pick (its NaN and +inf rules included).
+        """The OpenAI SDK's default step (temperature only, maybe 1, perhaps with penalties) with
+        the fused C kernel on a CPU: every row on the free route with nothing but a penalty to
+        apply before it (no bias, ban, XTC or logprobs). The kernel reads the model's logits
+        once -- no copy into the work buffer, the penalised values computed from the history
+        tables -- and gives the pipeline's pick (its NaN and +inf rules included).
         Anything else -> None, and the full pipeline runs."""
         batch = len(slots)
         mix = self._routes.mix_table
@@ -313,9 +315,15 @@ class Sampler:
         positions = self._prompt_len[slots] + self._out_len[slots]
         # the parameter tables are CPU tensors here: their numpy views, no small torch ops
         seeds = self._seeds_top_k.numpy()[slots, 0]
-        row_keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))
-        temperature = torch.from_numpy(self._floats.numpy()[slots, TEMPERATURE])
-        tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
+        floats = self._floats.numpy()[slots]
+        penalised = flags[:, REPETITION] | flags[:, FREQ_PRES]
+        tables = None
+        if penalised.any():
+            tables = self._history.kernel_view(slots, flags[:, REPETITION], penalised, floats)
+        temperature = floats[:, TEMPERATURE]
+        tokens = gumbel_max.plain_step(logits.detach(), seeds, positions, temperature, mix, tables)
+        if tables is not None:
+            self._history.advance(slots[penalised])
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 
