@@ -36,8 +36,9 @@
  * it from a short list of (id, value), behind the same bound test, so the row is read once and
  * nothing vocabulary-sized is written. The values come from the sampler's work buffer
  * (winnow_gumbel_argmax) or, for rows whose only stage before the pick is a penalty, straight
- * from the penalty history's tables (winnow_gumbel_penalised: the sampler's whole step, with
- * no torch op and no copy).
+ * from the penalty history's tables (winnow_gumbel_step: the sampler's whole step, with no
+ * torch op and no copy). A second bit set, one bit per 16-token block, lets the pass run its
+ * unmasked loop up to the next block holding a patched token.
  *
  * winnow_slice_pick is the thresholded route's pick on a row's sorted top-n candidate slice
  * (routes.Routes._pick, in C): top_k -> top_p -> min_p survivors, XTC, the noise and the pick,
@@ -119,8 +120,7 @@ static inline __m256i fmix32_8(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-/* A row's patched tokens, per thread: one bit per token and one per 16-token block holding
- * any, so that the pass runs its unmasked loop up to the next such block. */
+/* A row's patched tokens, per thread: one bit per token and one per 16-token block. */
 typedef struct {
   uint32_t *tokens;
   uint64_t *blocks;
