@@ -182,3 +182,30 @@ def test_exact_ties_go_to_the_lowest_id(isa) -> None:
         logits[key, low] = 10.0
         logits[key, high] = float(z)
     assert sampler.sample(logits, [0, 1, 2]).token_ids.tolist() == [low, low, low]
+
+
+@pytest.mark.parametrize("vocab", [7, 16, 1025])
+def test_small_and_block_edge_vocabularies(isa, vocab: int, monkeypatch) -> None:
+    """No full 16-token block, exactly one, one past a word of blocks: the pipeline's picks."""
+    calls = counted(monkeypatch)
+    rng = np.random.default_rng(vocab)
+    rows = [(rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 6).tolist()) for _ in "ab"]
+
+    def make_small() -> Sampler:
+        sampler = Sampler(vocab, 2, torch.device("cpu"), eos_token_ids=[0])
+        for key, (prompt, output) in enumerate(rows):
+            penalties = dict(frequency_penalty=-1.5 + 2 * key, repetition_penalty=1.4 - 0.6 * key)
+            params = SamplingParams(temperature=0.6 + key, presence_penalty=0.5, **penalties)
+            sampler.add_row(key, params, seed=99 * key, prompt_token_ids=prompt,
+                            output_token_ids=output)  # fmt: skip
+        return sampler
+
+    plain, piped = make_small(), make_small()
+    everything = TokenMasks(np.array([0]), torch.full((1, words_for(vocab)), -1, dtype=torch.int32))
+    generator = torch.Generator().manual_seed(vocab)
+    for step in range(30):
+        logits = torch.randn(2, vocab, generator=generator) * 3
+        keys = [step % 2, 1 - step % 2]
+        expected = piped.sample(logits, keys, everything).token_ids
+        assert torch.equal(plain.sample(logits, keys).token_ids, expected), step
+    assert calls.count(True) == 30
