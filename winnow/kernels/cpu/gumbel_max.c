@@ -340,6 +340,8 @@ void winnow_gumbel_argmax(const float *z, int64_t rows, int64_t vocab, int64_t s
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const int64_t *ids = patch_ids ? patch_ids + r * width : NULL;
+      for (int64_t i = 0; i < width; i++) /* the loads below miss together */
+        if (ids[i] >= 0) _mm_prefetch((const char *)(patch + r * vocab + ids[i]), _MM_HINT_T0);
       for (int64_t i = 0; i < width; i++) {
         if (ids[i] < 0) continue;
         mark_one(&m, ids[i]);
