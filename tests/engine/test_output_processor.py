@@ -1,5 +1,6 @@
 """Text on its own thread: a stop string found a step or more after the engine decoded it must
-give the client exactly what finding it at once gives, and free the sequence's blocks."""
+give the client exactly what finding it at once gives, and free the sequence's blocks. A request
+whose text fails ends alone; the engine and the other requests go on."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from winnow.config import EngineConfig
 from winnow.engine.async_engine import AsyncEngine
 from winnow.engine.engine import LLMEngine
 from winnow.engine.outputs import PositionLogprobs, RequestOutput
-from winnow.engine.request import EngineDeadError, GenerationRequest
+from winnow.engine.request import EngineDeadError, GenerationRequest, RequestFailed
 from winnow.models import LoadedModel, load_model
 from winnow.sampling.params import SamplingParams
+from winnow.text import Detokenizers
+from winnow.text.detokenizer import Detokenizer
 
 PROMPT = [1, 3, 100, 4, 250, 17]
 MAX_TOKENS = 40
+FAULT_MARK = 777  # a prompt token that marks the request whose detokeniser raises
+FAULT_AFTER = 3  # tokens it detokenises first
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,8 @@ def run_lagging(engine: LLMEngine, sampling: SamplingParams, lag: int) -> tuple[
         if engine.has_work:
             steps.append(engine.step_tokens())
         if len(steps) > lag or not engine.has_work:
-            outputs, stopped = engine.output_processor.process(steps.popleft())
+            outputs, stopped, failed = engine.output_processor.process(steps.popleft())
+            assert not failed
             engine.stop_sequences(stopped)
             for seq in stopped:  # stopped by its text: its blocks and row are free at once
                 assert seq.is_finished and not seq.block_table and not seq.has_sampler_row
@@ -199,5 +205,110 @@ async def test_failing_text_ends_the_engine(demo_model_dir: Path, threaded: bool
             async for _ in stream:
                 pass
         assert engine.is_dead and engine.state == "dead"
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+
+
+class _FailingDetokenizer:
+    def __init__(self, inner: Detokenizer) -> None:
+        self._inner = inner
+        self._tokens = 0
+
+    def append(self, token_id: int) -> str:
+        self._tokens += 1
+        if self._tokens > FAULT_AFTER:
+            raise RuntimeError("injected detokeniser fault")
+        return self._inner.append(token_id)
+
+    def flush(self) -> str:
+        return self._inner.flush()
+
+
+class _MarkedRequestFails:
+    """The engine's detokenisers, but a prompt holding FAULT_MARK (the text's context, as for
+    legacy completions) gets one that raises at its token FAULT_AFTER + 1."""
+
+    def __init__(self, inner: Detokenizers) -> None:
+        self._inner = inner
+
+    def new(self, prompt_token_ids: list[int]) -> Detokenizer:
+        detokenizer = self._inner.new(prompt_token_ids)
+        return _FailingDetokenizer(detokenizer) if FAULT_MARK in prompt_token_ids else detokenizer
+
+
+def marked(request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id, [*PROMPT, FAULT_MARK], params(), text_continues_prompt=True
+    )
+
+
+def test_a_request_whose_text_fails_ends_alone_and_frees_its_blocks(
+    loaded: LoadedModel, unstopped: dict[int, str]
+) -> None:
+    engine = make_engine(loaded)
+    processor = engine.output_processor
+    processor.detokenizers = _MarkedRequestFails(processor.detokenizers)  # type: ignore[assignment]
+    total = engine.stats().kv_blocks_total
+    engine.add_request(GenerationRequest("good", PROMPT, params()))
+    engine.add_request(marked("bad"))
+    bad = engine.requests["bad"].sequences[0]
+    good, failed_tokens = Result(), 0
+    while engine.has_work:
+        outputs = engine.step()
+        collect([o for o in outputs if o.request_id == "good"], good)
+        failed_tokens += sum(
+            len(c.token_ids) for o in outputs if o.request_id == "bad" for c in o.choices
+        )
+        failures = engine.take_failures()
+        if failures:
+            assert [(rid, type(error)) for rid, error in failures] == [("bad", RequestFailed)]
+            assert bad.is_finished and not bad.block_table and "bad" not in engine.requests
+            assert good.finished == 0  # the good request is still running
+    assert failed_tokens == FAULT_AFTER
+    assert good.choices[0].text == unstopped[1] and good.finished == 1
+    assert good.completion_tokens == MAX_TOKENS
+    stats = engine.stats()
+    assert (stats.running, stats.num_requests, stats.kv_blocks_free) == (0, 0, total)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_the_async_engine_ends_only_the_failing_stream(
+    demo_model_dir: Path, unstopped: dict[int, str], threaded: bool
+) -> None:
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4)
+    engine = AsyncEngine.from_config(config, output_thread=threaded)
+    processor = engine.engine.output_processor
+    processor.detokenizers = _MarkedRequestFails(processor.detokenizers)  # type: ignore[assignment]
+    engine.start()
+
+    async def consume(request: GenerationRequest) -> Result:
+        result = Result()
+        async for output in engine.submit(request):
+            collect([output], result)
+        return result
+
+    try:
+        good = asyncio.ensure_future(consume(GenerationRequest("good", PROMPT, params())))
+        bad = Result()
+        with pytest.raises(RequestFailed):
+            async for output in engine.submit(marked("bad")):
+                collect([output], bad)
+        assert len(bad.choices[0].token_ids) == FAULT_AFTER
+        while engine.stats().running != 1:  # aborted: it leaves the batch before the good one
+            assert not good.done(), "the failed request was decoded to the end"
+            await asyncio.sleep(0.001)
+        assert (await good).choices[0].text == unstopped[1]
+        later = await consume(GenerationRequest("later", PROMPT, params()))
+        assert later.choices[0].text == unstopped[1] and later.finished == 1
+        assert engine.state == "ready"
+        for _ in range(100):  # the loop thread publishes stats after each command it drains
+            stats = engine.stats()
+            if stats.num_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (stats.running, stats.num_requests) == (0, 0)
+        assert stats.kv_blocks_free == stats.kv_blocks_total
     finally:
         await asyncio.to_thread(engine.shutdown)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.text.helpers import new_detokenizer
 from winnow.text.stream import TextDelta, TextStream
 
 PROPERTY = settings(
@@ -49,10 +50,11 @@ def reference(tokenizer: Any, prompt: Sequence[int], ids: Sequence[int]) -> str:
 
 
 def run(
-    tokenizer: Any, prompt: Sequence[int], ids: Sequence[int], **kwargs: Any
+    tokenizer: Any, prompt: Sequence[int], ids: Sequence[int], window: bool = False, **kwargs: Any
 ) -> tuple[list[TextDelta], str, TextStream]:
-    """Feed ids until a stop string matches; flush when none does."""
-    stream = TextStream(tokenizer, prompt, **kwargs)
+    """Feed ids until a stop string matches; flush when none does. `window`: through the piece
+    window rather than the detokeniser the engine picks."""
+    stream = TextStream(new_detokenizer(tokenizer, prompt, window), **kwargs)
     deltas = []
     for token_id in ids:
         deltas.append(stream.append(token_id))
@@ -157,7 +159,7 @@ def test_decode_window_stays_small(tokenizer: Any) -> None:
     spy = _WindowSpy(tokenizer)
     ids = encode(tokenizer, " ".join(TEXTS) * 20)
     assert len(ids) > 500
-    deltas, tail, _ = run(spy, prompt_ids(tokenizer), ids)
+    deltas, tail, _ = run(spy, prompt_ids(tokenizer), ids, window=True)
     assert joined(deltas, tail) == reference(tokenizer, prompt_ids(tokenizer), ids)
     assert spy.longest <= 12
 
@@ -217,7 +219,7 @@ def test_endless_invalid_bytes_are_not_held_forever(sp_tokenizer: Any) -> None:
     spy = _WindowSpy(sp_tokenizer)
     prompt = prompt_ids(sp_tokenizer)
     ids = [sp_tokenizer.hf.convert_tokens_to_ids("<0x80>")] * 200
-    deltas, tail, _ = run(spy, prompt, ids)
+    deltas, tail, _ = run(spy, prompt, ids, window=True)
     assert joined(deltas).startswith(REPLACEMENT * 100)
     assert joined(deltas, tail) == reference(sp_tokenizer, prompt, ids)
     assert spy.longest <= 40
@@ -333,7 +335,7 @@ def test_held_stop_prefix_is_released_by_flush(tokenizer: Any) -> None:
 
 
 def test_nothing_after_a_stop(tokenizer: Any) -> None:
-    stream = TextStream(tokenizer, prompt_ids(tokenizer), stop=["wor"])
+    stream = TextStream(new_detokenizer(tokenizer, prompt_ids(tokenizer)), stop=["wor"])
     ids = encode(tokenizer, "Hello world and more")
     delta = TextDelta("")
     for token_id in ids:
@@ -348,7 +350,7 @@ def test_nothing_after_a_stop(tokenizer: Any) -> None:
 
 
 def test_append_after_flush_raises(tokenizer: Any) -> None:
-    stream = TextStream(tokenizer, [])
+    stream = TextStream(new_detokenizer(tokenizer, []))
     stream.append(encode(tokenizer, "Hi")[0])
     stream.flush()
     assert stream.flush() == ""
@@ -358,7 +360,7 @@ def test_append_after_flush_raises(tokenizer: Any) -> None:
 
 def test_empty_stop_string_is_rejected(tokenizer: Any) -> None:
     with pytest.raises(ValueError):
-        TextStream(tokenizer, [], stop=["ok", ""])
+        TextStream(new_detokenizer(tokenizer, []), stop=["ok", ""])
 
 
 @PROPERTY

@@ -361,9 +361,12 @@ class AsyncEngine:
     def _handle(self, kind: str, payload: object) -> None:
         if kind == "step":
             assert isinstance(payload, StepResult)
-            outputs, stopped = self.engine.output_processor.process(payload)
+            outputs, stopped, failed = self.engine.output_processor.process(payload)
             if stopped:  # before the engine may run another step
                 self._commands.put(("stop", stopped))
+            for request_id, error in failed:  # the request only: the engine goes on
+                self._commands.put(("abort", request_id))
+                self._deliver_request_error(request_id, error)
             if self._threaded:
                 self._ahead.release()
             if outputs:

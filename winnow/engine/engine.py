@@ -25,7 +25,7 @@ from winnow.engine.memory_plan import (
 from winnow.engine.model_runner import ModelRunner
 from winnow.engine.output_processor import OutputProcessor
 from winnow.engine.outputs import RequestOutput
-from winnow.engine.request import GenerationRequest, RequestRejected
+from winnow.engine.request import GenerationRequest, RequestFailed, RequestRejected
 from winnow.engine.scheduler import Scheduler
 from winnow.engine.sequence import RequestState, Sequence, SequenceStatus
 from winnow.engine.step_result import Finish, StepResult
@@ -121,7 +121,7 @@ class LLMEngine:
         self._timed: dict[RequestState, None] = {}  # the requests with a time limit, in order
         self._seq_ids = itertools.count()
         self._preemptions = 0
-        self.failures: list[tuple[str, InvalidRequest]] = []
+        self.failures: list[tuple[str, InvalidRequest | RequestFailed]] = []
         # --seed: unseeded requests draw their seeds from this generator, so a restarted server
         # that is sent the same requests in the same order answers the same.
         self._seed_source = None if config.seed is None else random.Random(config.seed)
@@ -281,8 +281,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step and turn it into text here (tests, benches; the server runs
         `output_processor` on its own thread): a delta for every request that advanced."""
-        outputs, stopped = self.output_processor.process(self.step_tokens())
+        outputs, stopped, failed = self.output_processor.process(self.step_tokens())
         self.stop_sequences(stopped)
+        for request_id, error in failed:
+            self.abort(request_id)
+            self.failures.append((request_id, error))
         return outputs
 
     def step_tokens(self) -> StepResult:
@@ -358,8 +361,9 @@ class LLMEngine:
             seq.has_sampler_row = True
         return failed
 
-    def take_failures(self) -> list[tuple[str, InvalidRequest]]:
-        """Requests that failed inside step() since the last call (see _add_sampler_rows)."""
+    def take_failures(self) -> list[tuple[str, InvalidRequest | RequestFailed]]:
+        """Requests that failed inside step() since the last call (see _add_sampler_rows;
+        `step()` adds those whose output failed)."""
         failures, self.failures = self.failures, []
         return failures
 

@@ -9,10 +9,16 @@ A stop string is found here, possibly after the engine has already decoded one m
 that choice: the choice ends at the token that completed the stop string, later tokens are
 dropped (not sent, not counted in `completion_tokens`, no logprobs), and `process` returns the
 sequence so that the engine thread stops it and frees its KV blocks.
+
+An exception while making one request's output (a detokeniser, stop-string or logprob bug) fails
+that request only: it is logged with its traceback, the request gets no more outputs, and
+`process` returns it with a `RequestFailed` so that the engine aborts it (freeing its blocks)
+and its stream ends with that error; the other requests of the step go on.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from winnow.engine.outputs import (
@@ -22,9 +28,12 @@ from winnow.engine.outputs import (
     RequestOutput,
     TokenLogprob,
 )
+from winnow.engine.request import RequestFailed
 from winnow.engine.sequence import RequestState, Sequence
 from winnow.engine.step_result import StepResult
-from winnow.text import TextStream, TextTokenizer, build_token_bytes, token_text
+from winnow.text import Detokenizers, TextStream, TextTokenizer, build_token_bytes, token_text
+
+logger = logging.getLogger(__name__)
 
 
 class ChoiceText:
@@ -41,9 +50,11 @@ class ChoiceText:
 
 @dataclass(eq=False)
 class RequestText:
-    """The output processor's state of one request, kept on its `RequestState.text`."""
+    """The output processor's state of one request, kept on its `RequestState.text`; `failed`:
+    making its output raised, it gets no more."""
 
     choices: list[ChoiceText]
+    failed: bool = False
 
     @property
     def finished(self) -> bool:
@@ -60,43 +71,67 @@ class OutputProcessor:
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
         self.token_bytes = build_token_bytes(tokenizer)
+        self.detokenizers = Detokenizers(tokenizer)
 
-    def process(self, step: StepResult) -> tuple[list[RequestOutput], list[Sequence]]:
+    def process(
+        self, step: StepResult
+    ) -> tuple[list[RequestOutput], list[Sequence], list[tuple[str, RequestFailed]]]:
         """The step's deltas, one RequestOutput per request that advanced (in the order its
-        first choice did), and the sequences this step's text ended that the engine must stop."""
+        first choice did); the sequences this step's text ended that the engine must stop; the
+        requests whose output failed, with the error their stream ends with."""
         deltas: dict[RequestState, list[ChoiceDelta]] = {}
         stopped: list[Sequence] = []
+        failed: list[tuple[str, RequestFailed]] = []
         for seq in step.expired:
-            choice = self._choice(seq)
-            if not choice.finished:
-                delta = ChoiceDelta(seq.index)
-                self._finish(choice, delta, "length", "time_limit")
-                _add(deltas, seq.request, delta)
-        finishes, logprobs = step.finishes, step.logprobs
-        for row, (seq, token_id) in enumerate(zip(step.seqs, step.token_ids, strict=True)):
-            choice = self._choice(seq)
-            if choice.finished:  # decoded past a stop string: dropped
+            try:
+                choice = self._choice(seq)
+                if choice is None or choice.finished:
+                    continue
+                expired = ChoiceDelta(seq.index)
+                self._finish(choice, expired, "length", "time_limit")
+            except Exception as exc:
+                self._fail(seq.request, exc, deltas, failed)
                 continue
-            choice.num_tokens += 1
-            delta = ChoiceDelta(seq.index, "", [token_id])
-            params = seq.request.request.params
-            if logprobs is not None and params.logprobs:
-                delta.logprobs = [self._position_logprobs(step, row, params.top_logprobs)]
-            finish = finishes.get(seq) if finishes else None
-            if finish is None or finish.token_is_text:
-                text = choice.text.append(token_id)
-                delta.text = text.text
-                if text.stop_string is not None:
-                    choice.finished = True
-                    delta.finish_reason, delta.stop_reason = "stop", text.stop_string
-                    if finish is None:
-                        stopped.append(seq)
-            if finish is not None and not choice.finished:
-                self._finish(choice, delta, finish.reason, finish.stop_reason)
-            _add(deltas, seq.request, delta)
-        return [_output(state, choices) for state, choices in deltas.items()], stopped
+            _add(deltas, seq.request, expired)
+        for row, (seq, token_id) in enumerate(zip(step.seqs, step.token_ids, strict=True)):
+            try:
+                delta = self._advance(step, row, seq, token_id, stopped)
+            except Exception as exc:
+                self._fail(seq.request, exc, deltas, failed)
+                continue
+            if delta is not None:
+                _add(deltas, seq.request, delta)
+        outputs = [_output(state, choices) for state, choices in deltas.items()]
+        return outputs, stopped, failed
 
-    def _choice(self, seq: Sequence) -> ChoiceText:
+    def _advance(
+        self, step: StepResult, row: int, seq: Sequence, token_id: int, stopped: list[Sequence]
+    ) -> ChoiceDelta | None:
+        """The delta of one sampled token; None for a choice that ended already (decoded past
+        a stop string, or failed): its token is dropped."""
+        choice = self._choice(seq)
+        if choice is None or choice.finished:
+            return None
+        choice.num_tokens += 1
+        delta = ChoiceDelta(seq.index, "", [token_id])
+        params = seq.request.request.params
+        if step.logprobs is not None and params.logprobs:
+            delta.logprobs = [self._position_logprobs(step, row, params.top_logprobs)]
+        finish = step.finishes.get(seq) if step.finishes else None
+        if finish is None or finish.token_is_text:
+            text = choice.text.append(token_id)
+            delta.text = text.text
+            if text.stop_string is not None:
+                choice.finished = True
+                delta.finish_reason, delta.stop_reason = "stop", text.stop_string
+                if finish is None:
+                    stopped.append(seq)
+        if finish is not None and not choice.finished:
+            self._finish(choice, delta, finish.reason, finish.stop_reason)
+        return delta
+
+    def _choice(self, seq: Sequence) -> ChoiceText | None:
+        """The sequence's choice; None once its request failed."""
         state = seq.request
         text = state.text
         if text is None:  # the request's first output: its streams are built on this thread
@@ -107,13 +142,33 @@ class OutputProcessor:
                 [
                     ChoiceText(
                         TextStream(
-                            self.tokenizer, context, params.stop, params.include_stop_str_in_output
+                            self.detokenizers.new(context),
+                            params.stop,
+                            params.include_stop_str_in_output,
                         )
                     )
                     for _ in state.sequences
                 ]
             )
+        elif text.failed:
+            return None
         return text.choices[seq.index]
+
+    @staticmethod
+    def _fail(
+        state: RequestState,
+        exc: Exception,
+        deltas: dict[RequestState, list[ChoiceDelta]],
+        failed: list[tuple[str, RequestFailed]],
+    ) -> None:
+        """End one request whose output raised; the step's other requests go on."""
+        request_id = state.request.request_id
+        logger.error("making the output of request %s failed", request_id, exc_info=exc)
+        state.text = RequestText([], failed=True)
+        deltas.pop(state, None)
+        failed.append(
+            (request_id, RequestFailed("The server had an error while generating the response."))
+        )
 
     @staticmethod
     def _finish(
@@ -158,14 +213,15 @@ def _output(state: RequestState, choices: list[ChoiceDelta]) -> RequestOutput:
     else:
         finished, completion_tokens = text.finished, text.completion_tokens
         choices.sort(key=_choice_index)
-    return RequestOutput(
-        request_id=state.request.request_id,
-        choices=choices,
-        prompt_tokens=len(state.request.prompt_token_ids),
-        cached_tokens=state.sequences[0].num_cached_prompt_tokens,
-        completion_tokens=completion_tokens,
-        finished=finished,
-        seed=state.seed,
+    request = state.request
+    return RequestOutput(  # positional: once per request and step
+        request.request_id,
+        choices,
+        len(request.prompt_token_ids),  # prompt_tokens
+        state.sequences[0].num_cached_prompt_tokens,
+        completion_tokens,
+        finished,
+        state.seed,
     )
 
 

@@ -24,7 +24,7 @@ class PositionLogprobs:
     top: list[TokenLogprob]
 
 
-@dataclass
+@dataclass(slots=True)
 class ChoiceDelta:
     """New output of one choice since the previous RequestOutput.
 
@@ -40,7 +40,7 @@ class ChoiceDelta:
     stop_reason: str | int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     choices: list[ChoiceDelta]

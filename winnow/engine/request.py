@@ -33,6 +33,11 @@ class EngineOverloaded(Exception):
     """The admission queue is full (429 with Retry-After)."""
 
 
+class RequestFailed(Exception):
+    """Making this request's output raised (a server bug): it ends with a 500, the engine and
+    the other requests go on."""
+
+
 class EngineDeadError(Exception):
     """The engine loop died; in-flight requests end with an error event."""
 

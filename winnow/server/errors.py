@@ -17,7 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from winnow.engine.request import EngineDeadError, EngineDraining, EngineOverloaded
+from winnow.engine.request import (
+    EngineDeadError,
+    EngineDraining,
+    EngineOverloaded,
+    RequestFailed,
+)
 from winnow.limits import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ RETRY_AFTER_OVERLOADED_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 
 # What the engine (and SamplingParams) raise about a request; see engine_error().
-ENGINE_ERRORS = (InvalidRequest, EngineOverloaded, EngineDeadError)
+ENGINE_ERRORS = (InvalidRequest, EngineOverloaded, EngineDeadError, RequestFailed)
 
 # Labels pydantic puts into an error location for union members and wrappers, not fields.
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -105,6 +110,8 @@ def engine_error(exc: Exception, renames: Mapping[str, str] | None = None) -> Ap
         return unavailable(SHUTTING_DOWN)
     if isinstance(exc, EngineDeadError):
         return unavailable()
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, str(exc))
     raise TypeError(f"not an engine error: {exc!r}")
 
 

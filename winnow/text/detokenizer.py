@@ -1,21 +1,35 @@
-"""Token ids -> text, one token at a time, never showing half a character."""
+"""Token ids -> text, one token at a time, never showing half a character: the piece window,
+which re-decodes a few pieces through the tokenizer each step (any tokenizer), and what every
+detokeniser shares (`winnow.text.table_detokenizer` is the fast one)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
+from winnow.text.decoder_table import REPLACEMENT_CHAR
 from winnow.text.tokenizer import TextTokenizer
-
-REPLACEMENT_CHAR = "\ufffd"
 
 # Prompt pieces kept as left context: enough for the decoder to treat the first generated piece
 # as a continuation (SentencePiece strips the leading space of the first piece it decodes) and
 # to cover one UTF-8 character split over byte pieces (at most 4 bytes).
-_PROMPT_CONTEXT_PIECES = 4
+PROMPT_CONTEXT_PIECES = 4
 
 # A character is at most 4 bytes, so a window this long that still ends in U+FFFD holds invalid
 # bytes that no later piece can repair; it is released as is rather than re-decoded forever.
-_MAX_HELD_PIECES = 16
+MAX_HELD_PIECES = 16
+
+
+class Detokenizer(Protocol):
+    """One choice's text, fed one token at a time."""
+
+    def append(self, token_id: int) -> str:
+        """Add one token; return the text that became final (possibly empty)."""
+        ...
+
+    def flush(self) -> str:
+        """Release the held text (an incomplete character shows as U+FFFD, as `decode` does)."""
+        ...
 
 
 class IncrementalDetokenizer:
@@ -38,7 +52,7 @@ class IncrementalDetokenizer:
     def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[str]:
         pieces: list[str] = []
         for token_id in reversed(prompt_token_ids):
-            if len(pieces) == _PROMPT_CONTEXT_PIECES:
+            if len(pieces) == PROMPT_CONTEXT_PIECES:
                 break
             piece = self._piece(token_id)
             if piece is not None:
@@ -64,9 +78,9 @@ class IncrementalDetokenizer:
             return ""
         self._pieces.append(piece)
         text = self._decode(self._pieces)
-        if text.endswith(REPLACEMENT_CHAR) and len(self._pieces) - self._read < _MAX_HELD_PIECES:
+        if text.endswith(REPLACEMENT_CHAR) and len(self._pieces) - self._read < MAX_HELD_PIECES:
             return ""
-        delta = text[_common_prefix_len(self._read_text, text) :]
+        delta = text[common_prefix_len(self._read_text, text) :]
         del self._pieces[: self._read]
         self._read = len(self._pieces)
         self._read_text = self._decode(self._pieces)
@@ -77,10 +91,10 @@ class IncrementalDetokenizer:
         if self._read == len(self._pieces):
             return ""
         text = self._decode(self._pieces)
-        return text[_common_prefix_len(self._read_text, text) :]
+        return text[common_prefix_len(self._read_text, text) :]
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def common_prefix_len(a: str, b: str) -> int:
     """Length of the common prefix; `len(a)` in the usual case where `b` extends `a`.
 
     They differ only around invalid UTF-8: a prompt ending inside a character that the output

@@ -2,9 +2,8 @@
 
 Two layers, per docs/sampling.md "Stops" and docs/api.md "Streaming":
 
-1. `IncrementalDetokenizer` (winnow/text/detokenizer.py) turns token ids into text that is
-   final: it decodes only a small window of recent pieces and never returns a trailing
-   incomplete UTF-8 character.
+1. A `Detokenizer` (from `Detokenizers.new`, winnow/text/detokenizers.py) turns token ids into
+   text that is final: it never returns a trailing incomplete UTF-8 character.
 2. `TextStream` matches stop strings on that text and holds back the longest suffix that could
    still become a stop string, so no part of a stop string is ever sent.
 """
@@ -14,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from winnow.text.detokenizer import IncrementalDetokenizer
+from winnow.text.detokenizer import Detokenizer
 from winnow.text.stop_matcher import stop_matcher
-from winnow.text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -46,14 +44,13 @@ class TextStream:
 
     def __init__(
         self,
-        tokenizer: TextTokenizer,
-        prompt_token_ids: Sequence[int],
+        detokenizer: Detokenizer,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        self._detokenizer = detokenizer
         self._stops = stop_matcher(tuple(dict.fromkeys(stop))) if stop else None
         self._state = 0
         self._include_stop = include_stop_str_in_output
@@ -78,7 +75,12 @@ class TextStream:
         """Add one generated token. Raises RuntimeError after a stop string or `flush`."""
         if self._finished:
             raise RuntimeError("TextStream already finished (stop string matched or flushed)")
-        return self._advance(self._detokenizer.append(token_id))
+        text = self._detokenizer.append(token_id)
+        if self._stops is None:  # the common case, inline
+            if text:
+                self._parts.append(text)
+            return TextDelta(text)
+        return self._advance(text)
 
     def flush(self) -> str:
         """End of generation: return the held-back text, which is now final."""

@@ -22,7 +22,7 @@ from typing import Any
 from winnow.text.tokenizer import TextTokenizer
 
 SP_SPACE = "\u2581"  # ▁
-_SP_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+SP_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
 _BYTE_LEVEL_SPACE = "\u0120"  # Ġ, the byte-level stand-in for b" "
 
 
@@ -46,7 +46,7 @@ def build_token_bytes(tokenizer: TextTokenizer) -> list[bytes]:
     if kind is TokenizerKind.SENTENCEPIECE:
         piece_bytes = _sentencepiece_piece_bytes
     else:
-        piece_bytes = _byte_level_piece_bytes
+        piece_bytes = byte_level_piece_bytes
     added = tokenizer.added_tokens()
     table: list[bytes] = []
     for token_id in range(tokenizer.vocab_size):
@@ -94,7 +94,7 @@ def _kind_from_vocab(vocab: Mapping[str, int]) -> TokenizerKind:
 
 
 def _sentencepiece_piece_bytes(piece: str) -> bytes:
-    byte_piece = _SP_BYTE_PIECE.fullmatch(piece)
+    byte_piece = SP_BYTE_PIECE.fullmatch(piece)
     if byte_piece is not None:
         return bytes([int(byte_piece.group(1), 16)])
     return piece.replace(SP_SPACE, " ").encode("utf-8")
@@ -117,7 +117,8 @@ def _unicode_to_byte() -> dict[str, int]:
 _UNICODE_TO_BYTE = _unicode_to_byte()
 
 
-def _byte_level_piece_bytes(piece: str) -> bytes:
+def byte_level_piece_bytes(piece: str) -> bytes:
+    """The bytes a byte-level BPE piece stands for, as the `ByteLevel` decoder reads it."""
     # A piece with a character outside the table is plain text, as the ByteLevel decoder treats it.
     if all(c in _UNICODE_TO_BYTE for c in piece):
         return bytes(_UNICODE_TO_BYTE[c] for c in piece)
