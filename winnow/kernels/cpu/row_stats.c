@@ -448,8 +448,8 @@ static void top_push(top_n *t, float v, int64_t id) {
   t->threshold = threshold;
 }
 
-/* A token the loop's compare flagged (raw value x, cleaned here): a candidate if it still beats
- * the threshold, else (the threshold rose within its vector) dropped. */
+/* A token a loop's compare flagged (raw value x, cleaned here): a candidate if it still beats
+ * the threshold, else (the threshold rose after the compare) dropped. */
 static inline void take(top_n *t, float x, int64_t id) {
   float v = clean(x);
   if (t->open || v > t->threshold) top_push(t, v, id);
