@@ -652,10 +652,9 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
         top = _mm256_blendv_ps(_mm256_max_ps(x, top), top, flagged);
       }
       uint32_t hits = (uint32_t)_mm256_movemask_ps(flagged);
-      if (hits) {
-        at[count] = j;
-        flags[count++] = hits;
-      }
+      at[count] = j;
+      flags[count] = hits;
+      count += hits != 0;
     }
     if (mass)
       sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(acc)),
@@ -711,10 +710,9 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
         acc = _mm512_mask_add_ps(acc, (__mmask16)~flagged, acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
         top = _mm512_mask_max_ps(top, (__mmask16)~flagged, x, top); /* NaN: max gives top */
       }
-      if (flagged) {
-        at[count] = j;
-        flags[count++] = flagged;
-      }
+      at[count] = j; /* kept only where a lane is flagged: no branch to mispredict */
+      flags[count] = flagged;
+      count += flagged != 0;
     }
     if (mass) {
       __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
