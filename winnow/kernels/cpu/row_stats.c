@@ -32,9 +32,10 @@
  *     v = (z - zref) log2(e) / T, over 2^v by a factor in [1, ROUGH_OVER) (a chord of the convex
  *     2^f), one FMA and a conversion per 8 or 16 tokens, summed in float32 lanes per block then
  *     in double (ROUGH_SLACK). zref, the guess (else the sample's largest), is fixed for the row,
- *     so no sum needs rescaling while the maximum rises; the rest's largest value is kept too: it
- *     caps their share (vocab exp(top - max y)), and where it lies e^-88 below the maximum
- *     total_mass's exps of them are 0, so that share is exactly 0 (low temperatures).
+ *     so no sum needs rescaling while the maximum rises; none of them lies above the scan's last
+ *     threshold, which caps their share (vocab exp(threshold - max y)), and where it lies e^-88
+ *     below the maximum total_mass's exps of them are 0, so that share is exactly 0 (low
+ *     temperatures).
  *   The caller decides top_p with both bounds and asks for the exact sum only where they
  *   disagree.
  *
@@ -340,6 +341,24 @@ void winnow_seed_patches(const float *src, int64_t rows, int64_t vocab, int64_t 
   }
 }
 
+/* row_mass of the row s (cleaned, with the tokens in ids[:width] (-1: padding; NULL: none)
+ * read from patch_row) in a thread-local copy *row (allocated on first use), or in place
+ * where nothing is patched. */
+static double read_mass(const float *s, int64_t vocab, const int64_t *ids, int64_t width,
+                        const float *patch_row, float t, const float *max_z, float **row) {
+  int patched = 0;
+  for (int64_t k = 0; ids && k < width; k++) patched |= ids[k] >= 0;
+  if (use_avx512 && !patched) return row_mass16(s, vocab, t, max_z, 1); /* cleaned as read */
+  if (!*row) *row = malloc(sizeof(float) * vocab);
+  float *copy = *row;
+  int64_t j = 0;
+  for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(copy + j, clean8(_mm256_loadu_ps(s + j)));
+  for (; j < vocab; j++) copy[j] = clean(s[j]);
+  for (int64_t k = 0; ids && k < width; k++)
+    if (ids[k] >= 0) copy[ids[k]] = patch_row[ids[k]];
+  return row_mass(copy, vocab, t, max_z);
+}
+
 /* mass[i] = winnow_total_mass's value for work row r = rows[i] as winnow_scan_rows reads it
  * (src row order[r], cleaned, with the tokens in patch_ids[r, :width] taken from
  * patch[r * vocab + id]), built in a thread-local row: the exact normaliser of a row whose
@@ -350,25 +369,13 @@ void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const i
                         const float *max_z, double *mass, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (n > 1)
   {
-    float *row = malloc(sizeof(float) * vocab);
+    float *row = NULL;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; i++) {
       const int64_t r = rows[i];
-      const float *s = src + (order ? order[r] : r) * stride;
-      int patched = 0;
-      for (int64_t k = 0; patch_ids && k < width; k++) patched |= patch_ids[r * width + k] >= 0;
-      if (use_avx512 && !patched) { /* no copy: cleaned as read */
-        mass[i] = row_mass16(s, vocab, temperature[i], max_z ? max_z + i : NULL, 1);
-        continue;
-      }
-      int64_t j = 0;
-      for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(row + j, clean8(_mm256_loadu_ps(s + j)));
-      for (; j < vocab; j++) row[j] = clean(s[j]);
-      for (int64_t k = 0; patch_ids && k < width; k++) {
-        int64_t id = patch_ids[r * width + k];
-        if (id >= 0) row[id] = patch[r * vocab + id];
-      }
-      mass[i] = row_mass(row, vocab, temperature[i], max_z ? max_z + i : NULL);
+      mass[i] = read_mass(src + (order ? order[r] : r) * stride, vocab,
+                          patch_ids ? patch_ids + r * width : NULL, width, patch + r * vocab,
+                          temperature[i], max_z ? max_z + i : NULL, &row);
     }
     free(row);
   }
@@ -389,9 +396,9 @@ typedef struct {
 } top_n;
 
 /* The tokens a scan did not take, when the normaliser is wanted: their bits exps (see
- * scan_row) against zref, and their largest (cleaned) value. */
+ * scan_row) against zref. */
 typedef struct {
-  float zref, top;
+  float zref;
   double rough;
   int64_t lane_adds; /* float32 adds behind each lane's share of rough */
 } rest_sum;
@@ -599,7 +606,6 @@ static int64_t scan_scalar(const float *src, const float *patch, const uint32_t 
       top_push(t, v, j);
     } else if (t->want_mass) {
       rest->rough += exp(((double)v - (double)rest->zref) / (double)t->temperature);
-      rest->top = max_of(rest->top, v);
     }
   }
   return j;
@@ -617,7 +623,7 @@ static void take_flagged(const float *src, const float *patch, const uint32_t *s
 }
 
 /* One row's scan with 8 lanes: candidates into t and, with t->want_mass (the constant `mass`),
- * the bits exps and the largest of the tokens no compare flags into rest. */
+ * the bits exps of the tokens no compare flags into rest. */
 static inline __attribute__((always_inline)) void scan8(const float *src, const float *patch,
                                                         const uint32_t *set, int64_t vocab,
                                                         top_n *t, rest_sum *rest,
@@ -627,7 +633,6 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
   const __m256 a = _mm256_set1_ps(scale), b = _mm256_set1_ps(BITS_BIAS - scale * rest->zref);
   const __m256 zero = _mm256_setzero_ps();
   __m256d sum = _mm256_setzero_pd();
-  __m256 top = _mm256_set1_ps(-INFINITY);
   int64_t at[BLOCK / 8];
   uint32_t flags[BLOCK / 8];
   int64_t j = scan_scalar(src, patch, set, 0, vocab, 8, t, rest), last = vocab & ~(int64_t)7;
@@ -649,7 +654,6 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
       if (mass) { /* NaN and -inf give bits 0 (max returns its second operand for NaN) */
         __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(x, a, b), zero);
         acc = _mm256_add_ps(acc, _mm256_andnot_ps(flagged, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits))));
-        top = _mm256_blendv_ps(_mm256_max_ps(x, top), top, flagged);
       }
       uint32_t hits = (uint32_t)_mm256_movemask_ps(flagged);
       at[count] = j;
@@ -663,11 +667,8 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
   }
   if (mass) {
     double sums[4];
-    float tops[8];
     _mm256_storeu_pd(sums, sum);
-    _mm256_storeu_ps(tops, top);
     rest->rough += sums[0] + sums[1] + sums[2] + sums[3];
-    for (int i = 0; i < 8; i++) rest->top = max_of(rest->top, tops[i]);
     rest->lane_adds = BLOCK / 8;
   }
   scan_scalar(src, patch, set, j, vocab, 0, t, rest);
@@ -690,7 +691,6 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
   const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(BITS_BIAS - scale * rest->zref);
   const __m512 zero = _mm512_setzero_ps();
   __m512d sum = _mm512_setzero_pd();
-  __m512 top = _mm512_set1_ps(-INFINITY);
   int64_t at[BLOCK / 16];
   uint32_t flags[BLOCK / 16];
   int64_t j = scan_scalar(src, patch, set, 0, vocab, 16, t, rest), last = vocab & ~(int64_t)15;
@@ -708,7 +708,6 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
       if (mass) {
         __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(x, a, b), zero);
         acc = _mm512_mask_add_ps(acc, (__mmask16)~flagged, acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
-        top = _mm512_mask_max_ps(top, (__mmask16)~flagged, x, top); /* NaN: max gives top */
       }
       at[count] = j; /* kept only where a lane is flagged: no branch to mispredict */
       flags[count] = flagged;
@@ -723,7 +722,6 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
   }
   if (mass) {
     rest->rough += _mm512_reduce_add_pd(sum);
-    rest->top = max_of(rest->top, _mm512_reduce_max_ps(top));
     rest->lane_adds = BLOCK / 16;
   }
   scan_scalar(src, patch, set, j, vocab, 0, t, rest);
@@ -736,32 +734,35 @@ static AVX512 void scan_row_avx512(const float *src, const float *patch, const u
 }
 
 /* mass[0] <= row_mass's value <= mass[1] (see the top): m = max y; kept: the exact terms of
- * the candidates the scan kept, t its state after it; rest: the tokens it did not take. */
-static void mass_bounds(const top_n *t, float m, double kept, const rest_sum *rest,
-                        int64_t vocab, double *mass) {
+ * the candidates the scan kept, t its state after it; rest: the tokens it did not take.
+ * Returns 1 where the bits exps are out of their range and the rest's cap may be loose (the
+ * caller then takes the exact normaliser), else 0. */
+static int mass_bounds(const top_n *t, float m, double kept, const rest_sum *rest,
+                       int64_t vocab, double *mass) {
   if (m == -INFINITY) { /* torch: exp(-inf - -inf) */
     mass[0] = mass[1] = NAN;
-    return;
+    return 0;
   }
   const double temperature = t->temperature, tiny = (double)vocab * 0x1p-120;
   double dropped = t->dropped_ref == -INFINITY ? 0.0 : t->dropped * exp((double)t->dropped_ref - m);
   mass[0] = kept * (1.0 - EXACT_SLACK) + dropped * (1.0 - DROPPED_SLACK) - tiny;
   mass[1] = kept * (1.0 + EXACT_SLACK) + dropped * (1.0 + DROPPED_SLACK) + tiny;
-  /* each of the rest is at most rest->top: a cap on their share whatever the bits exps; below
-   * e^-88 of the largest, row_mass's exps are 0 */
-  double below = (double)y_of(rest->top, t->temperature) - m;
-  if (!(below > -88.0)) return;
+  /* none of the rest lies above the scan's last threshold (a compare or a scalar test found
+   * each not above the threshold of its time, and thresholds only rise; while open, every
+   * token is taken): a cap on their share whatever the bits exps; below e^-88 of the largest,
+   * row_mass's exps are 0 */
+  const float top = t->open ? -INFINITY : t->threshold;
+  double below = (double)y_of(top, t->temperature) - m;
+  if (!(below > -88.0)) return 0;
   double cap = (double)vocab * exp(fmin(below, 0.0)) * (1.0 + DROPPED_SLACK);
-  double top_v = ((double)rest->top - rest->zref) / temperature * 1.4426950408889634;
+  double top_v = ((double)top - rest->zref) / temperature * 1.4426950408889634;
   double scale = exp((double)rest->zref / temperature - m), rough = scale * rest->rough;
   int valid = fabsf(m) <= MASS_RANGE && fabs((double)rest->zref / temperature) <= BITS_RANGE;
-  if (!(valid && top_v < ROUGH_TOP && isfinite(rough))) {
-    mass[1] += cap;
-    return;
-  }
+  if (!(valid && top_v < ROUGH_TOP && isfinite(rough))) return 1;
   double slack = ROUGH_SLACK + (double)rest->lane_adds * 0x1p-24;
   mass[0] += rough / ROUGH_OVER * (1.0 - slack);
   mass[1] += fmin(cap, rough * (1.0 + slack) + scale * (double)vocab * 0x1p-126);
+  return 0;
 }
 
 /* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
@@ -785,7 +786,7 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     uint64_t *keys = malloc(sizeof(uint64_t) * 2 * TAKEN * n);
     float *scratch = malloc(sizeof(float) * TAKEN * n);
     uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
-    float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL;
+    float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL, *exact_row = NULL;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const int64_t *row_ids = patch_ids ? patch_ids + r * width : NULL;
@@ -805,7 +806,7 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
                  -INFINITY, 0.0, scratch};
       void (*scan)(const float *, const float *, const uint32_t *, int64_t, top_n *,
                    rest_sum *) = use_avx512 ? scan_row_avx512 : scan_row;
-      rest_sum rest = {zref, -INFINITY, 0.0, 0};
+      rest_sum rest = {zref, 0.0, 0};
       double kept = 0.0;
       scan(row, row_patch, set, vocab, &t, &rest);
       const top_n first = t;
@@ -821,8 +822,10 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
         scan(row, row_patch, set, vocab, &t, &rest);
       }
       sort_entries(buf, t.len, n, keys, keys + TAKEN * n, values + r * n, ids + r * n);
-      if (wanted) mass_bounds(&first, first.len ? m : y_of(values[r * n], t_r), kept, &rest, vocab,
-                              mass + 2 * r);
+      if (wanted && mass_bounds(&first, first.len ? m : y_of(values[r * n], t_r), kept, &rest,
+                                vocab, mass + 2 * r))
+        mass[2 * r] = mass[2 * r + 1] = read_mass(row, vocab, row_ids, width, patch + r * vocab,
+                                                  t_r, values + r * n, &exact_row);
       for (int64_t i = 0; set && i < width; i++)
         if (row_ids[i] >= 0) set[row_ids[i] >> 5] &= ~(1u << (row_ids[i] & 31));
     }
@@ -831,6 +834,7 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
     free(scratch);
     free(set);
     free(dense);
+    free(exact_row);
   }
   free(guesses);
 }
