@@ -339,23 +339,17 @@ class Sampler:
         Rows in any other mix, or a row whose slice may miss a survivor (the pipeline widens
         it) -> None, before anything advances, and the full pipeline runs."""
         batch = len(slots)
-        routes = self._routes
         if not self._readable(logits) or logits.shape != (batch, self.vocab_size):
             return None
-        flags = self._flags[slots]
-        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
-        truncated = flags[:, TOP_K] | flags[:, TOP_P] | flags[:, MIN_P]
-        if flags[:, _BEYOND_TRUNCATION].any() or not truncated.all() or banned.any():
+        plain = self._plain_batch(slots)
+        if plain.truncated is None or self._banned(plain):
             return None
-        seeds, top_k = self._seeds_top_k.numpy()[slots].T
-        positions = self._prompt_len[slots] + self._out_len[slots]
-        params = slice_rows(self._floats.numpy()[slots], top_k, seeds, positions)
-        width = min(routes.first_width(self._top_k[slots], flags[:, TOP_K]), self.vocab_size)
-        mass_rows = flags[:, TOP_P] & ~flags[:, TOP_K]
+        params = plain.truncated.params.copy()
+        params["position"] = self._prompt_len[slots] + self._out_len[slots]
         patch = self._work[: batch * self.vocab_size].view(batch, self.vocab_size)  # not read
-        tokens, overflow, _ = routes.pick_sourced(
-            logits.detach(), None, None, patch, width, params,
-            torch.from_numpy(mass_rows) if mass_rows.any() else None,
+        tokens, overflow, _ = self._routes.pick_sourced(
+            logits.detach(), None, None, patch, plain.truncated.width, params,
+            plain.truncated.mass_rows,
         )  # fmt: skip
         if overflow.any():
             return None
@@ -370,6 +364,10 @@ class Sampler:
         flags = self._flags[slots]
         penalised = flags[:, REPETITION] | flags[:, FREQ_PRES]
         cpu = self.device.type == "cpu"  # the parameter tables' numpy views, no small torch ops
+        truncated = None
+        only_truncation = not flags[:, _BEYOND_TRUNCATION].any()
+        if cpu and only_truncation and (flags[:, TOP_K] | flags[:, TOP_P] | flags[:, MIN_P]).all():
+            truncated = self._truncated_batch(slots, flags)
         self._plain = _PlainBatch(
             slots=slots,
             argmax=bool(flags[:, GREEDY].all() and not flags[:, _BEYOND_ARGMAX].any()),
@@ -380,8 +378,22 @@ class Sampler:
             repetition=flags[:, REPETITION],
             seeds=self._seeds_top_k.numpy()[slots, 0] if cpu else None,
             floats=self._floats.numpy()[slots] if cpu else None,
+            truncated=truncated,
         )
         return self._plain
+
+    def _truncated_batch(self, slots: np.ndarray, flags: np.ndarray) -> _TruncatedBatch:
+        """`_plain_truncated`'s view of a batch whose rows all truncate (and do nothing else)."""
+        seeds, top_k = self._seeds_top_k.numpy()[slots].T
+        positions = np.zeros(len(slots), dtype=np.int64)  # each step's own
+        mass_rows = flags[:, TOP_P] & ~flags[:, TOP_K]
+        return _TruncatedBatch(
+            params=slice_rows(self._floats.numpy()[slots], top_k, seeds, positions),
+            width=min(
+                self._routes.first_width(self._top_k[slots], flags[:, TOP_K]), self.vocab_size
+            ),
+            mass_rows=torch.from_numpy(mass_rows) if mass_rows.any() else None,
+        )
 
     def _banned(self, plain: _PlainBatch) -> bool:
         """Some row of the batch is still below its min_tokens (its ends are banned)."""
@@ -764,6 +776,16 @@ class _PlainBatch:
     repetition: np.ndarray  # [b] bool: rows with a repetition penalty
     seeds: np.ndarray | None  # [b] (None: the parameter tables are not on the CPU)
     floats: np.ndarray | None  # [b, NUM_FLOATS]
+    truncated: _TruncatedBatch | None  # rows all with top_k / top_p / min_p only, on a CPU
+
+
+@dataclass
+class _TruncatedBatch:
+    """What `Sampler._plain_truncated` reads of a batch that only changes with its rows."""
+
+    params: np.ndarray  # [b] gumbel_max.SLICE_ROW, positions and normaliser bounds not filled
+    width: int  # the scan's slice width
+    mass_rows: torch.Tensor | None  # [b] bool: top_p without top_k (None: no row)
 
 
 @dataclass
