@@ -764,8 +764,8 @@ class _Columns:
 
 @dataclass
 class _PlainBatch:
-    """What the plain steps (`Sampler._plain_argmax`, `_plain_temperature`) read of a batch
-    that only changes with its rows."""
+    """What the plain steps (`Sampler._plain_argmax`, `_plain_temperature`,
+    `_plain_truncated`) read of a batch that only changes with its rows."""
 
     slots: np.ndarray
     argmax: bool  # every row greedy with nothing but a min_tokens ban to apply

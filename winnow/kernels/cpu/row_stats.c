@@ -37,7 +37,8 @@
  *     below the maximum total_mass's exps of them are 0, so that share is exactly 0 (low
  *     temperatures).
  *   The caller decides top_p with both bounds and asks for the exact sum only where they
- *   disagree.
+ *   disagree. A row whose bits exps would leave their range gets the exact sum here (both
+ *   bounds), from one more read.
  *
  * winnow_source_mass: winnow_total_mass of rows as winnow_scan_rows reads them, for the rows
  *   whose bounds leave their nucleus undecided.
