@@ -5,7 +5,9 @@ Logit updates go through a flat view of the logits buffer whose last element is 
 padding entries point there, so every gather/scatter has a fixed shape and no masking branch.
 They use index_select / index_copy_ (torch's advanced indexing on a CPU tensor this large costs
 a pass over the whole buffer per call); on a CPU with the C kernels `apply` is one C call
-(`row_stats.penalise`) with the same float32 operations.
+(`row_stats.penalise`) with the same float32 operations. Rows whose only stage before the
+Gumbel pick is a penalty skip the buffer altogether: the sampler's one-call C step reads these
+tables itself (`kernel_view`), with the same operations again, and records the token.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from winnow.kernels.cpu import row_stats
+from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling.slot_rows import SlotRows
+from winnow.sampling.step import PRES_V, REP_V
 
 
 def flat_index(
@@ -86,6 +89,28 @@ class PenaltyHistory:
             frequency, presence = frequency_presence[:, :1], frequency_presence[:, 1:]
             z = z_flat.index_select(0, flat).view(counts.shape)
             z_flat.index_copy_(0, flat, (z - c * frequency - (c > 0) * presence).view(-1))
+
+    def kernel_view(
+        self,
+        host_slots: np.ndarray,
+        repetition: np.ndarray,
+        penalised: np.ndarray,
+        floats: np.ndarray,
+    ) -> gumbel_max.PenaltyTables:
+        """The C step's view of the rows of slots `host_slots` (CPU tables), with room for the
+        token it records: repetition / penalised [b] bool per row, floats [b, NUM_FLOATS] their
+        parameter rows (step.py's columns). The caller then `advance`s the penalised rows."""
+        out_len = np.where(penalised, self.output.lengths[host_slots], -1)
+        self.reserve(int(out_len.max()) + 1)
+        return gumbel_max.PenaltyTables(
+            self.prompt.data,
+            self.output.data,
+            self.counts.data,
+            host_slots,
+            np.where(repetition, self.prompt.lengths[host_slots], 0),
+            out_len,
+            floats[:, REP_V : PRES_V + 1],
+        )
 
     def reserve(self, width: int) -> None:
         """Room for `width` output ids per slot (before a kernel records a token at a row's

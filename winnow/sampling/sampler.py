@@ -43,7 +43,7 @@ import torch
 
 from winnow.kernels import sampler_edits as fused
 from winnow.kernels.cpu import gumbel_max, row_stats
-from winnow.sampling import noise, step_logprobs
+from winnow.sampling import step_logprobs
 from winnow.sampling.bitmask import TokenMasks, apply_bitmask, words_for
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
@@ -75,8 +75,9 @@ from winnow.sampling.step import (
 _ROUTES = ("greedy", "thresholded", "free")
 # flags that give a greedy row more to do than an argmax of the model's logits
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
-# flags that take a row off the plain temperature step (the free route with nothing before it)
-_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, *_BEYOND_ARGMAX]
+# flags that take a row off the plain temperature step (the free route with at most a penalty
+# before it)
+_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, BIAS, LOGPROBS]
 # flags that give a row work the fused CUDA step does not do (set on sampled rows only)
 _BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
 
@@ -125,6 +126,7 @@ class Sampler:
         # the last batch's keys and slots: a decode batch often repeats from step to step
         self._last_keys: list[int] | None = None
         self._last_slots = np.zeros(0, dtype=np.int64)
+        self._plain: _PlainBatch | None = None  # the plain steps' view of the last batch
         self._free = list(range(max_rows - 1, -1, -1))
         self._flags = np.zeros((max_rows, NUM_FLAGS), dtype=bool)
         self._top_k = np.zeros(max_rows, dtype=np.int64)
@@ -293,10 +295,11 @@ class Sampler:
         return slots
 
     def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
-        """The OpenAI SDK's default step (temperature only, maybe 1) with the fused C kernel on a
-        CPU: every row on the free route with nothing to apply before it (no penalty, bias,
-        ban, XTC or logprobs). The kernel reads the model's logits once -- no copy into the
-        work buffer -- and gives the pipeline's pick (its NaN and +inf rules included).
+        """The OpenAI SDK's default step (temperature only, maybe 1, perhaps with penalties) with
+        the fused C kernel on a CPU: every row on the free route with nothing but a penalty to
+        apply before it (no bias, ban, XTC or logprobs). The kernel reads the model's logits
+        once -- no copy into the work buffer, the penalised values computed from the history
+        tables -- and gives the pipeline's pick (its NaN and +inf rules included).
         Anything else -> None, and the full pipeline runs."""
         batch = len(slots)
         mix = self._routes.mix_table
@@ -306,18 +309,52 @@ class Sampler:
             return None
         if logits.device.type != self.device.type:
             return None
-        flags = self._flags[slots]
-        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
-        if flags[:, _BEYOND_TEMPERATURE].any() or banned.any():
+        plain = self._plain_batch(slots)
+        if not plain.temperature or self._banned(plain):
             return None
+        assert plain.seeds is not None and plain.floats is not None
         positions = self._prompt_len[slots] + self._out_len[slots]
-        # the parameter tables are CPU tensors here: their numpy views, no small torch ops
-        seeds = self._seeds_top_k.numpy()[slots, 0]
-        row_keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))
-        temperature = torch.from_numpy(self._floats.numpy()[slots, TEMPERATURE])
-        tokens = gumbel_max.gumbel_argmax(logits.detach(), temperature, row_keys, mix)
+        tables = None
+        if plain.penalised_slots.size:
+            tables = self._history.kernel_view(
+                slots, plain.repetition, plain.penalised, plain.floats
+            )
+        temperature = plain.floats[:, TEMPERATURE]
+        tokens = gumbel_max.plain_step(
+            logits.detach(), plain.seeds, positions, temperature, mix, tables
+        )
+        if tables is not None:
+            self._history.advance(plain.penalised_slots)
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
+
+    def _plain_batch(self, slots: np.ndarray) -> _PlainBatch:
+        """The plain steps' view of the batch `slots` (as `_batch_slots` gave it), kept while the
+        batch's rows stay the same: their flags and parameters change only in add_row."""
+        if self._plain is not None and self._plain.slots is slots:
+            return self._plain
+        flags = self._flags[slots]
+        penalised = flags[:, REPETITION] | flags[:, FREQ_PRES]
+        cpu = self.device.type == "cpu"  # the parameter tables' numpy views, no small torch ops
+        self._plain = _PlainBatch(
+            slots=slots,
+            argmax=bool(flags[:, GREEDY].all() and not flags[:, _BEYOND_ARGMAX].any()),
+            temperature=not flags[:, _BEYOND_TEMPERATURE].any(),
+            ban_rows=np.flatnonzero(flags[:, MIN_TOKENS]),
+            penalised=penalised,
+            penalised_slots=slots[penalised],
+            repetition=flags[:, REPETITION],
+            seeds=self._seeds_top_k.numpy()[slots, 0] if cpu else None,
+            floats=self._floats.numpy()[slots] if cpu else None,
+        )
+        return self._plain
+
+    def _banned(self, plain: _PlainBatch) -> bool:
+        """Some row of the batch is still below its min_tokens (its ends are banned)."""
+        if not plain.ban_rows.size:
+            return False
+        slots = plain.slots[plain.ban_rows]
+        return bool((self._out_len[slots] < self._min_tokens[slots]).any())
 
     def _fused_step(
         self, logits: torch.Tensor, slots: np.ndarray, bitmasks: TokenMasks | None
@@ -411,9 +448,8 @@ class Sampler:
             return None
         if logits.shape != (batch, self.vocab_size):
             return None
-        flags = self._flags[slots]
-        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
-        if not flags[:, GREEDY].all() or flags[:, _BEYOND_ARGMAX].any() or banned.any():
+        plain = self._plain_batch(slots)
+        if not plain.argmax or self._banned(plain):
             return None
         rows = logits.detach().numpy()
         tokens = rows.argmax(axis=1)
@@ -678,6 +714,22 @@ class _Columns:
     @property
     def top_lp(self) -> slice:
         return slice(3 + self.k, 3 + 2 * self.k)
+
+
+@dataclass
+class _PlainBatch:
+    """What the plain steps (`Sampler._plain_argmax`, `_plain_temperature`) read of a batch
+    that only changes with its rows."""
+
+    slots: np.ndarray
+    argmax: bool  # every row greedy with nothing but a min_tokens ban to apply
+    temperature: bool  # every row sampled from the whole vocabulary after at most a penalty
+    ban_rows: np.ndarray  # rows with a min_tokens ban (active while below min_tokens)
+    penalised: np.ndarray  # [b] bool: rows with a penalty
+    penalised_slots: np.ndarray  # their slots
+    repetition: np.ndarray  # [b] bool: rows with a repetition penalty
+    seeds: np.ndarray | None  # [b] (None: the parameter tables are not on the CPU)
+    floats: np.ndarray | None  # [b, NUM_FLOATS]
 
 
 @dataclass

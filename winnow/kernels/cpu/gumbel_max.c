@@ -31,9 +31,14 @@
  * the same pass writes y back (processed logprobs read it; NaN stays NaN there).
  *
  * Rows can be read straight from the model's logits (row order[r]) with a few tokens' values
- * taken from the sampler's work buffer instead (patch ids: penalties, logit_bias, bans): the
- * ids go into a per-thread bit set, and a vector holding one of them blends the patched values
- * in, so the row is still read once.
+ * taken from elsewhere (patched tokens: penalties, logit_bias, bans): the ids go into a
+ * per-thread bit set, the pass skips them (their lanes read as -inf), and they are scored after
+ * it from a short list of (id, value), behind the same bound test, so the row is read once and
+ * nothing vocabulary-sized is written. The values come from the sampler's work buffer
+ * (winnow_gumbel_argmax) or, for rows whose only stage before the pick is a penalty, straight
+ * from the penalty history's tables (winnow_gumbel_step: the sampler's whole step, with no
+ * torch op and no copy). A second bit set, one bit per 16-token block, lets the pass run its
+ * unmasked loop up to the next block holding a patched token.
  *
  * winnow_slice_pick is the thresholded route's pick on a row's sorted top-n candidate slice
  * (routes.Routes._pick, in C): top_k -> top_p -> min_p survivors, XTC, the noise and the pick,
@@ -115,54 +120,116 @@ static inline __m256i fmix32_8(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-/* The 8 bits of `set` (one bit per token) for tokens j..j+7, j a multiple of 8. */
-static inline uint32_t bits8(const uint32_t *set, int64_t j) {
-  return (set[j >> 5] >> (j & 24)) & 0xFFu;
+/* A row's patched tokens, per thread: one bit per token and one per 16-token block. */
+typedef struct {
+  uint32_t *tokens;
+  uint64_t *blocks;
+} marks;
+
+static marks marks_new(int64_t vocab) {
+  marks m = {calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)),
+             calloc((size_t)(vocab + 1023) / 1024 + 1, sizeof(uint64_t))};
+  return m;
 }
 
-static inline float patched(const float *z, const float *patch, const uint32_t *set, int64_t j) {
-  return set && (set[j >> 5] >> (j & 31) & 1u) ? patch[j] : z[j];
+static void marks_free(marks m) {
+  free(m.tokens);
+  free(m.blocks);
 }
 
-static int64_t row_avx2(const float *z, const float *patch, const uint32_t *set,
-                        const uint32_t *mix, float *y_out, int64_t vocab, float t, uint32_t key) {
-  float best = -INFINITY;
-  int64_t best_j = 0, j = 0;
-  const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
-  const __m256i keyv = _mm256_set1_epi32((int)key), ones = _mm256_set1_epi32(-1);
+static inline int marked(const marks *m, int64_t id) { return m->tokens[id >> 5] >> (id & 31) & 1u; }
+
+static inline void mark_one(marks *m, int64_t id) {
+  m->tokens[id >> 5] |= 1u << (id & 31);
+  m->blocks[id >> 10] |= 1ull << ((id >> 4) & 63);
+}
+
+/* Unmark every id of ids[:n] (-1: padding), the words that hold them being all marked ids'. */
+static void unmark(marks *m, const int64_t *ids, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    if (ids[i] < 0) continue;
+    m->tokens[ids[i] >> 5] = 0;
+    m->blocks[ids[i] >> 10] = 0;
+  }
+}
+
+/* The first token of the first block at or after token j (a multiple of 16) with a marked
+ * token, or `end` (a multiple of 16) when there is none before it. */
+static inline int64_t next_marked(const marks *m, int64_t j, int64_t end) {
+  int64_t block = j >> 4, w = block >> 6;
+  uint64_t word = m->blocks[w] >> (block & 63);
+  if (word) {
+    int64_t at = (block + __builtin_ctzll(word)) << 4;
+    return at < end ? at : end;
+  }
+  for (w++; w << 10 < end; w++)
+    if (m->blocks[w]) {
+      int64_t at = ((w << 6) + __builtin_ctzll(m->blocks[w])) << 4;
+      return at < end ? at : end;
+    }
+  return end;
+}
+
+/* Tokens j..j+7 of the pass (AVX2): `skip` (8 bits) marks lanes that read as -inf. */
+static inline __attribute__((always_inline)) void step8(const float *z, const uint32_t *mix,
+                                                       float *y_out, int64_t j, uint32_t skip,
+                                                       float t, uint32_t key, __m256 a,
+                                                       __m256 *b, float *best, int64_t *best_j) {
+  const __m256 big = _mm256_set1_ps(FLT_MAX);
+  __m256 x = _mm256_loadu_ps(z + j);
+  if (skip) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i sel = _mm256_and_si256(_mm256_set1_epi32((int)skip), lane_bit);
+    x = _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY),
+                         _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit)));
+  }
+  if (y_out) _mm256_storeu_ps(y_out + j, _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, x), _mm256_set1_ps(t))));
+  __m256i bits = fmix32_8(_mm256_xor_si256(_mm256_set1_epi32((int)key), _mm256_loadu_si256((const __m256i *)(mix + j))));
+  __m256 w = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(bits, _mm256_set1_epi32(-1)), 8));
+  __m256 k = _mm256_cvtepi32_ps(_mm256_castps_si256(w));
+  int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(x, a, *b), k, _CMP_GT_OQ));
+  if (hits) {
+    float xs[8];
+    _mm256_storeu_ps(xs, x);
+    for (; hits; hits &= hits - 1) {
+      int lane = __builtin_ctz(hits);
+      consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, best, best_j);
+    }
+    *b = _mm256_set1_ps(bound_offset(*best));
+  }
+}
+
+/* The pass over one row's tokens that are not marked in `m` (NULL: none), folded into *best /
+ * *best_j (the caller starts them at -inf / 0). */
+static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float *y_out,
+                     int64_t vocab, float t, uint32_t key, float *best_out, int64_t *best_j_out) {
+  float best = *best_out;
+  int64_t best_j = *best_j_out, j = 0;
   const __m256 a = _mm256_set1_ps(1.0f / t / C_SCALE);
   __m256 b = _mm256_set1_ps(bound_offset(best));
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; j + 8 <= vocab; j += 8) {
-    if (!(j & 15)) _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
-    __m256 x = _mm256_loadu_ps(z + j);
-    uint32_t hit = set ? bits8(set, j) : 0;
-    if (hit) {
-      __m256i sel = _mm256_and_si256(_mm256_set1_epi32((int)hit), lane_bit);
-      __m256 use = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
-      x = _mm256_blendv_ps(x, _mm256_loadu_ps(patch + j), use);
+  const int64_t whole = vocab & ~(int64_t)15;
+  while (j < whole) {
+    const int64_t stop = m ? next_marked(m, j, whole) : whole;
+    for (; j < stop; j += 16) {
+      _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
+      step8(z, mix, y_out, j, 0, t, key, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j + 8, 0, t, key, a, &b, &best, &best_j);
     }
-    if (y_out) _mm256_storeu_ps(y_out + j, _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, x), tv)));
-    __m256i bits = fmix32_8(_mm256_xor_si256(keyv, _mm256_loadu_si256((const __m256i *)(mix + j))));
-    __m256 w = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(bits, ones), 8));
-    __m256 k = _mm256_cvtepi32_ps(_mm256_castps_si256(w));
-    int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(x, a, b), k, _CMP_GT_OQ));
-    if (hits) {
-      float xs[8];
-      _mm256_storeu_ps(xs, x);
-      for (; hits; hits &= hits - 1) {
-        int lane = __builtin_ctz(hits);
-        consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, &best, &best_j);
-      }
-      b = _mm256_set1_ps(bound_offset(best));
+    if (j < whole) {
+      uint32_t skip = m->tokens[j >> 5] >> (j & 16);
+      step8(z, mix, y_out, j, skip & 0xFFu, t, key, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j + 8, (skip >> 8) & 0xFFu, t, key, a, &b, &best, &best_j);
+      j += 16;
     }
   }
   for (; j < vocab; j++) {
-    float y = y_of(patched(z, patch, set, j), t);
+    if (m && marked(m, j)) continue;
+    float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
     consider(y, key, mix[j], j, &best, &best_j);
   }
-  return best_j;
+  *best_out = best;
+  *best_j_out = best_j;
 }
 
 #define AVX512 __attribute__((target("avx512f")))
@@ -175,50 +242,86 @@ static inline AVX512 __m512i fmix32_16(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-static AVX512 int64_t row_avx512(const float *z, const float *patch, const uint32_t *set,
-                                 const uint32_t *mix, float *y_out, int64_t vocab, float t,
-                                 uint32_t key) {
-  float best = -INFINITY;
-  int64_t best_j = 0, j = 0;
-  const __m512 tv = _mm512_set1_ps(t), big = _mm512_set1_ps(FLT_MAX);
-  const __m512i keyv = _mm512_set1_epi32((int)key), ones = _mm512_set1_epi32(-1);
+/* Tokens j..j+15 of the pass (AVX-512): `skip` marks lanes that read as -inf. */
+static inline __attribute__((always_inline)) AVX512 void step16(
+    const float *z, const uint32_t *mix, float *y_out, int64_t j, __mmask16 skip, float t,
+    uint32_t key, __m512 a, __m512 *b, float *best, int64_t *best_j) {
+  const __m512 big = _mm512_set1_ps(FLT_MAX);
+  _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
+  __m512 x = _mm512_loadu_ps(z + j);
+  if (skip) x = _mm512_mask_mov_ps(x, skip, _mm512_set1_ps(-INFINITY));
+  if (y_out) _mm512_storeu_ps(y_out + j, _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), _mm512_set1_ps(t))));
+  __m512i bits = fmix32_16(_mm512_xor_si512(_mm512_set1_epi32((int)key), _mm512_loadu_si512(mix + j)));
+  __m512 w = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_xor_si512(bits, _mm512_set1_epi32(-1)), 8));
+  __m512 k = _mm512_cvtepi32_ps(_mm512_castps_si512(w));
+  unsigned hits = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, a, *b), k, _CMP_GT_OQ);
+  if (hits) {
+    float xs[16];
+    _mm512_storeu_ps(xs, x);
+    for (; hits; hits &= hits - 1) {
+      int lane = __builtin_ctz(hits);
+      consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, best, best_j);
+    }
+    *b = _mm512_set1_ps(bound_offset(*best));
+  }
+}
+
+static AVX512 void row_avx512(const float *z, const marks *m, const uint32_t *mix,
+                              float *y_out, int64_t vocab, float t, uint32_t key,
+                              float *best_out, int64_t *best_j_out) {
+  float best = *best_out;
+  int64_t best_j = *best_j_out, j = 0;
   const __m512 a = _mm512_set1_ps(1.0f / t / C_SCALE);
   __m512 b = _mm512_set1_ps(bound_offset(best));
-  for (; j + 16 <= vocab; j += 16) {
-    _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
-    __m512 x = _mm512_loadu_ps(z + j);
-    __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
-    if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
-    if (y_out) _mm512_storeu_ps(y_out + j, _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), tv)));
-    __m512i bits = fmix32_16(_mm512_xor_si512(keyv, _mm512_loadu_si512(mix + j)));
-    __m512 w = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_xor_si512(bits, ones), 8));
-    __m512 k = _mm512_cvtepi32_ps(_mm512_castps_si512(w));
-    unsigned hits = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, a, b), k, _CMP_GT_OQ);
-    if (hits) {
-      float xs[16];
-      _mm512_storeu_ps(xs, x);
-      for (; hits; hits &= hits - 1) {
-        int lane = __builtin_ctz(hits);
-        consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, &best, &best_j);
-      }
-      b = _mm512_set1_ps(bound_offset(best));
+  const int64_t whole = vocab & ~(int64_t)15;
+  while (j < whole) {
+    const int64_t stop = m ? next_marked(m, j, whole) : whole;
+    for (; j < stop; j += 16) step16(z, mix, y_out, j, 0, t, key, a, &b, &best, &best_j);
+    if (j < whole) {
+      step16(z, mix, y_out, j, (__mmask16)(m->tokens[j >> 5] >> (j & 16)), t, key, a, &b,
+             &best, &best_j);
+      j += 16;
     }
   }
   for (; j < vocab; j++) {
-    float y = y_of(patched(z, patch, set, j), t);
+    if (m && marked(m, j)) continue;
+    float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
     consider(y, key, mix[j], j, &best, &best_j);
   }
-  return best_j;
+  *best_out = best;
+  *best_j_out = best_j;
 }
 
-/* Set (or clear) the bits of a row's patch ids (-1: padding) in a bit set of the vocabulary. */
-static void mark(uint32_t *set, const int64_t *ids, int64_t width, int on) {
-  for (int64_t i = 0; i < width; i++) {
+/* One row's pick: the pass over the tokens not marked in `m` (NULL: none), then the patched
+ * tokens ids[i] (-1: padding; any order, repeats with the same value) with values vals[i], each
+ * scored exactly where the pass's bound test says it may beat the best so far (ties -> the
+ * lower id). */
+static int64_t whole_row(const float *z, const marks *m, const int64_t *ids,
+                         const float *vals, int64_t n, const uint32_t *mix, float *y_out,
+                         int64_t vocab, float t, uint32_t key) {
+  float best = -INFINITY;
+  int64_t best_j = 0;
+  if (use_avx512)
+    row_avx512(z, m, mix, y_out, vocab, t, key, &best, &best_j);
+  else
+    row_avx2(z, m, mix, y_out, vocab, t, key, &best, &best_j);
+  const float a = 1.0f / t / C_SCALE;
+  float b = bound_offset(best);
+  for (int64_t i = 0; i < n; i++) {
     if (ids[i] < 0) continue;
-    uint32_t bit = 1u << (ids[i] & 31);
-    set[ids[i] >> 5] = on ? set[ids[i] >> 5] | bit : set[ids[i] >> 5] & ~bit;
+    uint32_t bits = fmix32(key ^ mix[ids[i]]), w_bits;
+    float w = (float)(int32_t)(~bits >> 8);
+    memcpy(&w_bits, &w, sizeof w);
+    if (!(fmaf(vals[i], a, b) > (float)(int32_t)w_bits)) continue; /* the pass's bound test */
+    float s = y_of(vals[i], t) - noise_a(bits);
+    if (s > best || (s == best && ids[i] < best_j)) {
+      best = s;
+      best_j = ids[i];
+      b = bound_offset(best);
+    }
   }
+  return best_j;
 }
 
 /* Rows r < rows: row order[r] of z (r without an order; row stride `stride`, float32), token[r]
@@ -232,28 +335,29 @@ void winnow_gumbel_argmax(const float *z, int64_t rows, int64_t vocab, int64_t s
                           const uint32_t *mix, float *y_out, int64_t *tokens, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
-    uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
-    float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL;
+    marks m = marks_new(patch_ids ? vocab : 0);
+    float *vals = malloc(sizeof(float) * (width + 1));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-      const float *zr = z + (order ? order[r] : r) * stride;
-      const float *pr = dense;
-      float *yr = y_out ? y_out + r * stride : NULL;
-      uint32_t key = (uint32_t)keys[r];
-      if (set) { /* the patched values into a thread-local row: their cache misses overlap */
-        mark(set, patch_ids + r * width, width, 1);
-        for (int64_t i = 0; i < width; i++)
-          if (patch_ids[r * width + i] >= 0)
-            dense[patch_ids[r * width + i]] = patch[r * vocab + patch_ids[r * width + i]];
+      const int64_t *ids = patch_ids ? patch_ids + r * width : NULL;
+      for (int64_t i = 0; i < width; i++) /* the loads below miss together */
+        if (ids[i] >= 0) _mm_prefetch((const char *)(patch + r * vocab + ids[i]), _MM_HINT_T0);
+      for (int64_t i = 0; i < width; i++) {
+        if (ids[i] < 0) continue;
+        mark_one(&m, ids[i]);
+        vals[i] = patch[r * vocab + ids[i]];
       }
-      tokens[r] = use_avx512 ? row_avx512(zr, pr, set, mix, yr, vocab, temperature[r], key)
-                             : row_avx2(zr, pr, set, mix, yr, vocab, temperature[r], key);
-      if (set) mark(set, patch_ids + r * width, width, 0);
+      tokens[r] = whole_row(z + (order ? order[r] : r) * stride, patch_ids ? &m : NULL, ids, vals,
+                           width, mix, y_out ? y_out + r * stride : NULL, vocab, temperature[r],
+                           (uint32_t)keys[r]);
+      unmark(&m, ids, width);
     }
-    free(set);
-    free(dense);
+    marks_free(m);
+    free(vals);
   }
 }
+
+static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
 
 #define GUMBEL_STREAM 0x243F6A88u
 #define XTC_STREAM 0x85A308D3u
@@ -263,6 +367,101 @@ static uint32_t row_key(int64_t seed, int64_t position, uint32_t stream) {
   uint32_t h = fmix32((uint32_t)seed ^ stream);
   h = fmix32(h ^ (uint32_t)((uint64_t)seed >> 32));
   return fmix32(h ^ (uint32_t)position);
+}
+
+/* A row's penalised tokens (stage 1, as penalties.PenaltyHistory.apply computes them, each
+ * operation rounded to float32 as torch's are): every distinct id of output[:olen] (at its first
+ * occurrence k, where counts[k] > 0) and, with repetition r != 1, of prompt[:plen] (distinct
+ * already) gets z' = z > 0 ? z / r : z * r on the cleaned logit z; the output ids then
+ * (z' - c * f) - p. Fills ids / vals (the output ids first, at[i] = their k), marks the ids in
+ * `m`; returns how many, *outputs how many of them are output ids. */
+__attribute__((optimize("fp-contract=off"))) static int64_t penalise_row(
+    const float *z, const int64_t *prompt, int64_t plen, const int64_t *output,
+    const int32_t *counts, int64_t olen, const float *penalty, marks *m, int64_t *ids,
+    float *vals, int64_t *at, int64_t *outputs) {
+  const float r = penalty[0], f = penalty[1], p = penalty[2];
+  const int repeat = r != 1.0f, freq_pres = f != 0.0f || p != 0.0f;
+  int64_t n = 0;
+  for (int64_t k = 0; k < olen; k++) { /* the loads below miss together, not one by one */
+    _mm_prefetch((const char *)(z + output[k]), _MM_HINT_T0);
+    _mm_prefetch((const char *)(m->tokens + (output[k] >> 5)), _MM_HINT_T0);
+  }
+  for (int64_t k = 0; k < olen; k++) {
+    const int32_t c = counts[k];
+    if (c <= 0) continue;
+    const int64_t id = output[k];
+    float v = clean(z[id]);
+    if (repeat) v = v > 0 ? v / r : v * r;
+    if (freq_pres) {
+      float scaled = (float)c * f, left = v - scaled;
+      v = left - 1.0f * p;
+    }
+    mark_one(m, id);
+    ids[n] = id;
+    at[n] = k;
+    vals[n++] = v;
+  }
+  *outputs = n;
+  for (int64_t k = 0; repeat && k < plen; k++) {
+    const int64_t id = prompt[k];
+    if (marked(m, id)) continue;
+    float v = clean(z[id]);
+    mark_one(m, id);
+    ids[n] = id;
+    vals[n++] = v > 0 ? v / r : v * r;
+  }
+  return n;
+}
+
+/* The sampler's plain temperature step in one call: for rows r < rows of z (row stride
+ * `stride`, float32), the token winnow_gumbel_argmax picks with the row key of (seeds[r],
+ * positions[r]) after the row's penalties, read straight from the penalty history's tables
+ * (prompt NULL: no row has any). Row r is slot slots[r], whose distinct prompt ids are
+ * prompt[slot * prompt_stride + :plen[r]] and output ids and counts output[slot * out_stride +
+ * :olen[r]] / counts[slot * count_stride + ...], penalised with penalty[r] = (repetition,
+ * frequency, presence); olen[r] < 0: a row without penalties (its slot's tables are not read).
+ * The picked token is then recorded as penalties.PenaltyHistory.record does, at column olen[r]
+ * (the caller has made room): its first occurrence counts one more, or the new column 1. */
+void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t stride,
+                        const int64_t *seeds, const int64_t *positions, const float *temperature,
+                        const uint32_t *mix, const int64_t *slots, const float *penalty,
+                        const int64_t *prompt, int64_t prompt_stride, const int64_t *plen,
+                        int64_t *output, int64_t out_stride, int32_t *counts,
+                        int64_t count_stride, const int64_t *olen, int64_t *tokens, int nthreads) {
+  int64_t most = 1;
+  for (int64_t r = 0; prompt && r < rows; r++)
+    if (olen[r] >= 0 && plen[r] + olen[r] > most) most = plen[r] + olen[r];
+#pragma omp parallel num_threads(nthreads) if (rows > 1)
+  {
+    marks m = marks_new(prompt ? vocab : 0);
+    int64_t *ids = prompt ? malloc(2 * sizeof(int64_t) * most) : NULL;
+    float *vals = prompt ? malloc(sizeof(float) * most) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *zr = z + r * stride;
+      int64_t n = 0, outputs = 0, len = prompt ? olen[r] : -1;
+      int64_t *out = len >= 0 ? output + slots[r] * out_stride : NULL;
+      int32_t *count = len >= 0 ? counts + slots[r] * count_stride : NULL;
+      if (len >= 0)
+        n = penalise_row(zr, prompt + slots[r] * prompt_stride, plen[r], out, count, len,
+                         penalty + 3 * r, &m, ids, vals, ids + most, &outputs);
+      const int64_t token =
+          whole_row(zr, n ? &m : NULL, ids, vals, n, mix, NULL, vocab, temperature[r],
+                    row_key(seeds[r], positions[r], GUMBEL_STREAM));
+      tokens[r] = token;
+      if (len >= 0) {
+        int64_t k = len;
+        for (int64_t i = 0; i < outputs && k == len; i++) k = ids[i] == token ? ids[most + i] : k;
+        if (k < len) count[k] += 1;
+        out[len] = token;
+        count[len] = k == len;
+      }
+      unmark(&m, ids, n);
+    }
+    marks_free(m);
+    free(ids);
+    free(vals);
+  }
 }
 
 /* One row's parameters for winnow_slice_pick (field order = the caller's ctypes structure). */

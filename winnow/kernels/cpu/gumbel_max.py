@@ -1,5 +1,6 @@
-"""The sampler's Gumbel-max kernels of `gumbel_max.c` (the fused full-vocabulary pass and the
-pick on a thresholded row's candidate slice): build, load, call (ctypes).
+"""The sampler's Gumbel-max kernels of `gumbel_max.c` (the fused full-vocabulary pass, the
+plain temperature step with its penalties in one call, and the pick on a thresholded row's
+candidate slice): build, load, call (ctypes).
 
 Built into the kernel cache like the projection kernels; `available()` is False where it cannot
 be (no AVX2, no compiler), and the sampler then keeps to its torch expression of the same pick.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,12 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_gumbel_argmax.restype = None
     lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 5, ctypes.c_int]
     lib.winnow_slice_pick.restype = None
+    lib.winnow_gumbel_step.argtypes = [
+        *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR),
+        *(_PTR, _I64, _PTR, _I64, _PTR, _PTR),
+        ctypes.c_int,
+    ]
+    lib.winnow_gumbel_step.restype = None
     wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"
     lib.winnow_gumbel_init(int(wanted))
     return lib
@@ -112,6 +120,75 @@ def gumbel_argmax(
         tokens.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return tokens
+
+
+def plain_step(
+    z: torch.Tensor,
+    seeds: np.ndarray,
+    positions: np.ndarray,
+    temperature: np.ndarray,
+    token_mix: torch.Tensor,
+    history: PenaltyTables | None = None,
+) -> torch.Tensor:
+    """The sampler's plain temperature step in one C call: per row of z [b, V] (float32, CPU,
+    unit inner stride), `gumbel_argmax`'s pick with the row key of seeds / positions [b] (int64)
+    and temperature [b] (float32; numpy), after the row's penalties taken straight from a
+    penalty history's tables (None: no row has any) -- the repetition penalty on the distinct
+    prompt and output ids, then frequency and presence on the output ids, with the float32
+    operations of penalties.PenaltyHistory.apply -- and each penalised row's token recorded in
+    those tables as PenaltyHistory.record does (the caller has made room and moves the lengths
+    on). No torch op, no copy of a row."""
+    lib = _library()
+    assert lib is not None and z.dtype == torch.float32 and z.stride(1) == 1
+    rows, vocab = z.shape
+    assert token_mix.dtype == torch.int32 and token_mix.shape == (vocab,)
+    tokens = torch.empty(rows, dtype=torch.int64)
+    if rows == 0:
+        return tokens
+    per_row = [np.ascontiguousarray(a) for a in (seeds, positions, temperature)]
+    assert per_row[0].dtype == per_row[1].dtype == np.int64 and per_row[2].dtype == np.float32
+    assert all(a.shape == (rows,) for a in per_row)
+    tables: list[int | None] = [None, None, None, 0, None, None, 0, None, 0, None]
+    if history is not None:
+        h = history
+        lengths = [np.ascontiguousarray(a, dtype=np.int64) for a in (h.prompt_len, h.output_len)]
+        penalty = np.ascontiguousarray(h.penalty, dtype=np.float32)
+        slots = np.ascontiguousarray(h.slots, dtype=np.int64)
+        assert penalty.shape == (rows, 3) and slots.shape == lengths[0].shape == (rows,)
+        assert h.prompt.dtype == h.output.dtype == torch.int64 and h.counts.dtype == torch.int32
+        assert all(t.device.type == "cpu" and t.stride(1) == 1 for t in (h.prompt, h.output))
+        assert h.counts.device.type == "cpu" and h.counts.stride(1) == 1
+        assert int(slots.max()) < min(h.prompt.shape[0], h.output.shape[0], h.counts.shape[0])
+        assert int(lengths[0].max()) <= h.prompt.shape[1] and lengths[1].shape == (rows,)
+        assert int(lengths[1].max()) < min(h.output.shape[1], h.counts.shape[1])
+        tables = [
+            slots.ctypes.data, penalty.ctypes.data,
+            h.prompt.data_ptr(), h.prompt.stride(0), lengths[0].ctypes.data,
+            h.output.data_ptr(), h.output.stride(0), h.counts.data_ptr(), h.counts.stride(0),
+            lengths[1].ctypes.data,
+        ]  # fmt: skip
+    lib.winnow_gumbel_step(
+        z.data_ptr(), rows, vocab, z.stride(0), *(a.ctypes.data for a in per_row),
+        token_mix.data_ptr(), *tables, tokens.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return tokens
+
+
+@dataclass
+class PenaltyTables:
+    """`plain_step`'s view of a penalty history, for rows r of the batch: slot slots[r]'s
+    distinct prompt ids prompt[slot, :prompt_len[r]] (0: no repetition penalty) and output ids
+    and counts output[slot, :output_len[r]] / counts[slot, ...] (counts > 0 at each distinct
+    id's first occurrence, 0 elsewhere; output_len -1: a row without penalties), penalty[r] =
+    (repetition, frequency, presence) float32."""
+
+    prompt: torch.Tensor
+    output: torch.Tensor
+    counts: torch.Tensor
+    slots: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    penalty: np.ndarray
 
 
 # One row's inputs to `slice_pick`: `slice_row` in gumbel_max.c, field for field.
