@@ -75,12 +75,7 @@ class TextStream:
         """Add one generated token. Raises RuntimeError after a stop string or `flush`."""
         if self._finished:
             raise RuntimeError("TextStream already finished (stop string matched or flushed)")
-        text = self._detokenizer.append(token_id)
-        if self._stops is None:  # the common case, inline
-            if text:
-                self._parts.append(text)
-            return TextDelta(text)
-        return self._advance(text)
+        return self._advance(self._detokenizer.append(token_id))
 
     def flush(self) -> str:
         """End of generation: return the held-back text, which is now final."""
