@@ -88,6 +88,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
         self.token_bytes = build_token_bytes(tokenizer)
+        self.token_texts = [token_text(raw) for raw in self.token_bytes]  # logprobs' `token`
         self.detokenizers = Detokenizers(tokenizer)
 
     def process(
@@ -240,15 +241,22 @@ class OutputProcessor:
         delta.finish_reason, delta.stop_reason = reason, stop_reason
 
     def _position_logprobs(self, step: StepResult, row: int, k: int) -> PositionLogprobs:
+        """The sampled token's entry and its top k; an id past the vocabulary (an embedding's
+        padding row) has no bytes."""
         assert step.logprobs is not None
-        top_ids = step.top_token_ids[row][:k] if step.top_token_ids is not None else []
-        top_lps = step.top_logprobs[row][:k] if step.top_logprobs is not None else []
-        top = [self._token_logprob(t, lp) for t, lp in zip(top_ids, top_lps, strict=True)]
-        return PositionLogprobs(self._token_logprob(step.token_ids[row], step.logprobs[row]), top)
-
-    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
-        raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
-        return TokenLogprob(token_id, token_text(raw), logprob, list(raw))
+        ids = [step.token_ids[row]]
+        logprobs = [step.logprobs[row]]
+        if k and step.top_token_ids is not None and step.top_logprobs is not None:
+            ids += step.top_token_ids[row][:k]
+            logprobs += step.top_logprobs[row][:k]
+        token_bytes, texts, vocab = self.token_bytes, self.token_texts, len(self.token_bytes)
+        entries = [
+            TokenLogprob(t, texts[t], lp, list(token_bytes[t]))
+            if t < vocab
+            else TokenLogprob(t, "", lp, [])
+            for t, lp in zip(ids, logprobs, strict=True)
+        ]
+        return PositionLogprobs(entries[0], entries[1:])
 
 
 def _add(
