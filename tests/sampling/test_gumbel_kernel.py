@@ -165,12 +165,11 @@ def test_reads_reordered_rows_with_patched_tokens(isa) -> None:
 
 
 def slice_row_params(floats, top_k, seeds, positions, mass) -> np.ndarray:
-    from winnow.sampling.routes import _slice_params
-    from winnow.sampling.step import RowParams
+    from winnow.sampling.routes import slice_rows
 
-    params = RowParams(np.zeros((len(seeds), 1), bool), np.arange(len(seeds)), floats, top_k,
-                       seeds, positions)  # fmt: skip
-    return _slice_params(params, torch.stack([mass, mass], 1))
+    params = slice_rows(floats.numpy(), top_k.numpy(), seeds.numpy(), positions.numpy())
+    params["total_mass"] = params["total_mass_hi"] = mass.numpy()
+    return params
 
 
 def test_slice_pick_is_the_torch_pick_on_the_slice() -> None:

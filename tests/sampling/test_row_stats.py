@@ -120,6 +120,16 @@ def test_scan_reads_the_logits_with_patches_and_bounds_the_normaliser(isa, vocab
     )
     assert torch.equal(mass.isnan(), exact[picked].isnan()) and bool(mass[3].isnan())
     assert torch.equal(mass.nan_to_num(), exact[picked].nan_to_num())
+    # rows without patches are read in place, NaN and +inf cleaned as read: the same sums
+    unpatched = _cleaned(logits)[order]
+    some = np.array([2, 5, 1, 0])  # half NaN, a +inf (above and below temperature 1), ties
+    picked = torch.from_numpy(some)
+    for t in (0.8, 1.2):
+        temperature = torch.full((4,), t)
+        mass = row_stats.source_mass(
+            logits, order, None, work, some, temperature, unpatched[picked].amax(1)
+        )
+        assert torch.equal(mass, row_stats.total_mass(unpatched[picked], temperature))
 
 
 def test_load_rows_keeps_patched_values_and_seed_patches_fills_them() -> None:

@@ -82,3 +82,107 @@ def test_in_place_step_copies_only_the_patched_tokens() -> None:
     sampler.sample(logits, [0, 1])
     written = (~sampler._work[: 2 * VOCAB].view(2, VOCAB).isnan()).nonzero()[:, 1]
     assert sorted(set(written.tolist())) == [3, 7, 8]
+
+
+TRUNCATED = [
+    SamplingParams(temperature=0.7, top_p=0.95),
+    SamplingParams(temperature=1.0, top_k=20),
+    SamplingParams(temperature=1.2, min_p=0.05),
+    SamplingParams(temperature=0.9, top_p=0.6, top_k=40),
+    SamplingParams(temperature=1.5, top_p=0.3),  # a heavy bulk: the bounds often disagree
+    SamplingParams(temperature=0.05, top_p=0.9),  # the bulk's share of the normaliser is 0
+    SamplingParams(temperature=1.0, top_p=0.8, min_p=0.02),
+]
+
+
+@pytest.mark.parametrize("vocab", [3001, 40000])  # the scan without / with a guessed threshold
+def test_plain_truncated_step_picks_what_the_pipeline_picks(vocab: int, monkeypatch) -> None:
+    """Batches of temperature + truncation rows skip the pipeline (Sampler._plain_truncated)
+    and pick what the copying pipeline and the torch expressions pick, NaN and inf rows
+    included; rows whose normaliser bounds disagree take the exact one; a batch with a slice
+    that may miss a survivor (a row of ties) runs the pipeline instead."""
+
+    def sampler(open_candidates: int = 256) -> Sampler:
+        out = Sampler(vocab, len(TRUNCATED), torch.device("cpu"), eos_token_ids=[0],
+                      open_candidates=open_candidates, wide_candidates=64)  # fmt: skip
+        for key, params in enumerate(TRUNCATED):
+            out.add_row(key, params, seed=2000 + key, prompt_token_ids=[3 + key])
+        return out
+
+    plain, copied, torch_only = sampler(), sampler(), sampler()
+    torch_only._routes.fused_cpu, torch_only._routes.mix_table = False, None
+    narrow = sampler(open_candidates=8)  # most of its slices overflow: the pipeline widens
+    taken, exact = [], [0]
+
+    def plain_step(logits, slots):
+        out = Sampler._plain_truncated(plain, logits, slots)
+        taken.append(out is not None)
+        return out
+
+    def source_mass(*args, **kwargs):
+        exact[0] += 1
+        return row_stats_source_mass(*args, **kwargs)
+
+    row_stats_source_mass = row_stats.source_mass
+    monkeypatch.setattr(plain, "_plain_truncated", plain_step)
+    monkeypatch.setattr(row_stats, "source_mass", source_mass)
+    everything = TokenMasks(np.array([0]), torch.full((1, words_for(vocab)), -1, dtype=torch.int32))
+    keys = list(range(len(TRUNCATED)))
+    generator = torch.Generator().manual_seed(vocab)
+    for step in range(24):
+        logits = torch.randn(len(keys), vocab, generator=generator) * (2 + step % 3)
+        logits[:, :: 97 + step] += 8.0
+        # row 4: a hundred strong tokens over a bulk with about half the mass, so the cut
+        # often lies within the bulk's bounds
+        logits[4] = torch.randn(vocab, generator=generator)
+        logits[4, :: vocab // 100] += 5.0 + 1.5 * math.log(vocab / 3001)
+        if step % 4 == 1:
+            logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, math.inf
+            logits[6, :100] = math.nan
+        if step % 6 == 3:
+            logits[3] = 0.0  # every token tied: the slice overflows
+        expected = copied.sample(logits, keys, everything).token_ids
+        assert torch.equal(plain.sample(logits, keys).token_ids, expected), step
+        assert torch.equal(torch_only.sample(logits, keys).token_ids, expected), step
+        assert torch.equal(narrow.sample(logits, keys).token_ids, expected), step
+    assert any(taken) and not all(taken) and exact[0] > 0
+
+
+def test_nucleus_cut_within_the_bounds_picks_what_the_torch_step_picks() -> None:
+    """Rows crafted so that the top_p cut lies next to the bulk's share of the normaliser
+    (top_p a hair above or below the mass before the third of three strong tokens, a tenth of
+    the mass in the bulk): decided by the bounds or by the exact normaliser, the plain step's
+    picks over many positions are the torch expressions' (where the third token survives it is
+    picked about a third of the time, so a wrong cut shows)."""
+    vocab, rows = 40000, 12
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(rows, vocab, generator=generator)
+    bulk = torch.exp(logits.double()).sum(1)
+    strong = torch.log(bulk * 3.0)  # each strong token ~ 30% of the mass, the bulk ~ 10%
+    for r in range(rows):
+        logits[r, [101, 2002, 30003]] = strong[r].float() + torch.tensor([0.1, -0.1, 0.0])
+    z = row_stats.total_mass(logits, torch.ones(rows))  # exp(y - max y) summed: the normaliser
+    weights = torch.exp(logits[:, [101, 2002, 30003]].double() - logits.amax(1, keepdim=True))
+    ranked, order = weights.sort(1, descending=True)
+    before_third = (ranked[:, :2].sum(1) / z).tolist()
+    third = torch.tensor([101, 2002, 30003])[order[:, 2]]
+    offsets = [-1e-2, -2e-3, -5e-4, 5e-4, 2e-3, 1e-2] * 2
+
+    def sampler(fused: bool) -> Sampler:
+        out = Sampler(vocab, rows, torch.device("cpu"), eos_token_ids=[0])
+        for r in range(rows):
+            top_p = before_third[r] * (1 + offsets[r])
+            out.add_row(r, SamplingParams(top_p=top_p), seed=r, prompt_token_ids=[1])
+        if not fused:
+            out._routes.fused_cpu, out._routes.mix_table = False, None
+        return out
+
+    plain, torch_only = sampler(True), sampler(False)
+    keys = list(range(rows))
+    kept = torch.tensor(offsets) > 0
+    thirds = torch.zeros(rows, dtype=torch.int64)
+    for _ in range(40):
+        tokens = plain.sample(logits, keys).token_ids
+        assert torch.equal(tokens, torch_only.sample(logits, keys).token_ids)
+        thirds += tokens == third
+    assert bool((thirds[kept] > 0).all()) and not bool(thirds[~kept].any())

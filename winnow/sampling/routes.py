@@ -178,12 +178,7 @@ class Routes:
     def _thresholded(self, step: Step, rows: slice) -> None:
         """The thresholded route on its first candidate slice."""
         params = step.params(rows)
-        width = 0
-        if params.flags[:, TOP_K].any():
-            width = int(step.top_k_host[rows].max()) + TOPK_SLACK
-        if not params.flags[:, TOP_K].all():
-            width = max(width, self.open_candidates)
-        step.width = width
+        step.width = width = self.first_width(step.top_k_host[rows], params.flags[:, TOP_K])
         if step.source is not None:
             self._thresholded_sourced(step, rows, params, min(width, self.vocab_size))
             return
@@ -200,43 +195,70 @@ class Routes:
         step.overflow[rows] = pick.overflow
         step.pick = pick
 
+    def first_width(self, top_k: np.ndarray, has_top_k: np.ndarray) -> int:
+        """The thresholded route's first slice width for rows with these top_k (host arrays)."""
+        width = int(top_k.max()) + TOPK_SLACK if has_top_k.any() else 0
+        return width if has_top_k.all() else max(width, self.open_candidates)
+
     def _thresholded_sourced(self, step: Step, rows: slice, params: RowParams, width: int) -> None:
-        """The thresholded route from the model's logits with the C kernels: one pass per row
-        for the candidates and bounds on the top_p normaliser, then the pick on the slice. Rows
-        whose bounds keep different tokens, or whose slice overflows (widen reads the
-        normaliser), get the exact normaliser and, where undecided, are picked again."""
+        """The thresholded route from the model's logits with the C kernels (`pick_sourced`)."""
         source = step.source
-        assert source is not None and self.mix_table is not None
-        patch_ids = None if source.patch_ids is None else source.patch_ids[rows]
+        assert source is not None
         mass_rows = torch.arange(rows.stop - rows.start) < step.mass_rows
-        values, ids, bounds = row_stats.scan_rows(
-            source.logits, source.order[rows], patch_ids, step.z[rows], width,
-            params.floats[:, TEMPERATURE], mass_rows if step.mass_rows else None,
+        tokens, overflow, bounds = self.pick_sourced(
+            source.logits, source.order[rows],
+            None if source.patch_ids is None else source.patch_ids[rows], step.z[rows], width,
+            slice_rows(params.floats.numpy(), params.top_k.numpy(), params.seeds.numpy(),
+                       params.positions.numpy()),
+            mass_rows if step.mass_rows else None,
         )  # fmt: skip
-        pick_params = _slice_params(params, bounds)
-        tokens, overflow, undecided = gumbel_max.slice_pick(
-            values, ids, pick_params, self.mix_table
-        )
-        exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
-        if exact.size:
-            index = torch.from_numpy(exact)
-            temperature = params.floats[:, TEMPERATURE].index_select(0, index)
-            mass = row_stats.source_mass(
-                source.logits, source.order, source.patch_ids, step.z, exact + rows.start,
-                temperature, values[:, 0].index_select(0, index),
-            )  # fmt: skip
-            bounds[exact] = mass[:, None].expand(-1, 2)
-            pick_params["total_mass"][exact] = pick_params["total_mass_hi"][exact] = mass.numpy()
-            again = gumbel_max.slice_pick(
-                values.index_select(0, index), ids.index_select(0, index),
-                pick_params[exact], self.mix_table,
-            )  # fmt: skip
-            tokens[index], overflow[index] = again[0], again[1]
         step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
         step.total_mass[rows] = bounds[:, 0]
         step.tokens[rows] = tokens
         step.overflow = torch.zeros_like(step.tokens, dtype=torch.bool)
         step.overflow[rows] = overflow
+
+    def pick_sourced(
+        self,
+        logits: torch.Tensor,
+        order: torch.Tensor | None,
+        patch_ids: torch.Tensor | None,
+        patch: torch.Tensor,
+        width: int,
+        params: np.ndarray,
+        mass_rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The thresholded route's pick for rows of the model's logits read as
+        row_stats.scan_rows reads them (order, patch_ids, patch [b, V]; params [b] of
+        gumbel_max.SLICE_ROW; mass_rows [b] bool: top_p without top_k): one C pass per row for
+        the top-`width` candidates and bounds on the top_p normaliser, then the pick on the
+        slice. Rows whose bounds keep different tokens, or whose slice overflows (widen reads
+        the normaliser), get the exact normaliser and, where undecided, are picked again.
+        Returns (tokens, overflow, the normaliser's bounds [b, 2], exact where computed)."""
+        assert self.mix_table is not None
+        values, ids, bounds = row_stats.scan_rows(
+            logits, order, patch_ids, patch, width, torch.from_numpy(params["temperature"]),
+            mass_rows,
+        )  # fmt: skip
+        params["total_mass"], params["total_mass_hi"] = bounds[:, 0].numpy(), bounds[:, 1].numpy()
+        tokens, overflow, undecided = gumbel_max.slice_pick(values, ids, params, self.mix_table)
+        if mass_rows is None:
+            return tokens, overflow, bounds
+        exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
+        if exact.size:
+            index = torch.from_numpy(exact)
+            mass = row_stats.source_mass(
+                logits, order, patch_ids, patch, exact,
+                torch.from_numpy(params["temperature"][exact]), values[:, 0].index_select(0, index),
+            )  # fmt: skip
+            bounds[exact] = mass[:, None].expand(-1, 2)
+            params["total_mass"][exact] = params["total_mass_hi"][exact] = mass.numpy()
+            again = gumbel_max.slice_pick(
+                values.index_select(0, index), ids.index_select(0, index), params[exact],
+                self.mix_table,
+            )  # fmt: skip
+            tokens[index], overflow[index] = again[0], again[1]
+        return tokens, overflow, bounds
 
     def _candidates(self, z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of the top-`width` slice of the rows `z`, sorted descending."""
@@ -368,10 +390,12 @@ class Routes:
         return (coin < floats[:, XTC_PROB].double()) & (floats[:, XTC_THRESHOLD] <= 0.5)
 
 
-def _slice_params(params: RowParams, mass_bounds: torch.Tensor) -> np.ndarray:
-    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records); mass_bounds [b, 2]."""
-    floats = params.floats.numpy()
-    out = np.empty(len(mass_bounds), dtype=gumbel_max.SLICE_ROW)
+def slice_rows(
+    floats: np.ndarray, top_k: np.ndarray, seeds: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    """The rows' inputs to gumbel_max.slice_pick (its SLICE_ROW records) from their parameter
+    table rows (floats [b, NUM_FLOATS]); the normaliser's bounds are filled in later."""
+    out = np.empty(len(floats), dtype=gumbel_max.SLICE_ROW)
     for name, column in (
         ("temperature", TEMPERATURE),
         ("top_p", TOP_P_V),
@@ -380,9 +404,7 @@ def _slice_params(params: RowParams, mass_bounds: torch.Tensor) -> np.ndarray:
         ("xtc_threshold", XTC_THRESHOLD),
     ):
         out[name] = floats[:, column]
-    out["top_k"], out["seed"] = params.top_k.numpy(), params.seeds.numpy()
-    out["position"] = params.positions.numpy()
-    out["total_mass"], out["total_mass_hi"] = mass_bounds[:, 0].numpy(), mass_bounds[:, 1].numpy()
+    out["top_k"], out["seed"], out["position"] = top_k, seeds, positions
     return out
 
 

@@ -47,7 +47,7 @@ from winnow.sampling import step_logprobs
 from winnow.sampling.bitmask import TokenMasks, apply_bitmask, words_for
 from winnow.sampling.params import SamplingParams
 from winnow.sampling.penalties import PenaltyHistory, flat_index
-from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes
+from winnow.sampling.routes import OPEN_CANDIDATES, WIDE_CANDIDATES, Routes, slice_rows
 from winnow.sampling.slot_rows import SlotRows
 from winnow.sampling.step import (
     BIAS,
@@ -80,6 +80,8 @@ _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
 _BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, BIAS, LOGPROBS]
 # flags that give a row work the fused CUDA step does not do (set on sampled rows only)
 _BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
+# flags beyond the thresholded route's plain step
+_BEYOND_TRUNCATION = [GREEDY, XTC, *_BEYOND_ARGMAX]
 
 
 @dataclass
@@ -239,6 +241,8 @@ class Sampler:
             plain = self._fused_step(logits, slots, bitmasks)
         elif plain is None and bitmasks is None:
             plain = self._plain_temperature(logits, slots)
+            if plain is None:
+                plain = self._plain_truncated(logits, slots)
         if plain is not None:
             return plain
         step = self._prepare(logits, keys, bitmasks, copy=False, slots=slots)
@@ -325,6 +329,36 @@ class Sampler:
         )
         if tables is not None:
             self._history.advance(plain.penalised_slots)
+        self._out_len[slots] += 1
+        return SamplerOutput(tokens)
+
+    def _plain_truncated(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
+        """Sampled rows with top_k / top_p / min_p and nothing else (no penalty, bias, ban, XTC
+        or logprobs) on a CPU with the C kernels: the thresholded route's pass and pick
+        (Routes.pick_sourced) on the model's logits, without the pipeline's per-step setup.
+        Rows in any other mix, or a row whose slice may miss a survivor (the pipeline widens
+        it) -> None, before anything advances, and the full pipeline runs."""
+        batch = len(slots)
+        routes = self._routes
+        if not self._readable(logits) or logits.shape != (batch, self.vocab_size):
+            return None
+        flags = self._flags[slots]
+        banned = flags[:, MIN_TOKENS] & (self._out_len[slots] < self._min_tokens[slots])
+        truncated = flags[:, TOP_K] | flags[:, TOP_P] | flags[:, MIN_P]
+        if flags[:, _BEYOND_TRUNCATION].any() or not truncated.all() or banned.any():
+            return None
+        seeds, top_k = self._seeds_top_k.numpy()[slots].T
+        positions = self._prompt_len[slots] + self._out_len[slots]
+        params = slice_rows(self._floats.numpy()[slots], top_k, seeds, positions)
+        width = min(routes.first_width(self._top_k[slots], flags[:, TOP_K]), self.vocab_size)
+        mass_rows = flags[:, TOP_P] & ~flags[:, TOP_K]
+        patch = self._work[: batch * self.vocab_size].view(batch, self.vocab_size)  # not read
+        tokens, overflow, _ = routes.pick_sourced(
+            logits.detach(), None, None, patch, width, params,
+            torch.from_numpy(mass_rows) if mass_rows.any() else None,
+        )  # fmt: skip
+        if overflow.any():
+            return None
         self._out_len[slots] += 1
         return SamplerOutput(tokens)
 

@@ -488,6 +488,22 @@ static void nucleus(const float *ys, const double *weight, int64_t n, double mas
   }
 }
 
+/* nucleus for a row without top_k, with the weights (as pick_row takes them) computed as it
+ * goes: once the mass above reaches top_p (it only grows) no later token survives, so the exps
+ * of the slice's tail are never taken. */
+static void nucleus_open(const float *ys, float row_max, int64_t n, double mass, float top_p,
+                         const unsigned char *keep, unsigned char *out) {
+  double cum = 0.0, above = -INFINITY;
+  int64_t i = 0;
+  for (; i < n; i++) {
+    if (i == 0 || ys[i] != ys[i - 1]) above = cummax(above, cum);
+    if (!(above < (double)top_p)) break;
+    cum += (keep[i] && ys[i] > -INFINITY ? (double)expf(ys[i] - row_max) : 0.0) / mass;
+    out[i] = keep[i];
+  }
+  for (; i < n; i++) out[i] = 0;
+}
+
 /* The pick on one row's slice: values/ids [n] sorted by value descending (no NaN); scratch ys
  * [n] float, weight [n] double, keep and wide [n] bytes. Returns the token; *overflow as
  * truncation.slice_overflows; *undecided when the normaliser's bounds keep different tokens
@@ -504,21 +520,21 @@ static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int6
   const float floor_k = k_on ? kth : -INFINITY;
   for (int64_t i = 0; i < n; i++) keep[i] = ys[i] >= floor_k;
   *undecided = 0;
-  if (p->top_p < 1.0f) { /* truncation.sorted_survivors' nucleus */
+  if (p->top_p < 1.0f && !k_on) { /* the nucleus against the normaliser's bounds */
+    if (p->total_mass == p->total_mass_hi) {
+      nucleus_open(ys, row_max, n, p->total_mass, p->top_p, keep, keep);
+    } else { /* the same survivors for both bounds are the survivors for the exact normaliser */
+      nucleus_open(ys, row_max, n, p->total_mass_hi, p->top_p, keep, wide);
+      nucleus_open(ys, row_max, n, p->total_mass, p->top_p, keep, keep);
+      *undecided = memcmp(keep, wide, n) != 0;
+    }
+  } else if (p->top_p < 1.0f) { /* truncation.sorted_survivors' nucleus */
     double mass = 0.0;
     for (int64_t i = 0; i < n; i++) {
       weight[i] = keep[i] && ys[i] > -INFINITY ? (double)expf(ys[i] - row_max) : 0.0;
       mass += weight[i];
     }
-    if (k_on) {
-      nucleus(ys, weight, n, mass, p->top_p, keep, keep);
-    } else if (p->total_mass == p->total_mass_hi) {
-      nucleus(ys, weight, n, p->total_mass, p->top_p, keep, keep);
-    } else { /* the same survivors for both bounds are the survivors for the exact normaliser */
-      nucleus(ys, weight, n, p->total_mass_hi, p->top_p, keep, wide);
-      nucleus(ys, weight, n, p->total_mass, p->top_p, keep, keep);
-      *undecided = memcmp(keep, wide, n) != 0;
-    }
+    nucleus(ys, weight, n, mass, p->top_p, keep, keep);
   }
   if (p->min_p > 0.0f) {
     float floor_p = row_max + logf(p->min_p);

@@ -20,17 +20,23 @@
  *   FLT_MAX on the fly) with the patched tokens' values (penalties, bias, bans) taken from the
  *   sampler's work buffer (gathered into a thread-local row first). The candidate threshold
  *   starts from a guess off a sample of the row (checked: without n tokens reaching it the row
- *   is scanned again without one). It goes through the row in chunks of CHUNK tokens, taking
- *   each chunk's maximum as it compares tokens with the n-th best so far. The normaliser comes
- *   as bounds [lo, hi] on sum_j exp(y_j - max y) (as total_mass computes it, whatever the last
- *   bits of its exps): chunks with a token within e^-NEAR of the maximum so far take float32
- *   exps as winnow_total_mass does (held to EXACT_SLACK), and the rest, the flat bulk of an
- *   LM's row, a cheap exp with a known error factor. With AVX2 it is two instructions: float
- *   bits 2^23 * (x log2 e + 127) read as a float are 2^floor(v) * (1 + frac(v)) for
- *   v = x log2 e, over 2^v by a factor in [1, 1.0616) (a chord of the convex 2^f); with AVX-512
- *   a quadratic for 2^frac(v), within [ROUGH16_LOW, ROUGH16_HIGH]. Both sums are kept against
- *   the running maximum (rescaled in double when it rises). The caller decides
- *   top_p with both bounds and asks for the exact sum only where they disagree.
+ *   is scanned again without one); a vector compare flags the few tokens above it, taken after
+ *   each block of BLOCK tokens. The normaliser comes as bounds [lo, hi] on what total_mass
+ *   computes, sum_j exp(y_j - max y), from three parts that split the row:
+ *   - the candidates held at the end (the row's maximum among them): their exps exactly as
+ *     total_mass takes them, after the pass (EXACT_SLACK);
+ *   - tokens taken and then dropped for better ones: float32 exps against their batch's
+ *     largest, rescaled in double (DROPPED_SLACK);
+ *   - the rest, every token no compare flagged (the flat bulk of an LM's row): no exp at all,
+ *     but float bits: round(2^23 (v + 127)) read as a float is 2^floor(v) (1 + frac(v)) for
+ *     v = (z - zref) log2(e) / T, over 2^v by a factor in [1, ROUGH_OVER) (a chord of the convex
+ *     2^f), one FMA and a conversion per 8 or 16 tokens, summed in float32 lanes per block then
+ *     in double (ROUGH_SLACK). zref, the guess (else the sample's largest), is fixed for the row,
+ *     so no sum needs rescaling while the maximum rises; the rest's largest value is kept too: it
+ *     caps their share (vocab exp(top - max y)), and where it lies e^-88 below the maximum
+ *     total_mass's exps of them are 0, so that share is exactly 0 (low temperatures).
+ *   The caller decides top_p with both bounds and asks for the exact sum only where they
+ *   disagree.
  *
  * winnow_source_mass: winnow_total_mass of rows as winnow_scan_rows reads them, for the rows
  *   whose bounds leave their nucleus undecided.
@@ -168,9 +174,94 @@ static inline float y_of(float z, float t) {
   return y > FLT_MAX ? FLT_MAX : y;
 }
 
+static inline __m256 clean8(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
+}
+
+static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
+
+static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+
+#define AVX512 __attribute__((target("avx512f")))
+
+static int use_avx512 = 0;
+
+/* Pick the ISA of winnow_scan_rows and row_mass; returns whether AVX-512 is in use. */
+int winnow_row_stats_init(int wanted_avx512) {
+  __builtin_cpu_init();
+  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
+  return use_avx512;
+}
+
+/* exp(x) for x <= 0 as exp_neg, 16 lanes (the same operations, so the same values). */
+static inline AVX512 __m512 exp_neg16(__m512 x) {
+  const __m512 low = _mm512_set1_ps(-87.3f);
+  __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, low);
+  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
+}
+
+/* row_mass with 16 lanes: the same terms, added in the same order (8 double sums, term j to
+ * sum j % 8, then the scalar tail). raw: z may hold NaN and +inf, cleaned as they are read
+ * (NaN -> -inf, +inf -> FLT_MAX) with the same values as a cleaned copy. */
+static AVX512 double row_mass16(const float *z, int64_t vocab, float t, const float *max_z,
+                                int raw) {
+  const __m512 tv = _mm512_set1_ps(t), big = _mm512_set1_ps(FLT_MAX);
+  const __m512 none = _mm512_set1_ps(-INFINITY); /* max(NaN, none) = none */
+  int64_t j = 0;
+  float m = -INFINITY;
+  if (max_z) {
+    m = y_of(*max_z, t);
+  } else {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= vocab; j += 16) {
+      __m512 x = _mm512_loadu_ps(z + j);
+      x = raw ? _mm512_min_ps(big, _mm512_max_ps(x, none)) : x;
+      mv = _mm512_max_ps(mv, _mm512_min_ps(big, _mm512_div_ps(x, tv)));
+    }
+    m = _mm512_reduce_max_ps(mv);
+    for (int64_t i = j; i < vocab; i++) m = y_of(clean(z[i]), t) > m ? y_of(clean(z[i]), t) : m;
+  }
+  if (m == -INFINITY) return NAN; /* torch: exp(-inf - -inf) */
+  const __m512 mm = _mm512_set1_ps(m);
+  __m512d acc = _mm512_setzero_pd();
+  for (j = 0; j + 16 <= vocab; j += 16) {
+    __m512 x = _mm512_loadu_ps(z + j);
+    x = raw ? _mm512_min_ps(big, _mm512_max_ps(x, none)) : x;
+    __m512 e = exp_neg16(_mm512_sub_ps(_mm512_min_ps(big, _mm512_div_ps(x, tv)), mm));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+  }
+  if (j + 8 <= vocab) {
+    __m256 x = _mm256_loadu_ps(z + j);
+    x = raw ? clean8(x) : x;
+    __m256 y = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_div_ps(x, _mm256_set1_ps(t)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(exp_neg(_mm256_sub_ps(y, _mm256_set1_ps(m)))));
+    j += 8;
+  }
+  double sums[8], total = 0.0;
+  _mm512_storeu_pd(sums, acc);
+  for (int i = 0; i < 4; i++) total += sums[i] + sums[i + 4];
+  for (; j < vocab; j++) total += (double)expf(y_of(clean(z[j]), t) - m);
+  return total;
+}
+
 /* max_z: the row's largest z when the caller knows it (y_of is monotone, so max y = y_of(max z)
  * and the max pass is skipped), else NULL. */
 static double row_mass(const float *z, int64_t vocab, float t, const float *max_z) {
+  if (use_avx512) return row_mass16(z, vocab, t, max_z, 0);
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
   int64_t j = 0;
   float m = -INFINITY;
@@ -209,14 +300,7 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
     mass[r] = row_mass(z + r * stride, vocab, temperature[r], max_z ? max_z + r : NULL);
 }
 
-#define CHUNK 256
-#define PREFETCH 1024 /* tokens ahead, not kept in the outer caches (NTA): the row streams once */
-
-static inline __m256 clean8(__m256 x) {
-  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
-}
-
-static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+#define SPAN 256 /* tokens in each of sample_threshold's spans */
 
 /* dst[r] = src[order[r]] (src[r] when order is NULL) with NaN -> -inf and +inf -> FLT_MAX: the
  * sampler's load of the model's logits into its work buffer, in one streaming pass. Tokens in
@@ -271,6 +355,12 @@ void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const i
     for (int64_t i = 0; i < n; i++) {
       const int64_t r = rows[i];
       const float *s = src + (order ? order[r] : r) * stride;
+      int patched = 0;
+      for (int64_t k = 0; patch_ids && k < width; k++) patched |= patch_ids[r * width + k] >= 0;
+      if (use_avx512 && !patched) { /* no copy: cleaned as read */
+        mass[i] = row_mass16(s, vocab, temperature[i], max_z ? max_z + i : NULL, 1);
+        continue;
+      }
       int64_t j = 0;
       for (; j + 8 <= vocab; j += 8) _mm256_storeu_ps(row + j, clean8(_mm256_loadu_ps(s + j)));
       for (; j < vocab; j++) row[j] = clean(s[j]);
@@ -284,17 +374,73 @@ void winnow_source_mass(const float *src, int64_t vocab, int64_t stride, const i
   }
 }
 
+#define TAKEN 4 /* candidates held before the worst are dropped, per candidate asked for */
+
 typedef struct {
-  entry *buf;
+  entry *buf; /* [TAKEN n] */
   int64_t len, n;
-  int open; /* still taking every token (the first 2n) */
+  int open; /* still taking every token (the first TAKEN n) */
   float threshold; /* the n-th best so far, once not open */
+  /* with the normaliser: the tokens taken and then dropped, sum_j exp(y_j - dropped_ref) */
+  int want_mass;
+  float temperature, dropped_ref;
+  double dropped;
+  float *scratch; /* [TAKEN n] */
 } top_n;
+
+/* The tokens a scan did not take, when the normaliser is wanted: their bits exps (see
+ * scan_row) against zref, and their largest (cleaned) value. */
+typedef struct {
+  float zref, top;
+  double rough;
+  int64_t lane_adds; /* float32 adds behind each lane's share of rough */
+} rest_sum;
+
+/* sum_i exp(min(FLT_MAX, z[i] / t) - m) in double, each term in row_mass's float32 operations
+ * (exp_neg, also for the last count % 8, where row_mass takes expf); y <= m. */
+static double exact_terms(const float *z, int64_t count, float t, float m) {
+  const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX), mm = _mm256_set1_ps(m);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j < count; j += 8) {
+    __m256 x;
+    if (j + 8 <= count) {
+      x = _mm256_loadu_ps(z + j);
+    } else {
+      float last[8];
+      for (int i = 0; i < 8; i++) last[i] = j + i < count ? z[j + i] : -INFINITY;
+      x = _mm256_loadu_ps(last);
+    }
+    __m256 e = exp_neg(_mm256_sub_ps(_mm256_min_ps(big, _mm256_div_ps(x, tv)), mm));
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  double sums[4];
+  _mm256_storeu_pd(sums, _mm256_add_pd(lo, hi));
+  return sums[0] + sums[1] + sums[2] + sums[3];
+}
+
+/* The normaliser's share of tokens taken as candidates and then dropped (z[0..count)). */
+static void drop_mass(top_n *t, const float *z, int64_t count) {
+  float top = -INFINITY;
+  for (int64_t i = 0; i < count; i++) top = z[i] > top ? z[i] : top;
+  float ref = y_of(top, t->temperature);
+  if (ref == -INFINITY) return;
+  if (ref > t->dropped_ref) {
+    t->dropped *= t->dropped_ref == -INFINITY ? 0.0 : exp((double)t->dropped_ref - (double)ref);
+    t->dropped_ref = ref;
+  }
+  t->dropped += exact_terms(z, count, t->temperature, t->dropped_ref);
+}
 
 static void top_push(top_n *t, float v, int64_t id) {
   t->buf[t->len++] = (entry){v, id};
-  if (t->len < 2 * t->n) return;
+  if (t->len < TAKEN * t->n) return;
   select_best(t->buf, t->len, t->n);
+  if (t->want_mass) {
+    for (int64_t i = t->n; i < t->len; i++) t->scratch[i - t->n] = t->buf[i].v;
+    drop_mass(t, t->scratch, t->len - t->n);
+  }
   t->len = t->n;
   t->open = 0;
   float threshold = t->buf[0].v;
@@ -302,41 +448,73 @@ static void top_push(top_n *t, float v, int64_t id) {
   t->threshold = threshold;
 }
 
-static inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+/* A token a loop's compare flagged (raw value x, cleaned here): a candidate if it still beats
+ * the threshold, else (the threshold rose after the compare) dropped. */
+static inline void take(top_n *t, float x, int64_t id) {
+  float v = clean(x);
+  if (t->open || v > t->threshold) top_push(t, v, id);
+  else if (t->want_mass) drop_mass(t, &v, 1);
 }
 
-#define SAMPLE_SPANS 8
+/* Token id of a row, cleaned, or its patched value. */
+static inline float read1(const float *src, const float *patch, const uint32_t *set, int64_t id) {
+  return set && (set[id >> 5] >> (id & 31) & 1u) ? patch[id] : clean(src[id]);
+}
+
+#define SAMPLE_SPANS 16
 
 /* A guess at a value that about 2n of the row's tokens reach, from the largest values of
- * SAMPLE_SPANS spans of CHUNK tokens spread over the row (unpatched); -inf where the row is too
+ * SAMPLE_SPANS spans of SPAN tokens spread over the row (unpatched); -inf where the row is too
  * short for a sample to tell. Only a starting threshold: the caller checks that n tokens reach
- * it and otherwise scans again without one. */
-static float sample_threshold(const float *src, int64_t vocab, int64_t n) {
-  const int64_t sampled = SAMPLE_SPANS * CHUNK;
+ * it and otherwise scans again without one. Spread over the row, the spans are cache misses no
+ * hardware prefetcher foresees: the same spans of the row at `next` (NULL: none) are asked for
+ * meanwhile, the rows' guesses being taken one after the other before any row is scanned. */
+static float sample_threshold(const float *src, int64_t vocab, int64_t n, const float *next) {
+  const int64_t sampled = SAMPLE_SPANS * SPAN;
   int64_t m = (2 * n * sampled + vocab - 1) / vocab;
-  if (vocab < 4 * sampled || m > 64) return -INFINITY;
-  float best[64]; /* the m largest so far, descending */
+  if (vocab < 4 * sampled || m > 128) return -INFINITY;
+  float best[128], floor = -INFINITY; /* the m largest so far, descending; the m-th once held */
   int64_t len = 0;
   for (int64_t k = 0; k < SAMPLE_SPANS; k++) {
-    const float *span = src + (k * (vocab - CHUNK) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
-    for (int64_t j0 = 0; j0 < CHUNK; j0 += 8) { /* a vector compare drops most of the span */
-      __m256 floor = _mm256_set1_ps(len == m ? best[m - 1] : -INFINITY);
-      __m256 x = clean8(_mm256_loadu_ps(span + j0));
-      if (len == m && !_mm256_movemask_ps(_mm256_cmp_ps(x, floor, _CMP_GT_OQ))) continue;
-      for (int64_t j = j0; j < j0 + 8; j++) {
-        float v = clean(span[j]);
-        if (len == m && !(v > best[m - 1])) continue;
+    const int64_t offset = k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7;
+    const float *span = src + offset;
+    for (int64_t b = 0; next && b < (int64_t)sizeof(float) * SPAN; b += 64)
+      _mm_prefetch((const char *)(next + offset) + b, _MM_HINT_T0);
+    for (int64_t j = 0; j < SPAN; j += 8) { /* a vector compare drops most of the span */
+      __m256 x = clean8(_mm256_loadu_ps(span + j));
+      int hits = _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(floor), _CMP_GT_OQ));
+      if (!hits) continue;
+      float lanes[8];
+      _mm256_storeu_ps(lanes, x);
+      for (; hits; hits &= hits - 1) {
+        float v = lanes[__builtin_ctz(hits)];
+        if (!(v > floor)) continue; /* the floor rose within this vector */
         int64_t i = len < m ? len++ : m - 1;
         for (; i > 0 && best[i - 1] < v; i--) best[i] = best[i - 1];
         best[i] = v;
+        if (len == m) floor = best[m - 1];
       }
     }
   }
-  return len == m ? best[m - 1] : -INFINITY;
+  return len == m ? floor : -INFINITY;
+}
+
+/* The largest (cleaned, unpatched) value of sample_threshold's spans, or of the whole row
+ * where it is not longer than they are: the bits exps' reference where there is no guess. */
+static float sample_max(const float *src, int64_t vocab) {
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  float top = -INFINITY;
+  int whole = vocab <= SAMPLE_SPANS * SPAN;
+  for (int64_t k = 0; k < (whole ? 1 : SAMPLE_SPANS); k++) {
+    const float *span = whole ? src : src + (k * (vocab - SPAN) / (SAMPLE_SPANS - 1) & ~(int64_t)7);
+    int64_t len = whole ? vocab : SPAN, j = 0;
+    for (; j + 8 <= len; j += 8) best = _mm256_max_ps(best, clean8(_mm256_loadu_ps(span + j)));
+    for (; j < len; j++) top = max_of(top, clean(span[j]));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, best);
+  for (int i = 0; i < 8; i++) top = max_of(top, lanes[i]);
+  return top;
 }
 
 static int compare_keys(const void *a, const void *b) {
@@ -344,261 +522,248 @@ static int compare_keys(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Sort the n entries by value descending, then id ascending: an LSD radix sort on the value
- * half of 64-bit keys (value, id), then each run of equal values (rare in float32 logits, common
- * where they come from bfloat16) sorted by id. */
-static void sort_entries(entry *buf, int64_t n, uint64_t *keys, uint64_t *tmp) {
-  for (int64_t i = 0; i < n; i++) {
+/* The best `keep` of the len entries by value descending, then id ascending, into values and
+ * ids: an LSD radix sort on the value half of 64-bit keys (value, id) (the digits' counts in one
+ * pass; a digit all keys share moves nothing), then each run of equal values (rare in float32
+ * logits, common where they come from bfloat16) sorted by id. keys, tmp: [len]. */
+static void sort_entries(const entry *buf, int64_t len, int64_t keep, uint64_t *keys,
+                         uint64_t *tmp, float *values, int64_t *ids) {
+  uint32_t count[4][256];
+  memset(count, 0, sizeof(count));
+  for (int64_t i = 0; i < len; i++) {
     uint32_t bits;
     memcpy(&bits, &buf[i].v, 4);
-    bits = bits >> 31 ? ~bits : bits | 0x80000000u; /* ascending as unsigned */
-    keys[i] = (uint64_t)~bits << 32 | (uint64_t)buf[i].id;
+    bits = ~(bits >> 31 ? ~bits : bits | 0x80000000u); /* descending as unsigned */
+    keys[i] = (uint64_t)bits << 32 | (uint64_t)buf[i].id;
+    for (int d = 0; d < 4; d++) count[d][bits >> 8 * d & 0xFF]++;
   }
-  for (int shift = 32; shift < 64; shift += 8) {
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; i++) count[(keys[i] >> shift & 0xFF) + 1]++;
-    if (count[(keys[0] >> shift & 0xFF) + 1] == n) continue; /* one digit value: nothing moves */
-    for (int d = 0; d < 256; d++) count[d + 1] += count[d];
-    for (int64_t i = 0; i < n; i++) tmp[count[keys[i] >> shift & 0xFF]++] = keys[i];
-    memcpy(keys, tmp, sizeof(uint64_t) * n);
+  for (int d = 0; d < 4; d++) {
+    const int shift = 32 + 8 * d;
+    if (count[d][keys[0] >> shift & 0xFF] == (uint32_t)len) continue; /* nothing moves */
+    uint32_t start[256], sum = 0;
+    for (int k = 0; k < 256; k++) {
+      start[k] = sum;
+      sum += count[d][k];
+    }
+    for (int64_t i = 0; i < len; i++) tmp[start[keys[i] >> shift & 0xFF]++] = keys[i];
+    uint64_t *swap = keys;
+    keys = tmp;
+    tmp = swap;
   }
-  for (int64_t i = 0, run; i < n; i += run) {
-    for (run = 1; i + run < n && keys[i + run] >> 32 == keys[i] >> 32; run++) {
+  for (int64_t i = 0, run; i < keep; i += run) {
+    for (run = 1; i + run < len && keys[i + run] >> 32 == keys[i] >> 32; run++) {
     }
     if (run > 1) qsort(keys + i, (size_t)run, sizeof(uint64_t), compare_keys);
   }
-  for (int64_t i = 0; i < n; i++) {
+  for (int64_t i = 0; i < keep; i++) {
     uint32_t bits = ~(uint32_t)(keys[i] >> 32);
     bits = bits >> 31 ? bits & 0x7FFFFFFFu : ~bits;
-    memcpy(&buf[i].v, &bits, 4);
-    buf[i].id = (int64_t)(keys[i] & 0xFFFFFFFFu);
+    memcpy(&values[i], &bits, 4);
+    ids[i] = (int64_t)(keys[i] & 0xFFFFFFFFu);
   }
 }
 
-/* The normaliser's bounds (see winnow_scan_rows). */
-#define NEAR 5.0f          /* chunks whose tokens are all below e^-NEAR of the maximum so far */
-#define ROUGH_OVER 1.0616  /* the upper-bound exp is at most this factor over e^x */
-#define ROUGH_SLACK 1e-4   /* its argument's float32 rounding, and the rescales */
-#define EXACT_SLACK 4e-6   /* float32 exps of differences rounded to float32, as torch's */
+/* The normaliser's bounds (see winnow_scan_rows); slacks relative to each part's sum. */
+#define ROUGH_OVER 1.0616   /* the bits exp is at most this factor over 2^v */
+#define ROUGH_SLACK 1e-3    /* its argument's roundings (|v| < 128, |zref| / T <= BITS_RANGE:
+                               ~1.5e-4) and row_mass's own roundings of y and y - max y
+                               (|max y| <= MASS_RANGE: ~3e-4); plus lane_adds * 2^-24 for the
+                               float32 lane sums */
+#define MASS_RANGE 4096.0f
+#define BITS_RANGE 256.0
+#define ROUGH_TOP 125.0     /* v of the largest token the bits exp may see (2^128 overflows) */
+#define EXACT_SLACK 1e-6    /* row_mass's terms, but for expf in its last vocab % 8 (a few ulp) */
+#define DROPPED_SLACK 1e-4  /* exps of differences from another reference, each rounded to
+                               float32 (|y - max y| < 128: 2^-17), and the rescales */
 
-/* One row: candidates into t; when want_mass, mass[0] <= sum_j exp(y_j - max y) <= mass[1]
- * (winnow_scan_rows). */
-static void scan_row(const float *src, const float *patch, const uint32_t *set, int64_t vocab,
-                     float temperature, int want_mass, top_n *t, double *mass) {
-  float chunk[CHUNK] __attribute__((aligned(32)));
+/* The bits exp's constants: the float32 whose bits are round(2^23 (v + 127)) is
+ * 2^floor(v) (1 + frac(v)), v = (z - zref) log2(e) / T, taken as one FMA of z (so its
+ * roundings grow with |zref| / T: BITS_RANGE bounds it). */
+#define BITS_SCALE(t) (0x1p23f * 1.44269504088896341f / (t))
+#define BITS_BIAS (0x1p23f * 127.0f)
+#define PREFETCH 2048 /* tokens ahead the loops ask for */
+#define BLOCK 512 /* tokens per block of the loops: their sums restart each block, and the
+                     candidates a block's compares flag are taken after it (no call inside the
+                     loop, so the sums stay in registers) */
+
+/* Tokens from..to one at a time (the row's first ones while t->open, and the last vocab % lanes):
+ * a token that is no candidate adds exp((z - zref) / T) to rest->rough (in double: within both
+ * of the bits exp's bounds). Returns where it stopped: at `to`, or, with `align`, at the first
+ * multiple of align once t is no longer open. */
+static int64_t scan_scalar(const float *src, const float *patch, const uint32_t *set,
+                           int64_t from, int64_t to, int64_t align, top_n *t, rest_sum *rest) {
+  int64_t j = from;
+  for (; j < to && !(align && !t->open && j % align == 0); j++) {
+    float v = read1(src, patch, set, j);
+    if (t->open || v > t->threshold) {
+      top_push(t, v, j);
+    } else if (t->want_mass) {
+      rest->rough += exp(((double)v - (double)rest->zref) / (double)t->temperature);
+      rest->top = max_of(rest->top, v);
+    }
+  }
+  return j;
+}
+
+/* The candidates a block's compares flagged: the vectors at at[i] with lanes flags[i]. A flag
+ * from an older threshold is checked again by take. */
+static void take_flagged(const float *src, const float *patch, const uint32_t *set,
+                         const int64_t *at, const uint32_t *flags, int count, top_n *t) {
+  for (int i = 0; i < count; i++)
+    for (uint32_t h = flags[i]; h; h &= h - 1) {
+      int64_t id = at[i] + __builtin_ctz(h);
+      take(t, read1(src, patch, set, id), id);
+    }
+}
+
+/* One row's scan with 8 lanes: candidates into t and, with t->want_mass (the constant `mass`),
+ * the bits exps and the largest of the tokens no compare flags into rest. */
+static inline __attribute__((always_inline)) void scan8(const float *src, const float *patch,
+                                                        const uint32_t *set, int64_t vocab,
+                                                        top_n *t, rest_sum *rest,
+                                                        const int mass) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256 tv = _mm256_set1_ps(temperature), big = _mm256_set1_ps(FLT_MAX);
-  float m = -INFINITY; /* the largest y so far */
-  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and upper-bound terms */
-  for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
-    int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= len; j += 8) {
-      __m256 x = clean8(_mm256_loadu_ps(src + c0 + j));
-      uint32_t hit = set ? (set[(c0 + j) >> 5] >> ((c0 + j) & 24)) & 0xFFu : 0;
+  const float scale = BITS_SCALE(t->temperature);
+  const __m256 a = _mm256_set1_ps(scale), b = _mm256_set1_ps(BITS_BIAS - scale * rest->zref);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256d sum = _mm256_setzero_pd();
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  int64_t at[BLOCK / 8];
+  uint32_t flags[BLOCK / 8];
+  int64_t j = scan_scalar(src, patch, set, 0, vocab, 8, t, rest), last = vocab & ~(int64_t)7;
+  while (j < last) {
+    const int64_t end = last - j < BLOCK ? last : j + BLOCK;
+    const __m256 threshold = _mm256_set1_ps(t->threshold);
+    __m256 acc = zero;
+    int count = 0;
+    for (; j < end; j += 8) {
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      __m256 x = _mm256_loadu_ps(src + j);
+      uint32_t hit = set ? (set[j >> 5] >> (j & 24)) & 0xFFu : 0;
       if (hit) {
         __m256i sel = _mm256_and_si256(_mm256_set1_epi32((int)hit), lane_bit);
         __m256 use = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
-        x = _mm256_blendv_ps(x, _mm256_loadu_ps(patch + c0 + j), use);
+        x = _mm256_blendv_ps(x, _mm256_loadu_ps(patch + j), use);
       }
-      _mm256_store_ps(chunk + j, x);
-      mv = _mm256_max_ps(mv, x);
-    }
-    float cmax = hmax8(mv);
-    for (; j < len; j++) {
-      int64_t id = c0 + j;
-      chunk[j] = set && (set[id >> 5] >> (id & 31) & 1u) ? patch[id] : clean(src[id]);
-      cmax = chunk[j] > cmax ? chunk[j] : cmax;
-    }
-    if (t->open) {
-      for (j = 0; j < len; j++)
-        if (t->open || chunk[j] > t->threshold) top_push(t, chunk[j], c0 + j);
-    } else if (cmax > t->threshold) {
-      for (j = 0; j + 8 <= len; j += 8) {
-        __m256 v = _mm256_load_ps(chunk + j);
-        int hits = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(t->threshold), _CMP_GT_OQ));
-        for (; hits; hits &= hits - 1) {
-          int lane = __builtin_ctz(hits);
-          if (chunk[j + lane] > t->threshold) top_push(t, chunk[j + lane], c0 + j + lane);
-        }
+      __m256 flagged = _mm256_cmp_ps(x, threshold, _CMP_GT_OQ);
+      if (mass) { /* NaN and -inf give bits 0 (max returns its second operand for NaN) */
+        __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(x, a, b), zero);
+        acc = _mm256_add_ps(acc, _mm256_andnot_ps(flagged, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits))));
+        top = _mm256_blendv_ps(_mm256_max_ps(x, top), top, flagged);
       }
-      for (; j < len; j++)
-        if (chunk[j] > t->threshold) top_push(t, chunk[j], c0 + j);
-    }
-    if (!want_mass || cmax == -INFINITY) continue;
-    float cm = y_of(cmax, temperature);
-    if (cm > m) {
-      double rescale = m == -INFINITY ? 0.0 : exp((double)m - (double)cm);
-      total *= rescale;
-      rough *= rescale;
-      m = cm;
-    }
-    float lanes[8];
-    if (cm < m - NEAR && fabsf(m) <= 256.0f) { /* terms < e^-NEAR: the upper-bound exp */
-      const float a = 0x1p23f * 1.44269504088896341f / temperature;
-      const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(0x1p23f * 127.0f - a * temperature * m);
-      __m256 acc = _mm256_setzero_ps();
-      for (j = 0; j + 8 <= len; j += 8) {
-        __m256 bits = _mm256_max_ps(_mm256_fmadd_ps(_mm256_load_ps(chunk + j), av, bv), _mm256_setzero_ps());
-        acc = _mm256_add_ps(acc, _mm256_castsi256_ps(_mm256_cvtps_epi32(bits)));
-      }
-      _mm256_storeu_ps(lanes, acc);
-      for (int i = 0; i < 8; i++) rough += lanes[i];
-      for (; j < len; j++) rough += exp((double)(y_of(chunk[j], temperature) - m)) * ROUGH_OVER;
-      continue;
-    }
-    __m256 acc = _mm256_setzero_ps(), mm = _mm256_set1_ps(m);
-    for (j = 0; j + 8 <= len; j += 8) {
-      __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_load_ps(chunk + j), tv));
-      acc = _mm256_add_ps(acc, exp_neg(_mm256_sub_ps(y, mm)));
-    }
-    _mm256_storeu_ps(lanes, acc);
-    for (int i = 0; i < 8; i++) total += lanes[i];
-    for (; j < len; j++) total += (double)expf(y_of(chunk[j], temperature) - m);
-  }
-  if (m == -INFINITY) { /* torch: exp(-inf - -inf) */
-    mass[0] = mass[1] = NAN;
-    return;
-  }
-  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH_OVER * (1.0 - ROUGH_SLACK);
-  mass[1] = total * (1.0 + EXACT_SLACK) + rough * (1.0 + ROUGH_SLACK) + (double)vocab * 0x1p-120;
-}
-
-
-#define AVX512 __attribute__((target("avx512f")))
-
-static int use_avx512 = 0;
-
-/* Pick the ISA of winnow_scan_rows; returns whether AVX-512 is in use. */
-int winnow_row_stats_init(int wanted_avx512) {
-  __builtin_cpu_init();
-  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
-  return use_avx512;
-}
-
-/* Tokens j..j+15 of a row, cleaned, with the patched ones blended in. */
-static inline AVX512 __m512 row16(const float *src, const float *patch, const uint32_t *set,
-                                  int64_t j) {
-  __m512 x = _mm512_min_ps(_mm512_set1_ps(FLT_MAX),
-                           _mm512_max_ps(_mm512_loadu_ps(src + j), _mm512_set1_ps(-INFINITY)));
-  __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
-  return hit ? _mm512_mask_loadu_ps(x, hit, patch + j) : x;
-}
-
-static inline AVX512 float row1(const float *src, const float *patch, const uint32_t *set,
-                                int64_t j) {
-  return set && (set[j >> 5] >> (j & 31) & 1u) ? patch[j] : clean(src[j]);
-}
-
-/* exp(x) for x <= 0 as exp_neg, 16 lanes. */
-static inline AVX512 __m512 exp_neg16(__m512 x) {
-  const __m512 low = _mm512_set1_ps(-87.3f);
-  __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, low);
-  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
-}
-
-/* The bulk's cheap exp with 16 lanes: 2^v = 2^k 2^f (k = floor v) with 2^f taken as
- * 1 + (2/3) f + (1/3) f^2, which is 2^f times a factor in [ROUGH16_LOW, ROUGH16_HIGH] over
- * f in [0, 1] (a quadratic through both ends: nine times tighter than the two-instruction exp,
- * so fewer rows need the exact normaliser). v is clamped at -200 (-inf logits give 0). */
-#define ROUGH16_LOW 0.99810
-#define ROUGH16_HIGH 1.00345
-
-static inline AVX512 __m512 exp2_rough16(__m512 v) {
-  v = _mm512_max_ps(v, _mm512_set1_ps(-200.0f));
-  __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(v, k);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 3.0f), f, _mm512_set1_ps(2.0f / 3.0f));
-  return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f)), k);
-}
-
-/* scan_row with 16 lanes and no chunk copy: the chunk's first read takes its maximum, its
- * candidates (a compare per vector) and, when the normaliser is asked and the chunk ends up far
- * below the maximum, its cheap exps (exp2_rough16); a chunk that needs exact exps (or the
- * first 2n tokens, without a guessed threshold) is read again from L1. */
-static AVX512 void scan_row_avx512(const float *src, const float *patch, const uint32_t *set,
-                                   int64_t vocab, float temperature, int want_mass, top_n *t,
-                                   double *mass) {
-  const __m512 tv = _mm512_set1_ps(temperature), big = _mm512_set1_ps(FLT_MAX);
-  const float a = 1.44269504088896341f / temperature;
-  float m = -INFINITY; /* the largest y so far */
-  double total = 0.0, rough = 0.0; /* sums of exp(y - m): exact, and cheap terms */
-  for (int64_t c0 = 0; c0 < vocab; c0 += CHUNK) {
-    int64_t len = vocab - c0 < CHUNK ? vocab - c0 : CHUNK, j = 0;
-    int fast = want_mass && m > -INFINITY && fabsf(m) <= 256.0f;
-    /* v = (y - m) log2 e, as z * (log2 e / T) - m log2 e */
-    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(-a * temperature * m);
-    __m512 mv = _mm512_set1_ps(-INFINITY), acc = _mm512_setzero_ps();
-    const int open = t->open;
-    for (; j + 16 <= len; j += 16) {
-      _mm_prefetch((const char *)(src + c0 + j + PREFETCH), _MM_HINT_NTA);
-      __m512 x = row16(src, patch, set, c0 + j);
-      mv = _mm512_max_ps(mv, x);
-      if (fast) acc = _mm512_add_ps(acc, exp2_rough16(_mm512_fmadd_ps(x, av, bv)));
-      unsigned hits = open ? 0 : _mm512_cmp_ps_mask(x, _mm512_set1_ps(t->threshold), _CMP_GT_OQ);
+      uint32_t hits = (uint32_t)_mm256_movemask_ps(flagged);
       if (hits) {
-        float xs[16];
-        _mm512_storeu_ps(xs, x);
-        for (; hits; hits &= hits - 1) {
-          int lane = __builtin_ctz(hits);
-          if (xs[lane] > t->threshold) top_push(t, xs[lane], c0 + j + lane);
-        }
+        at[count] = j;
+        flags[count++] = hits;
       }
     }
-    float cmax = _mm512_reduce_max_ps(mv);
-    for (int64_t i = j; i < len; i++) {
-      float v = row1(src, patch, set, c0 + i);
-      cmax = v > cmax ? v : cmax;
-      if (!open && v > t->threshold) top_push(t, v, c0 + i);
-    }
-    if (open) {
-      for (j = 0; j < len; j++) {
-        float v = row1(src, patch, set, c0 + j);
-        if (t->open || v > t->threshold) top_push(t, v, c0 + j);
-      }
-    }
-    if (!want_mass || cmax == -INFINITY) continue;
-    float cm = y_of(cmax, temperature);
-    if (fast && cm < m - NEAR) { /* terms < e^-NEAR: the cheap exps already taken */
-      rough += _mm512_reduce_add_ps(acc);
-      for (j = len & ~(int64_t)15; j < len; j++)
-        rough += exp((double)(y_of(row1(src, patch, set, c0 + j), temperature) - m));
-      continue;
-    }
-    if (cm > m) {
-      double rescale = m == -INFINITY ? 0.0 : exp((double)m - (double)cm);
-      total *= rescale;
-      rough *= rescale;
-      m = cm;
-    }
-    __m512 sum = _mm512_setzero_ps(), mm = _mm512_set1_ps(m);
-    for (j = 0; j + 16 <= len; j += 16) {
-      __m512 y = _mm512_min_ps(big, _mm512_div_ps(row16(src, patch, set, c0 + j), tv));
-      sum = _mm512_add_ps(sum, exp_neg16(_mm512_sub_ps(y, mm)));
-    }
-    total += _mm512_reduce_add_ps(sum);
-    for (; j < len; j++) total += (double)expf(y_of(row1(src, patch, set, c0 + j), temperature) - m);
+    if (mass)
+      sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(acc)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(acc, 1))));
+    take_flagged(src, patch, set, at, flags, count, t);
   }
+  if (mass) {
+    double sums[4];
+    float tops[8];
+    _mm256_storeu_pd(sums, sum);
+    _mm256_storeu_ps(tops, top);
+    rest->rough += sums[0] + sums[1] + sums[2] + sums[3];
+    for (int i = 0; i < 8; i++) rest->top = max_of(rest->top, tops[i]);
+    rest->lane_adds = BLOCK / 8;
+  }
+  scan_scalar(src, patch, set, j, vocab, 0, t, rest);
+}
+
+static void scan_row(const float *src, const float *patch, const uint32_t *set, int64_t vocab,
+                     top_n *t, rest_sum *rest) {
+  if (t->want_mass) scan8(src, patch, set, vocab, t, rest, 1);
+  else scan8(src, patch, set, vocab, t, rest, 0);
+}
+
+/* scan_row with 16 lanes. */
+static inline __attribute__((always_inline)) AVX512 void scan16(const float *src,
+                                                                const float *patch,
+                                                                const uint32_t *set,
+                                                                int64_t vocab, top_n *t,
+                                                                rest_sum *rest,
+                                                                const int mass) {
+  const float scale = BITS_SCALE(t->temperature);
+  const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(BITS_BIAS - scale * rest->zref);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512d sum = _mm512_setzero_pd();
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t at[BLOCK / 16];
+  uint32_t flags[BLOCK / 16];
+  int64_t j = scan_scalar(src, patch, set, 0, vocab, 16, t, rest), last = vocab & ~(int64_t)15;
+  while (j < last) {
+    const int64_t end = last - j < BLOCK ? last : j + BLOCK;
+    const __m512 threshold = _mm512_set1_ps(t->threshold);
+    __m512 acc = zero;
+    int count = 0;
+    for (; j < end; j += 16) {
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      __m512 x = _mm512_loadu_ps(src + j);
+      __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
+      if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
+      __mmask16 flagged = _mm512_cmp_ps_mask(x, threshold, _CMP_GT_OQ);
+      if (mass) {
+        __m512 bits = _mm512_max_ps(_mm512_fmadd_ps(x, a, b), zero);
+        acc = _mm512_mask_add_ps(acc, (__mmask16)~flagged, acc, _mm512_castsi512_ps(_mm512_cvtps_epi32(bits)));
+        top = _mm512_mask_max_ps(top, (__mmask16)~flagged, x, top); /* NaN: max gives top */
+      }
+      if (flagged) {
+        at[count] = j;
+        flags[count++] = flagged;
+      }
+    }
+    if (mass) {
+      __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+      sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(acc)),
+                                             _mm512_cvtps_pd(hi)));
+    }
+    take_flagged(src, patch, set, at, flags, count, t);
+  }
+  if (mass) {
+    rest->rough += _mm512_reduce_add_pd(sum);
+    rest->top = max_of(rest->top, _mm512_reduce_max_ps(top));
+    rest->lane_adds = BLOCK / 16;
+  }
+  scan_scalar(src, patch, set, j, vocab, 0, t, rest);
+}
+
+static AVX512 void scan_row_avx512(const float *src, const float *patch, const uint32_t *set,
+                                   int64_t vocab, top_n *t, rest_sum *rest) {
+  if (t->want_mass) scan16(src, patch, set, vocab, t, rest, 1);
+  else scan16(src, patch, set, vocab, t, rest, 0);
+}
+
+/* mass[0] <= row_mass's value <= mass[1] (see the top): m = max y; kept: the exact terms of
+ * the candidates the scan kept, t its state after it; rest: the tokens it did not take. */
+static void mass_bounds(const top_n *t, float m, double kept, const rest_sum *rest,
+                        int64_t vocab, double *mass) {
   if (m == -INFINITY) { /* torch: exp(-inf - -inf) */
     mass[0] = mass[1] = NAN;
     return;
   }
-  mass[0] = total * (1.0 - EXACT_SLACK) + rough / ROUGH16_HIGH * (1.0 - ROUGH_SLACK);
-  mass[1] = total * (1.0 + EXACT_SLACK) + rough / ROUGH16_LOW * (1.0 + ROUGH_SLACK) +
-            (double)vocab * 0x1p-120;
+  const double temperature = t->temperature, tiny = (double)vocab * 0x1p-120;
+  double dropped = t->dropped_ref == -INFINITY ? 0.0 : t->dropped * exp((double)t->dropped_ref - m);
+  mass[0] = kept * (1.0 - EXACT_SLACK) + dropped * (1.0 - DROPPED_SLACK) - tiny;
+  mass[1] = kept * (1.0 + EXACT_SLACK) + dropped * (1.0 + DROPPED_SLACK) + tiny;
+  /* each of the rest is at most rest->top: a cap on their share whatever the bits exps; below
+   * e^-88 of the largest, row_mass's exps are 0 */
+  double below = (double)y_of(rest->top, t->temperature) - m;
+  if (!(below > -88.0)) return;
+  double cap = (double)vocab * exp(fmin(below, 0.0)) * (1.0 + DROPPED_SLACK);
+  double top_v = ((double)rest->top - rest->zref) / temperature * 1.4426950408889634;
+  double scale = exp((double)rest->zref / temperature - m), rough = scale * rest->rough;
+  int valid = fabsf(m) <= MASS_RANGE && fabs((double)rest->zref / temperature) <= BITS_RANGE;
+  if (!(valid && top_v < ROUGH_TOP && isfinite(rough))) {
+    mass[1] += cap;
+    return;
+  }
+  double slack = ROUGH_SLACK + (double)rest->lane_adds * 0x1p-24;
+  mass[0] += rough / ROUGH_OVER * (1.0 - slack);
+  mass[1] += fmin(cap, rough * (1.0 + slack) + scale * (double)vocab * 0x1p-126);
 }
 
 /* Rows r < rows: row order[r] of src (r without an order; row stride `stride`), tokens in
@@ -610,10 +775,17 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
                       const float *patch, int64_t n, const float *temperature,
                       const unsigned char *want_mass, float *values, int64_t *ids, double *mass,
                       int nthreads) {
+  float *guesses = malloc(sizeof(float) * rows);
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
-    entry *buf = malloc(sizeof(entry) * 2 * n);
-    uint64_t *keys = malloc(sizeof(uint64_t) * 2 * n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *next = r + 1 < rows ? src + (order ? order[r + 1] : r + 1) * stride : NULL;
+      guesses[r] = sample_threshold(src + (order ? order[r] : r) * stride, vocab, n, next);
+    }
+    entry *buf = malloc(sizeof(entry) * TAKEN * n);
+    uint64_t *keys = malloc(sizeof(uint64_t) * 2 * TAKEN * n);
+    float *scratch = malloc(sizeof(float) * TAKEN * n);
     uint32_t *set = patch_ids ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
     float *dense = patch_ids ? malloc(sizeof(float) * vocab) : NULL;
 #pragma omp for schedule(static)
@@ -628,31 +800,41 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
           set[row_ids[i] >> 5] |= 1u << (row_ids[i] & 31);
           dense[row_ids[i]] = patch[r * vocab + row_ids[i]];
         }
-      float guess = sample_threshold(row, vocab, n);
-      top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY)};
-      int wanted = want_mass && want_mass[r];
-      double unused[2];
-      void (*scan)(const float *, const float *, const uint32_t *, int64_t, float, int, top_n *,
-                   double *) = use_avx512 ? scan_row_avx512 : scan_row;
-      scan(row, row_patch, set, vocab, temperature[r], wanted, &t, wanted ? mass + 2 * r : unused);
+      const int wanted = want_mass && want_mass[r];
+      const float t_r = temperature[r], guess = guesses[r];
+      const float zref = wanted && guess == -INFINITY ? sample_max(row, vocab) : guess;
+      top_n t = {buf, 0, n, guess == -INFINITY, nextafterf(guess, -INFINITY), wanted, t_r,
+                 -INFINITY, 0.0, scratch};
+      void (*scan)(const float *, const float *, const uint32_t *, int64_t, top_n *,
+                   rest_sum *) = use_avx512 ? scan_row_avx512 : scan_row;
+      rest_sum rest = {zref, -INFINITY, 0.0, 0};
+      double kept = 0.0;
+      scan(row, row_patch, set, vocab, &t, &rest);
+      const top_n first = t;
+      float m = -INFINITY;
+      if (wanted && t.len) { /* the row's largest token is among them (see the top) */
+        float top = -INFINITY;
+        for (int64_t i = 0; i < t.len; i++) top = max_of(top, scratch[i] = buf[i].v);
+        m = y_of(top, t_r);
+        kept = exact_terms(scratch, t.len, t_r, m);
+      }
       if (t.len < n && !t.open) { /* fewer than n reach the guess: again, without it */
-        t = (top_n){buf, 0, n, 1, -INFINITY};
-        scan(row, row_patch, set, vocab, temperature[r], 0, &t, unused);
+        t = (top_n){buf, 0, n, 1, -INFINITY, 0, t_r, -INFINITY, 0.0, scratch};
+        scan(row, row_patch, set, vocab, &t, &rest);
       }
-      if (t.len > n) select_best(buf, t.len, n);
-      sort_entries(buf, n, keys, keys + n);
-      for (int64_t i = 0; i < n; i++) {
-        values[r * n + i] = buf[i].v;
-        ids[r * n + i] = buf[i].id;
-      }
+      sort_entries(buf, t.len, n, keys, keys + TAKEN * n, values + r * n, ids + r * n);
+      if (wanted) mass_bounds(&first, first.len ? m : y_of(values[r * n], t_r), kept, &rest, vocab,
+                              mass + 2 * r);
       for (int64_t i = 0; set && i < width; i++)
         if (row_ids[i] >= 0) set[row_ids[i] >> 5] &= ~(1u << (row_ids[i] & 31));
     }
     free(buf);
     free(keys);
+    free(scratch);
     free(set);
     free(dense);
   }
+  free(guesses);
 }
 
 /* Stage 1 on the work buffer z [*, vocab], as penalties.PenaltyHistory.apply computes it, for
