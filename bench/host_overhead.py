@@ -19,6 +19,10 @@ detokenisation and stop checks), and "output thread" is absent.
 
     .venv/bin/python bench/host_overhead.py
     .venv/bin/python bench/host_overhead.py --compare-with /path/to/other/checkout
+    .venv/bin/python bench/host_overhead.py --text logprobs   # or stop
+
+--text asks every request for more than plain text: `stop` two stop strings that never match
+(the holdback's scan on every token), `logprobs` the sampled token's logprob and 5 top ones.
 
 --compare-with runs the same measurement on another checkout's code (in a subprocess, turn about
 with this one's, `--rounds` times) and prints this checkout's time over it.
@@ -47,6 +51,11 @@ from winnow.sampling.params import SamplingParams
 
 PROMPT_LEN = 40
 BATCHES = (1, 64, 256)
+TEXT_PARAMS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "stop": {"stop": ["\n\n\n", "zqzqx"]},
+    "logprobs": {"logprobs": True, "top_logprobs": 5},
+}
 
 
 class StubModel(torch.nn.Module):
@@ -81,7 +90,7 @@ def timed(record: dict[str, list[float]], name: str, fn: Callable[..., Any]) -> 
     return wrapper
 
 
-def measure(batch: int, steps: int, graphs: bool) -> dict[str, float]:
+def measure(batch: int, steps: int, graphs: bool, text: str) -> dict[str, float]:
     """Median milliseconds per decode step: total and its parts."""
     loaded = load_model("demo")
     config = EngineConfig(
@@ -99,7 +108,9 @@ def measure(batch: int, steps: int, graphs: bool) -> dict[str, float]:
     engine.sampler.sample = timed(record, "sampler", engine.sampler.sample)  # type: ignore[method-assign]
     engine._append_tokens = timed(record, "append", engine._append_tokens)  # type: ignore[method-assign]
     step_tokens = getattr(engine, "step_tokens", None)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=steps + 16, ignore_eos=True, **TEXT_PARAMS[text]
+    )
     for i in range(batch):
         prompt = [(i * 31 + j * 7) % 30000 + 100 for j in range(PROMPT_LEN)]
         engine.add_request(GenerationRequest(f"r{i}", prompt, params))
@@ -130,20 +141,20 @@ def measure(batch: int, steps: int, graphs: bool) -> dict[str, float]:
     return medians
 
 
-def run_here(steps: int) -> dict[str, dict[str, float]]:
+def run_here(steps: int, text: str) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
     return {
-        f"B={batch} {'graph path' if graphs else 'eager path'}": measure(batch, steps, graphs)
+        f"B={batch} {'graph path' if graphs else 'eager path'}": measure(batch, steps, graphs, text)
         for batch in BATCHES
         for graphs in (False, True)
     }
 
 
-def run_in(checkout: Path, steps: int) -> dict[str, dict[str, float]]:
+def run_in(checkout: Path, steps: int, text: str) -> dict[str, dict[str, float]]:
     env = dict(os.environ, PYTHONPATH=str(checkout))
     script = Path(__file__).resolve()
     out = subprocess.run(
-        [sys.executable, str(script), "--json", "--steps", str(steps)],
+        [sys.executable, str(script), "--json", "--steps", str(steps), "--text", text],
         env=env, cwd=checkout, capture_output=True, text=True, check=True,
     )  # fmt: skip
     result: dict[str, dict[str, float]] = json.loads(out.stdout.splitlines()[-1])
@@ -155,17 +166,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-with", type=Path)
+    parser.add_argument("--text", choices=tuple(TEXT_PARAMS), default="plain")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json:
-        print(json.dumps(run_here(args.steps)))
+        print(json.dumps(run_here(args.steps, args.text)))
         return
     here = Path(__file__).resolve().parents[1]
     runs: dict[str, list[dict[str, dict[str, float]]]] = {"this": [], "other": []}
     for _ in range(args.rounds if args.compare_with else 1):
-        runs["this"].append(run_in(here, args.steps))
+        runs["this"].append(run_in(here, args.steps, args.text))
         if args.compare_with:
-            runs["other"].append(run_in(args.compare_with, args.steps))
+            runs["other"].append(run_in(args.compare_with, args.steps, args.text))
     for case in runs["this"][0]:
         parts = runs["this"][0][case]
         line = ", ".join(

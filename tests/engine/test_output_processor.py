@@ -83,10 +83,10 @@ def assert_same(late: Result, inline: Result) -> None:
         assert [p.sampled.token_id for p in other.logprobs] == choice.token_ids
 
 
-def params(n: int = 1, **fields: object) -> SamplingParams:
+def params(n: int = 1, logprobs: bool = True, **fields: object) -> SamplingParams:
     return SamplingParams(
-        n=n, temperature=1.0, seed=5, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=True,
-        top_logprobs=2, **fields,  # type: ignore[arg-type]
+        n=n, temperature=1.0, seed=5, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=logprobs,
+        top_logprobs=2 if logprobs else 0, **fields,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -236,21 +236,22 @@ class _MarkedRequestFails:
         return _FailingDetokenizer(detokenizer) if FAULT_MARK in prompt_token_ids else detokenizer
 
 
-def marked(request_id: str) -> GenerationRequest:
+def marked(request_id: str, logprobs: bool = True) -> GenerationRequest:
     return GenerationRequest(
-        request_id, [*PROMPT, FAULT_MARK], params(), text_continues_prompt=True
+        request_id, [*PROMPT, FAULT_MARK], params(logprobs=logprobs), text_continues_prompt=True
     )
 
 
+@pytest.mark.parametrize("logprobs", [True, False])  # the general path and the short one
 def test_a_request_whose_text_fails_ends_alone_and_frees_its_blocks(
-    loaded: LoadedModel, unstopped: dict[int, str]
+    loaded: LoadedModel, unstopped: dict[int, str], logprobs: bool
 ) -> None:
     engine = make_engine(loaded)
     processor = engine.output_processor
     processor.detokenizers = _MarkedRequestFails(processor.detokenizers)  # type: ignore[assignment]
     total = engine.stats().kv_blocks_total
     engine.add_request(GenerationRequest("good", PROMPT, params()))
-    engine.add_request(marked("bad"))
+    engine.add_request(marked("bad", logprobs))
     bad = engine.requests["bad"].sequences[0]
     good, failed_tokens = Result(), 0
     while engine.has_work:
@@ -312,3 +313,70 @@ async def test_the_async_engine_ends_only_the_failing_stream(
         assert stats.kv_blocks_free == stats.kv_blocks_total
     finally:
         await asyncio.to_thread(engine.shutdown)
+
+
+def run_steps(engine: LLMEngine, requests: list[GenerationRequest]) -> list[list[RequestOutput]]:
+    """Each step's outputs, checked to come in the order of each request's first row (time
+    limits first, as the step lists them)."""
+    for request in requests:
+        engine.add_request(request)
+    steps = []
+    while engine.has_work:
+        step = engine.step_tokens()
+        outputs, stopped, failed = engine.output_processor.process(step)
+        assert not failed
+        engine.stop_sequences(stopped)
+        rows = [seq.request.request.request_id for seq in [*step.expired, *step.seqs]]
+        sent = [output.request_id for output in outputs]
+        assert sent == [rid for rid in dict.fromkeys(rows) if rid in sent]
+        steps.append(outputs)
+    return steps
+
+
+def fields(steps: list[list[RequestOutput]], request_id: str) -> list[tuple[object, ...]]:
+    """A request's outputs, step by step, all but the logprobs."""
+    return [
+        (
+            output.prompt_tokens,
+            output.cached_tokens,
+            output.completion_tokens,
+            output.finished,
+            output.seed,
+            [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in choices],
+        )
+        for outputs in steps
+        for output in outputs
+        if output.request_id == request_id
+        for choices in [output.choices]
+    ]
+
+
+def test_the_short_path_sends_what_the_general_path_sends(
+    loaded: LoadedModel, unstopped: dict[int, str]
+) -> None:
+    """n = 1 without stop strings or logprobs takes `process`'s short path; asking for logprobs
+    sends the same request down the general one. Every step's output must be the same, ending
+    at max_tokens (the last token is text) or at a stop token id (it is not), next to requests
+    with n = 2 and a stop string in the same batch."""
+    tokens = run_inline(make_engine(loaded), params(logprobs=False)).choices[0].token_ids
+    stop_token = tokens[len(tokens) // 2]
+    cut = tokens.index(stop_token)
+
+    def requests(logprobs: bool) -> list[GenerationRequest]:
+        return [
+            GenerationRequest("max", PROMPT, params(logprobs=logprobs)),
+            GenerationRequest("id", PROMPT, params(logprobs=logprobs, stop_token_ids=[stop_token])),
+            GenerationRequest("n2", PROMPT, params(2)),
+            GenerationRequest("stop", PROMPT, params(stop=(a_stop_string(unstopped[1]),))),
+        ]
+
+    short = run_steps(make_engine(loaded), requests(logprobs=False))
+    general = run_steps(make_engine(loaded), requests(logprobs=True))
+    for request_id in ("max", "id", "n2", "stop"):
+        assert fields(short, request_id) == fields(general, request_id)
+    by_step = fields(short, "max")
+    assert len(by_step) == MAX_TOKENS and by_step[-1][3] and by_step[-1][5][0][3] == "length"
+    assert "".join(step[5][0][1] for step in by_step) == unstopped[1]
+    stopped = fields(short, "id")
+    assert [step[5][0][2] for step in stopped] == [[t] for t in tokens[: cut + 1]]
+    assert stopped[-1][5][0][3:] == ("stop", stop_token) and stopped[-1][2] == cut + 1

@@ -8,7 +8,7 @@ from typing import Literal
 FinishReason = Literal["stop", "length"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen one sets its fields through object.__setattr__
 class TokenLogprob:
     token_id: int
     token: str
@@ -16,7 +16,7 @@ class TokenLogprob:
     bytes: list[int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PositionLogprobs:
     """Logprob of the sampled token at one position, plus the requested top alternatives."""
 

@@ -33,6 +33,7 @@ class StopMatcher:
                     ends.append(None)
                 node = child
             ends[node] = stop
+        self._chars = frozenset("".join(stops))
         self._fail = [0] * len(self._goto)
         # The longest stop string that ends at this state's text (its own, or a suffix's).
         self._match: list[str | None] = list(ends)
@@ -52,6 +53,8 @@ class StopMatcher:
         """Advance from `state` over `text`: (new state, characters of `text` consumed, the stop
         string matched). Stops at the first match, which ends earliest; of the stops ending
         there, the longest."""
+        if self._chars.isdisjoint(text):  # no stop string has these characters: back to the root
+            return (0 if text else state), len(text), None
         goto, fail, match = self._goto, self._fail, self._match
         for consumed, char in enumerate(text, 1):
             while state and char not in goto[state]:

@@ -17,7 +17,7 @@ from winnow.text.detokenizer import Detokenizer
 from winnow.text.stop_matcher import stop_matcher
 
 
-@dataclass
+@dataclass(slots=True)
 class TextDelta:
     """What one generated token adds to the choice's text.
 
@@ -35,7 +35,7 @@ class TextStream:
 
     `append` returns the text that is safe to send now; `flush` (at EOS, max tokens, time limit)
     returns the held-back text that is now final. Concatenating every delta and the flush gives
-    the choice's final text, also available as `text`.
+    the choice's final text.
 
     Stop strings are matched on the detokenised text across token boundaries by an automaton
     (`winnow.text.stop_matcher`) that only reads the new text: each step costs O(new text),
@@ -55,16 +55,8 @@ class TextStream:
         self._state = 0
         self._include_stop = include_stop_str_in_output
         self._pending = ""
-        self._parts: list[str] = []
         self._stop_string: str | None = None
         self._finished = False
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._parts) > 1:
-            self._parts = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
 
     @property
     def stop_string(self) -> str | None:
@@ -75,12 +67,7 @@ class TextStream:
         """Add one generated token. Raises RuntimeError after a stop string or `flush`."""
         if self._finished:
             raise RuntimeError("TextStream already finished (stop string matched or flushed)")
-        text = self._detokenizer.append(token_id)
-        if self._stops is None:  # the common case, inline
-            if text:
-                self._parts.append(text)
-            return TextDelta(text)
-        return self._advance(text)
+        return self._advance(self._detokenizer.append(token_id))
 
     def flush(self) -> str:
         """End of generation: return the held-back text, which is now final."""
@@ -88,13 +75,12 @@ class TextStream:
             return ""
         delta = self._advance(self._detokenizer.flush())
         self._finished = True
-        rest = self._emit(self._pending).text
-        self._pending = ""
+        rest, self._pending = self._pending, ""
         return delta.text + rest
 
     def _advance(self, new_text: str) -> TextDelta:
         if self._stops is None:
-            return self._emit(new_text)
+            return TextDelta(new_text)
         unsent = self._pending + new_text
         self._state, consumed, stop = self._stops.feed(self._state, new_text)
         if stop is not None:
@@ -102,12 +88,7 @@ class TextStream:
             self._pending = ""
             self._stop_string = stop
             self._finished = True
-            return self._emit(unsent[: end if self._include_stop else end - len(stop)], stop)
+            return TextDelta(unsent[: end if self._include_stop else end - len(stop)], stop)
         held = len(unsent) - self._stops.held(self._state)
         self._pending = unsent[held:]
-        return self._emit(unsent[:held])
-
-    def _emit(self, text: str, stop_string: str | None = None) -> TextDelta:
-        if text:
-            self._parts.append(text)
-        return TextDelta(text, stop_string)
+        return TextDelta(unsent[:held])
