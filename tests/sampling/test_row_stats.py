@@ -205,3 +205,88 @@ def test_record_in_c_gives_the_torch_tables(monkeypatch) -> None:
     assert torch.equal(in_c.counts.data, in_torch.counts.data)
     assert int(in_c.counts.data.sum()) == int(in_c.output.lengths.sum())  # one count per token
     assert bool((in_c.counts.data > 1).any())  # some tokens came back
+
+
+def _logprob_rows(vocab: int) -> torch.Tensor:
+    """Rows that stress the logprob kernel: plain, ties everywhere, NaN and +inf, -inf halves,
+    all -inf, all NaN, rising (the top-k threshold moves every step), a single finite value."""
+    generator = torch.Generator().manual_seed(vocab)
+    z = torch.randn(9, vocab, generator=generator) * 4
+    z[1] = torch.randint(0, 4, (vocab,), generator=generator).float()
+    z[2, ::3], z[2, 1] = torch.nan, torch.inf
+    z[3, : vocab // 2] = -torch.inf
+    z[4] = -torch.inf
+    z[5] = torch.nan
+    z[6] = torch.arange(vocab, dtype=torch.float32)
+    z[7] = -torch.inf
+    z[7, vocab - 1] = 2.5
+    z[8] = torch.finfo(torch.float32).max
+    return z
+
+
+def _lse_bound(cleaned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact (float64) logsumexp of float32 rows, and how far the kernel's may be from it:
+    each float32 exp within 2 ulp of exp (relative 2^-22) of an argument x - m rounded to float32
+    (relative 2^-24 of |x - m|, so its exp off by that much), summed in float64 (negligible),
+    then m + log(sum) rounded to float32 (half an ulp of the result)."""
+    x = cleaned.double()
+    lse = torch.logsumexp(x, dim=1)
+    weights = torch.softmax(x, dim=1).nan_to_num(0.0)
+    spread = (weights * (x - x.amax(1, keepdim=True)).abs().nan_to_num(0.0)).sum(1)
+    bound = 2.0**-22 + spread * 2.0**-24 + lse.abs().nan_to_num(0.0) * 2.0**-24
+    return lse, 2 * bound  # twice: float64 sums and the sum's rounding, with room
+
+
+@pytest.mark.parametrize("vocab", [32771, 1003, 9])
+def test_row_logprobs_normaliser_and_top_k_match_torch(isa, vocab: int) -> None:
+    """row_logprobs on raw rows (NaN, +inf, ties, -inf rows): the top-k ids of
+    logprob_ops.topk_lowest_ids on the cleaned rows (value desc, ties to the lower id), their
+    values exactly, and logsumexp within float32 summation's error of the float64 one."""
+    from winnow.sampling.logprob_ops import topk_lowest_ids
+
+    z = _logprob_rows(vocab)
+    cleaned = _cleaned(z)
+    expected, bound = _lse_bound(cleaned)
+    for k in sorted({0, 1, 5, min(20, vocab)}):
+        lse, values, ids = row_stats.row_logprobs(z, k)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isneginf(lse), ~finite)  # rows with no finite value: -inf
+        assert bool(((lse[finite].double() - expected[finite]).abs() <= bound[finite]).all())
+        assert values.shape == ids.shape == (z.shape[0], k)
+        if k:
+            assert torch.equal(ids, topk_lowest_ids(cleaned, k))
+            assert torch.equal(values, cleaned.gather(1, ids))
+
+
+def test_row_logprobs_reads_the_rows_asked_for(isa) -> None:
+    z = _logprob_rows(1003)
+    rows = torch.tensor([6, 0, 2, 2])
+    lse, values, ids = row_stats.row_logprobs(z, 3, rows)
+    all_lse, all_values, all_ids = row_stats.row_logprobs(z, 3)
+    assert torch.equal(lse, all_lse[rows])
+    assert torch.equal(values, all_values[rows]) and torch.equal(ids, all_ids[rows])
+
+
+@pytest.mark.parametrize("k", [0, 1, 20])
+def test_logprob_ops_in_c_gives_the_torch_logprobs(isa, monkeypatch, k: int) -> None:
+    """logprob_ops.row_logprobs through the kernel and through torch's logsumexp and top-k, on
+    the sampler's cleaned rows: the same ids, and logprobs apart by at most the two normalisers'
+    float32 summation errors (the kernel's bound above, torch's float32 sum over V terms at most
+    V ulp relative, here checked at the kernel's bound plus log1p of that)."""
+    from winnow.sampling.logprob_ops import row_logprobs
+
+    z = _cleaned(_logprob_rows(32771))
+    rows = torch.tensor([8, 1, 3, 0])
+    in_c = row_logprobs(z, k, rows)
+    with monkeypatch.context() as patched:
+        patched.setattr(row_stats, "available", lambda: False)
+        in_torch = row_logprobs(z, k, rows)
+    _, bound = _lse_bound(z[rows])
+    bound = bound + 32771 * 2.0**-24
+    assert bool(((in_c[0] - in_torch[0]).double().abs() <= bound).all())
+    if k == 0:
+        assert in_c[1] is None and in_torch[1] is None
+        return
+    assert in_c[1] is not None and in_c[2] is not None and in_torch[2] is not None
+    assert torch.equal(in_c[1], in_torch[1])
+    assert bool(((in_c[2] - in_torch[2]).double().abs() <= bound[:, None]).all())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from winnow.kernels.cpu import row_stats
 from winnow.limits import LOGPROB_FLOOR
 
 
@@ -34,12 +35,22 @@ def topk_lowest_ids(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def row_logprobs(
-    values: torch.Tensor, k: int
+    values: torch.Tensor, k: int, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(logsumexp [b], top ids [b, k], top logprobs [b, k]) of unnormalised log-weights `values`.
+    """(logsumexp [b], top ids [b, k], top logprobs [b, k]) of unnormalised log-weights `values`
+    (no NaN), or of its rows `rows` [b] where given.
 
-    Top entries are None when k == 0. Logprobs are already floored.
+    Top entries are None when k == 0. Logprobs are already floored. On a CPU with the C kernels,
+    one pass per row in place (row_stats.row_logprobs) instead of a [b, V] logsumexp and top-k.
     """
+    cpu_float = values.device.type == "cpu" and values.dtype == torch.float32
+    if cpu_float and values.stride(1) == 1 and row_stats.available():
+        lse, top_values, ids = row_stats.row_logprobs(values, k, rows)
+        if k == 0:
+            return lse, None, None
+        return lse, ids, floor_logprobs(top_values - lse[:, None])
+    if rows is not None:
+        values = values.index_select(0, rows)
     lse = torch.logsumexp(values, dim=1)
     if k == 0:
         return lse, None, None

@@ -8,6 +8,10 @@ import torch
 from winnow.sampling.logprob_ops import floor_logprobs, row_logprobs
 from winnow.sampling.step import Step
 
+# Some work rows' processed log-weights: (positions among the rows asked for, a tensor, the
+# tensor's rows holding theirs or None where it holds just theirs)
+Part = tuple[np.ndarray, torch.Tensor, torch.Tensor | None]
+
 
 def start(step: Step, k: int) -> None:
     """Create the outputs, and take the raw top-k from z before stage 1 touches it."""
@@ -19,8 +23,7 @@ def start(step: Step, k: int) -> None:
     if "raw" not in step.subsets:
         return
     rows = step.subsets["raw"]
-    values = step.z if len(rows.host) == batch else step.z.index_select(0, rows.device)
-    lse, ids, top = row_logprobs(values, k)
+    lse, ids, top = row_logprobs(step.z, k, None if len(rows.host) == batch else rows.device)
     step.raw_lse = torch.zeros(batch, device=device).index_copy_(0, rows.device, lse)
     if ids is not None and top is not None:
         step.top_ids.index_copy_(0, rows.device, ids)
@@ -45,14 +48,23 @@ def fill(
             step.lp.index_copy_(0, index, floor_logprobs(raw - step.raw_lse.index_select(0, index)))
     if "processed" in step.subsets:
         inside = np.isin(rows, step.subsets["processed"].host)
-        if inside.any():
-            index = step.index(rows[inside])
-            if values is None:
-                part = processed_values(step, rows[inside])
+        if not inside.any():
+            return
+        picked = rows[inside]
+        parts: list[Part]
+        if values is None:
+            parts = processed_sources(step, picked)
+        else:
+            part = values.index_select(0, step.index(np.flatnonzero(inside)))
+            parts = [(np.arange(len(picked)), part, None)]
+        for positions, source, source_rows in parts:
+            index = step.index(picked[positions])
+            lse, ids, top = row_logprobs(source, step.top_k_logprobs, source_rows)
+            tokens = step.tokens.index_select(0, index)
+            if source_rows is None:
+                chosen = source.gather(1, tokens[:, None])[:, 0]
             else:
-                part = values.index_select(0, step.index(np.flatnonzero(inside)))
-            lse, ids, top = row_logprobs(part, step.top_k_logprobs)
-            chosen = part.gather(1, step.tokens.index_select(0, index)[:, None])[:, 0]
+                chosen = source[source_rows, tokens]
             step.lp.index_copy_(0, index, floor_logprobs(chosen - lse))
             if ids is not None and top is not None:
                 step.top_ids.index_copy_(0, index, ids)
@@ -64,22 +76,34 @@ def processed_values(step: Step, rows: np.ndarray) -> torch.Tensor:
 
     Sampled rows: y = z / T, removed tokens at -inf. Greedy rows: z (temperature 1).
     """
+    values = torch.empty((len(rows), step.z.shape[1]), device=step.z.device)
+    for positions, source, source_rows in processed_sources(step, rows):
+        part = source if source_rows is None else source.index_select(0, source_rows)
+        values.index_copy_(0, step.index(positions), part)
+    return values
+
+
+def processed_sources(step: Step, rows: np.ndarray) -> list[Part]:
+    """Where the processed log-weights of the work rows `rows` are, route by route. Greedy rows
+    and free rows without XTC are read in place, the others built [n, V]."""
     vocab = step.z.shape[1]
-    values = torch.empty((len(rows), vocab), device=step.z.device)
+    parts: list[Part] = []
     for name, span in step.routes.items():
         inside = (rows >= span.start) & (rows < span.stop)
         if not inside.any():
             continue
-        local = step.index(rows[inside] - span.start)
+        positions, local = np.flatnonzero(inside), step.index(rows[inside] - span.start)
         if name == "greedy":
-            part = step.z[span].index_select(0, local)
+            parts.append((positions, step.z[span], local))
         elif name == "thresholded":
             assert step.pick is not None
-            part = step.pick.dense(vocab, local)
+            parts.append((positions, step.pick.dense(vocab, local), None))
         else:
             assert step.free_y is not None
-            part = step.free_y.index_select(0, local)
-            if step.free_keep is not None:
+            if step.free_keep is None:
+                parts.append((positions, step.free_y, local))
+            else:
+                part = step.free_y.index_select(0, local)
                 part.masked_fill_(~step.free_keep.index_select(0, local), -torch.inf)
-        values.index_copy_(0, step.index(np.flatnonzero(inside)), part)
-    return values
+                parts.append((positions, part, None))
+    return parts

@@ -43,6 +43,10 @@
  * winnow_source_mass: winnow_total_mass of rows as winnow_scan_rows reads them, for the rows
  *   whose bounds leave their nucleus undecided.
  *
+ * winnow_row_logprobs: the logprob normaliser (max + log of total_mass's sum at T = 1) and the
+ *   top-k of each row, read in place and cleaned as read: the top-k pass (as top_candidates) gives
+ *   the maximum, the sum is one more pass over the row (in cache), no [B, V] log_softmax.
+ *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
  *   without truncation, the fallbacks) is loaded around its patched values.
@@ -64,6 +68,14 @@ typedef struct {
   float v;
   int64_t id;
 } entry;
+
+static inline __m256 clean8(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
+}
+
+static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
+
+static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
 
 /* a before b: larger value first, then lower id */
 static inline int before(const entry *a, const entry *b) {
@@ -98,7 +110,7 @@ static void select_best(entry *buf, int64_t len, int64_t n) {
 static void row_top(const float *z, int64_t vocab, int64_t n, entry *buf, float *values,
                     int64_t *ids) {
   int64_t cap = 2 * n, len = 0, j = 0;
-  for (; j < vocab && len < cap; j++) buf[len++] = (entry){z[j], j};
+  for (; j < vocab && len < cap; j++) buf[len++] = (entry){clean(z[j]), j};
   float threshold = -INFINITY;
   if (len == cap) {
     select_best(buf, len, n);
@@ -107,11 +119,11 @@ static void row_top(const float *z, int64_t vocab, int64_t n, entry *buf, float 
     for (int64_t i = 1; i < n; i++) threshold = buf[i].v < threshold ? buf[i].v : threshold;
   }
   for (; j + 8 <= vocab; j += 8) {
-    __m256 v = _mm256_loadu_ps(z + j);
+    __m256 v = clean8(_mm256_loadu_ps(z + j));
     int hits = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(threshold), _CMP_GT_OQ));
     for (; hits; hits &= hits - 1) {
       int lane = __builtin_ctz(hits);
-      float value = z[j + lane];
+      float value = clean(z[j + lane]);
       if (!(value > threshold)) continue; /* the threshold rose within this vector */
       buf[len++] = (entry){value, j + lane};
       if (len == cap) {
@@ -123,7 +135,7 @@ static void row_top(const float *z, int64_t vocab, int64_t n, entry *buf, float 
     }
   }
   for (; j < vocab; j++) {
-    if (z[j] > threshold || len < n) buf[len++] = (entry){z[j], j};
+    if (clean(z[j]) > threshold || len < n) buf[len++] = (entry){clean(z[j]), j};
     if (len == cap) {
       select_best(buf, len, n);
       len = n;
@@ -175,14 +187,6 @@ static inline float y_of(float z, float t) {
   float y = (z > FLT_MAX ? FLT_MAX : z) / t;
   return y > FLT_MAX ? FLT_MAX : y;
 }
-
-static inline __m256 clean8(__m256 x) {
-  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(x, _mm256_set1_ps(-INFINITY)));
-}
-
-static inline float max_of(float a, float b) { return b > a ? b : a; } /* no NaN here */
-
-static inline float clean(float x) { return isnan(x) ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
 
 #define AVX512 __attribute__((target("avx512f")))
 
@@ -261,9 +265,9 @@ static AVX512 double row_mass16(const float *z, int64_t vocab, float t, const fl
 }
 
 /* max_z: the row's largest z when the caller knows it (y_of is monotone, so max y = y_of(max z)
- * and the max pass is skipped), else NULL. */
-static double row_mass(const float *z, int64_t vocab, float t, const float *max_z) {
-  if (use_avx512) return row_mass16(z, vocab, t, max_z, 0);
+ * and the max pass is skipped), else NULL. raw: z cleaned as it is read, as row_mass16. */
+static double row_mass(const float *z, int64_t vocab, float t, const float *max_z, int raw) {
+  if (use_avx512) return row_mass16(z, vocab, t, max_z, raw);
   const __m256 tv = _mm256_set1_ps(t), big = _mm256_set1_ps(FLT_MAX);
   int64_t j = 0;
   float m = -INFINITY;
@@ -271,17 +275,22 @@ static double row_mass(const float *z, int64_t vocab, float t, const float *max_
     m = y_of(*max_z, t);
   } else {
     __m256 mv = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= vocab; j += 8)
-      mv = _mm256_max_ps(mv, _mm256_min_ps(big, _mm256_div_ps(_mm256_loadu_ps(z + j), tv)));
+    for (; j + 8 <= vocab; j += 8) {
+      __m256 x = _mm256_loadu_ps(z + j);
+      x = raw ? clean8(x) : x;
+      mv = _mm256_max_ps(mv, _mm256_min_ps(big, _mm256_div_ps(x, tv)));
+    }
     float lanes[8];
     _mm256_storeu_ps(lanes, mv);
     for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
-    for (int64_t i = j; i < vocab; i++) m = y_of(z[i], t) > m ? y_of(z[i], t) : m;
+    for (int64_t i = j; i < vocab; i++) m = y_of(clean(z[i]), t) > m ? y_of(clean(z[i]), t) : m;
   }
   if (m == -INFINITY) return NAN; /* torch: exp(-inf - -inf) */
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   for (j = 0; j + 8 <= vocab; j += 8) {
-    __m256 y = _mm256_min_ps(big, _mm256_div_ps(_mm256_loadu_ps(z + j), tv));
+    __m256 x = _mm256_loadu_ps(z + j);
+    x = raw ? clean8(x) : x;
+    __m256 y = _mm256_min_ps(big, _mm256_div_ps(x, tv));
     __m256 e = exp_neg(_mm256_sub_ps(y, _mm256_set1_ps(m)));
     lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
     hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
@@ -289,7 +298,7 @@ static double row_mass(const float *z, int64_t vocab, float t, const float *max_
   double sums[4], total = 0.0;
   _mm256_storeu_pd(sums, _mm256_add_pd(lo, hi));
   for (int i = 0; i < 4; i++) total += sums[i];
-  for (; j < vocab; j++) total += (double)expf(y_of(z[j], t) - m);
+  for (; j < vocab; j++) total += (double)expf(y_of(clean(z[j]), t) - m);
   return total;
 }
 
@@ -299,7 +308,39 @@ void winnow_total_mass(const float *z, int64_t rows, int64_t vocab, int64_t stri
                        const float *temperature, const float *max_z, double *mass, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; r++)
-    mass[r] = row_mass(z + r * stride, vocab, temperature[r], max_z ? max_z + r : NULL);
+    mass[r] = row_mass(z + r * stride, vocab, temperature[r], max_z ? max_z + r : NULL, 0);
+}
+
+/* The logprob normaliser and top-k of rows read cleaned (NaN -> -inf, +inf -> FLT_MAX): work row
+ * r is z's row rows[r] (r without rows; row stride `stride`). lse[r] = max + log(sum_j
+ * exp(z_j - max)) (row_mass at T = 1; -inf for a row with no finite value), values/ids [r, :k]
+ * its k largest by value descending, then id ascending (a total order, so the k are exact). */
+void winnow_row_logprobs(const float *z, const int64_t *rows, int64_t n, int64_t vocab,
+                         int64_t stride, int64_t k, float *lse, float *values, int64_t *ids,
+                         int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (n > 1)
+  {
+    entry *buf = k ? malloc(sizeof(entry) * 2 * k) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+      const float *row = z + (rows ? rows[r] : r) * stride;
+      float m = -INFINITY;
+      if (k) {
+        row_top(row, vocab, k, buf, values + r * k, ids + r * k);
+        m = values[r * k];
+      } else {
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= vocab; j += 8) mv = _mm256_max_ps(mv, clean8(_mm256_loadu_ps(row + j)));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mv);
+        for (int i = 0; i < 8; i++) m = max_of(m, lanes[i]);
+        for (; j < vocab; j++) m = max_of(m, clean(row[j]));
+      }
+      lse[r] = m == -INFINITY ? -INFINITY : (float)((double)m + log(row_mass(row, vocab, 1.0f, &m, 1)));
+    }
+    free(buf);
+  }
 }
 
 #define SPAN 256 /* tokens in each of sample_threshold's spans */
@@ -357,7 +398,7 @@ static double read_mass(const float *s, int64_t vocab, const int64_t *ids, int64
   for (; j < vocab; j++) copy[j] = clean(s[j]);
   for (int64_t k = 0; ids && k < width; k++)
     if (ids[k] >= 0) copy[ids[k]] = patch_row[ids[k]];
-  return row_mass(copy, vocab, t, max_z);
+  return row_mass(copy, vocab, t, max_z, 0);
 }
 
 /* mass[i] = winnow_total_mass's value for work row r = rows[i] as winnow_scan_rows reads it

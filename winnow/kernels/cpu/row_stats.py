@@ -48,6 +48,8 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_penalise.restype = None
     lib.winnow_record_tokens.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64]
     lib.winnow_record_tokens.restype = None
+    lib.winnow_row_logprobs.argtypes = [_PTR, _PTR, *(_I64,) * 4, *(_PTR,) * 3, ctypes.c_int]
+    lib.winnow_row_logprobs.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
     lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
@@ -112,6 +114,30 @@ def total_mass(
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def row_logprobs(
+    z: torch.Tensor, k: int, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse [n], values [n, k], ids [n, k]) of rows of z [*, V] (float32, unit inner stride; the
+    rows `rows` [n] int64, else all), each read cleaned (NaN -> -inf, +inf -> FLOAT32_MAX):
+    lse = max + log(sum_j exp(z_j - max)) in float64 from float32 exps (-inf for a row with no
+    finite value), and its k <= V largest values and their ids, by value descending then id
+    ascending. One call, no [n, V] temporary."""
+    lib = _checked(z)
+    vocab = z.shape[1]
+    assert 0 <= k <= vocab
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    n = z.shape[0] if rows is None else rows.shape[0]
+    lse = torch.empty(n, dtype=torch.float32)
+    values = torch.empty(n, k, dtype=torch.float32)
+    ids = torch.empty(n, k, dtype=torch.int64)
+    if n:
+        lib.winnow_row_logprobs(
+            z.data_ptr(), _ptr(rows), n, vocab, z.stride(0), k, lse.data_ptr(),
+            values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return lse, values, ids
 
 
 def load_rows(
