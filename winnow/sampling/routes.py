@@ -105,7 +105,10 @@ class Routes:
         if "greedy" in step.routes:
             rows = step.routes["greedy"]
             self.load(step, np.arange(rows.start, rows.stop))
-            torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
+            if self.fused_cpu:  # the top-1 pass: argmax with ties to the lower id, vectorised
+                step.tokens[rows] = row_stats.top_candidates(step.z[rows], 1)[1][:, 0]
+            else:
+                torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
         if "thresholded" in step.routes:
             self._thresholded(step, step.routes["thresholded"])
         if "free" in step.routes:
