@@ -166,13 +166,19 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_decode_layers.restype = None
     lib.winnow_use_avx512.argtypes = [ctypes.c_int]
     lib.winnow_use_avx512.restype = ctypes.c_int
+    global _avx512_in_use
+    _avx512_in_use = bool(lib.winnow_use_avx512(int(avx512_wanted())))
+    logger.info("CPU kernels: %s projections", "AVX-512" if _avx512_in_use else "AVX2")
+    return lib
+
+
+def avx512_wanted() -> bool:
+    """Whether the C kernels should take their AVX-512 loops where the CPU has AVX-512F: yes
+    unless WINNOW_CPU_ISA=avx2 (auto, the default, and avx512 both mean yes)."""
     wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower()
     if wanted not in ("auto", "avx2", "avx512"):
         logger.warning("WINNOW_CPU_ISA=%s is not auto, avx2 or avx512: using auto", wanted)
-    global _avx512_in_use
-    _avx512_in_use = bool(lib.winnow_use_avx512(int(wanted != "avx2")))
-    logger.info("CPU kernels: %s projections", "AVX-512" if _avx512_in_use else "AVX2")
-    return lib
+    return wanted != "avx2"
 
 
 def available() -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from winnow.kernels.cpu.cpu_kernels import load_library
+from winnow.kernels.cpu.cpu_kernels import avx512_wanted, load_library
 
 _SOURCE = Path(__file__).with_name("gumbel_max.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -46,8 +45,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_gumbel_step.restype = None
-    wanted = os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"
-    lib.winnow_gumbel_init(int(wanted))
+    lib.winnow_gumbel_init(int(avx512_wanted()))
     return lib
 
 

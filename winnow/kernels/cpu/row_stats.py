@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from winnow.kernels.cpu.cpu_kernels import load_library
+from winnow.kernels.cpu.cpu_kernels import avx512_wanted, load_library
 
 _SOURCE = Path(__file__).with_name("row_stats.c")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -52,7 +51,7 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_row_logprobs.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
-    lib.winnow_row_stats_init(int(os.environ.get("WINNOW_CPU_ISA", "auto").lower() != "avx2"))
+    lib.winnow_row_stats_init(int(avx512_wanted()))
     return lib
 
 
