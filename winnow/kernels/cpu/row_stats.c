@@ -161,6 +161,18 @@ void winnow_top_candidates(const float *z, int64_t rows, int64_t vocab, int64_t 
   }
 }
 
+/* Cephes' expf constants, shared by exp_neg and exp_neg16 (which must give the same values):
+ * log2(e), ln 2 split in a high and a low part, and the polynomial's coefficients. */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
 /* exp(x) for x <= 0 in float32 (Cephes' expf: x = k ln2 + f, |f| <= ln2 / 2, degree-5
  * polynomial); 0 below -87.3 (where float32 exp is 0 or subnormal: nothing a sum of terms >= 1
  * notices). */
@@ -168,16 +180,16 @@ static inline __m256 exp_neg(__m256 x) {
   const __m256 low = _mm256_set1_ps(-87.3f);
   __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
   x = _mm256_max_ps(x, low);
-  __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  f = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), f);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 f = _mm256_fnmadd_ps(k, _mm256_set1_ps(EXP_LN2_HI), x);
+  f = _mm256_fnmadd_ps(k, _mm256_set1_ps(EXP_LN2_LO), f);
+  __m256 p = _mm256_set1_ps(EXP_P0);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_P1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_P2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_P3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_P4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP_P5));
   p = _mm256_fmadd_ps(_mm256_mul_ps(p, f), f, _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
   __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
@@ -204,16 +216,16 @@ static inline AVX512 __m512 exp_neg16(__m512 x) {
   const __m512 low = _mm512_set1_ps(-87.3f);
   __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
   x = _mm512_max_ps(x, low);
-  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2_HI), x);
+  f = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2_LO), f);
+  __m512 p = _mm512_set1_ps(EXP_P0);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_P1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_P2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_P3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_P4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_P5));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
   __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(scale));
@@ -628,7 +640,7 @@ static void sort_entries(const entry *buf, int64_t len, int64_t keep, uint64_t *
 /* The bits exp's constants: the float32 whose bits are round(2^23 (v + 127)) is
  * 2^floor(v) (1 + frac(v)), v = (z - zref) log2(e) / T, taken as one FMA of z (so its
  * roundings grow with |zref| / T: BITS_RANGE bounds it). */
-#define BITS_SCALE(t) (0x1p23f * 1.44269504088896341f / (t))
+#define BITS_SCALE(t) (0x1p23f * EXP_LOG2E / (t))
 #define BITS_BIAS (0x1p23f * 127.0f)
 #define PREFETCH 2048 /* tokens ahead the loops ask for */
 #define BLOCK 512 /* tokens per block of the loops: their sums restart each block, and the
