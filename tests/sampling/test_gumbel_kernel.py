@@ -21,15 +21,6 @@ pytestmark = pytest.mark.skipif(not gumbel_max.available(), reason="no AVX2 C ke
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
-def isa(request):
-    if request.param and not gumbel_max.use_avx512(True):
-        pytest.skip("no AVX-512 on this CPU")
-    gumbel_max.use_avx512(request.param)
-    yield request.param
-    gumbel_max.use_avx512(True)
-
-
 def torch_pick(z: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor):
     vocab = z.shape[1]
     y = (z / temperature[:, None]).clamp_(max=FLOAT32_MAX)

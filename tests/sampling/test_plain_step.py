@@ -35,15 +35,6 @@ PARAMS = [
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
-def isa(request):
-    if request.param and not gumbel_max.use_avx512(True):
-        pytest.skip("no AVX-512 on this CPU")
-    gumbel_max.use_avx512(request.param)
-    yield request.param
-    gumbel_max.use_avx512(True)
-
-
 def histories(key: int) -> tuple[list[int], list[int]]:
     """A prompt and an output with repeats, ids 0 and the tail's among them."""
     rng = np.random.default_rng(key)

@@ -64,15 +64,6 @@ def _cleaned(z: torch.Tensor) -> torch.Tensor:
     return z.nan_to_num(nan=-torch.inf, posinf=torch.finfo(torch.float32).max, neginf=-torch.inf)
 
 
-@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
-def isa(request):
-    if request.param and not row_stats.use_avx512(True):
-        pytest.skip("no AVX-512 on this CPU")
-    row_stats.use_avx512(request.param)
-    yield request.param
-    row_stats.use_avx512(True)
-
-
 @pytest.mark.parametrize("vocab", [131072, 32771, 1003, 9])
 def test_scan_reads_the_logits_with_patches_and_bounds_the_normaliser(isa, vocab: int) -> None:
     """scan_rows on raw logits (NaN, +inf, reordered rows, patched tokens) gives top_candidates'
