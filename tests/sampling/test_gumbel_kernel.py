@@ -64,6 +64,41 @@ def test_picks_and_y_match_the_torch_reference(isa, vocab: int) -> None:
     assert int(expected[7]) == 0 and picks >= 160
 
 
+def key_for_bits(token: int, bits: int) -> int:
+    """The row key whose hash for `token` is `bits`: fmix32 undone step by step (each of its
+    steps is a bijection on 32 bits), then the token's mix XORed out."""
+    x = bits ^ (bits >> 16)
+    x = (x * pow(0xC2B2AE35, -1, 1 << 32)) & noise.MASK32
+    x = x ^ (x >> 13) ^ (x >> 26)
+    x = (x * pow(0x85EBCA6B, -1, 1 << 32)) & noise.MASK32
+    x ^= x >> 16
+    assert int(noise.fmix32(torch.tensor(x))) == bits
+    return x ^ int(noise.token_mix(torch.tensor(token)))
+
+
+def test_tokens_whose_noise_sits_on_the_pruning_bound_still_win(isa) -> None:
+    """The pass drops a token whose score bound (read off the hash bits: leading zeros of ~bits,
+    or a float's bits) cannot beat the best so far. Plant, for each w = ~bits where a bound is
+    tightest (w = 0 and 1, powers of two and one below, the largest w), a token that beats the
+    row's only other token by 1e-4 (far above float32 rounding near |score| <= 23): it must
+    win, as in the torch reference."""
+    vocab, token, margin = 64, 37, 1e-4
+    flipped = [0, 1, 2, 3, 2**32 - 1] + [(1 << k) + d for k in range(2, 32) for d in (-1, 0)]
+    rows = [(w, t) for w in flipped for t in (1.0, 0.37, 2.5)]
+    keys = torch.tensor([key_for_bits(token, noise.MASK32 ^ w) for w, _ in rows])
+    temperature = torch.tensor([t for _, t in rows])
+    z = torch.full((len(rows), vocab), -torch.inf)
+    z[:, 0] = 0.0
+    first = noise.hash_bits(keys, noise.token_mix(torch.tensor(0)))
+    planted = noise.hash_bits(keys, noise.token_mix(torch.tensor(token)))
+    best = -gumbel_max.noise_floats(first).double()
+    z[:, token] = ((best + margin + gumbel_max.noise_floats(planted)) * temperature).float()
+    expected, _ = torch_pick(z, temperature, keys)
+    assert (expected == token).all()
+    mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
+    assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix), expected)
+
+
 def test_in_place_over_a_strided_block(isa) -> None:
     """The sampler passes a block of its work buffer and writes y over z."""
     generator = torch.Generator().manual_seed(11)

@@ -4,7 +4,7 @@
  * For each row r and token j, with the counter-based noise of winnow/sampling/noise.py:
  *
  *   y_j   = min(min(z_j, FLT_MAX) / T_r, FLT_MAX)                    (float32, as torch divides)
- *   bits  = fmix32(key_r ^ mix_j),   mix_j = fmix32(j ^ TOKEN_SALT)  (a table the caller keeps)
+ *   bits  = fmix32(key_r ^ mix_j),   mix_j = fmix32(j ^ TOKEN_SALT)
  *   a_j   = (float) log(-log((bits + 0.5) * 2^-32))                  (both logs in double)
  *   s_j   = y_j - a_j                                                (float32)
  *   token = the lowest j with the largest s_j
@@ -12,6 +12,10 @@
  * which is the torch reference's pick bit for bit, as long as libm's double log rounds a_j to the
  * same float as torch's (1-ulp logs that differ in a double's last bit almost never straddle a
  * float rounding boundary; the tests compare picks and noise values).
+ *
+ * fmix32's first round (x ^= x >> 16) distributes over the xor with the key, so the caller's table
+ * holds m_j = mix_j ^ (mix_j >> 16) and a row XORs in key_r ^ (key_r >> 16) before the rest of
+ * the hash (fmix32_tail): two vector ops less per token, the same bits.
  *
  * One pass per row, and the two logs are taken for a handful of tokens only. With w = ~bits,
  * 1 - u = (w + 0.5) * 2^-32 and -log u >= 1 - u, so a_j >= log(1 - u) >= c_j, where c_j is read
@@ -24,7 +28,12 @@
  * y_j - c_j > best is z_j * (1 / (T C_SCALE)) + (MARGIN - best - C_OFFSET) / C_SCALE > k_j, one
  * multiply-add against the bits; MARGIN (relative to |best|) covers the product's and the
  * constants' roundings for every y_j near enough to best to matter (a token far above best
- * passes anyway, one far below cannot win).
+ * passes anyway, one far below cannot win). The AVX-512 loop (with AVX512CD) reads the bound off
+ * the leading zeros instead: log2(1 - u) >= floor(log2 w) - 32 = -1 - lzcnt(w) (w | 1 keeps
+ * lzcnt <= 31; its bound for 31 is -33, which holds for w = 0 and 1 too). Then y_j - c > best,
+ * T > 0, is z_j > thr[lzcnt]: one permute of a 32-entry table built from best (thresholds16),
+ * and a compare, with no conversion. The bound is up to ln 2 looser, so a few more tokens per
+ * row get their exact score.
  *
  * A NaN logit never wins (its bound and score compare false), so a row of raw logits gets the
  * pick the sampler's NaN -> -inf rule gives; an all-NaN / -inf row returns token 0. When asked,
@@ -64,13 +73,20 @@
 
 static int use_avx512 = 0;
 
-static inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
+/* fmix32 after its first round: fmix32(x) = fmix32_tail(first_round(x)). */
+static inline uint32_t fmix32_tail(uint32_t x) {
   x *= FMIX_1;
   x ^= x >> 13;
   x *= FMIX_2;
   return x ^ (x >> 16);
 }
+
+static inline uint32_t first_round(uint32_t x) { return x ^ (x >> 16); }
+
+static inline uint32_t fmix32(uint32_t x) { return fmix32_tail(first_round(x)); }
+
+/* The hash bits of a token: key1 = first_round(row key), m = the table's entry. */
+static inline uint32_t noise_bits(uint32_t key1, uint32_t m) { return fmix32_tail(key1 ^ m); }
 
 /* The constant of the division-free bound test for the best score so far (see the top);
  * +inf while nothing has been scored, so that every finite token is scored. */
@@ -87,7 +103,7 @@ static inline float noise_a(uint32_t bits) {
 /* Pick the ISA; returns whether AVX-512 is in use. */
 int winnow_gumbel_init(int wanted_avx512) {
   __builtin_cpu_init();
-  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f");
+  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd");
   return use_avx512;
 }
 
@@ -103,17 +119,16 @@ static inline float y_of(float z, float t) {
 
 /* The exact score of token j; updates the row's best when it wins (ties keep the lower id,
  * which was seen first). */
-static inline void consider(float y, uint32_t key, uint32_t mix, int64_t j, float *best,
+static inline void consider(float y, uint32_t key1, uint32_t m, int64_t j, float *best,
                             int64_t *best_j) {
-  float s = y - noise_a(fmix32(key ^ mix));
+  float s = y - noise_a(noise_bits(key1, m));
   if (s > *best) {
     *best = s;
     *best_j = j;
   }
 }
 
-static inline __m256i fmix32_8(__m256i x) {
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+static inline __m256i fmix32_tail8(__m256i x) {
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)FMIX_1));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)FMIX_2));
@@ -173,7 +188,7 @@ static inline int64_t next_marked(const marks *m, int64_t j, int64_t end) {
 /* Tokens j..j+7 of the pass (AVX2): `skip` (8 bits) marks lanes that read as -inf. */
 static inline __attribute__((always_inline)) void step8(const float *z, const uint32_t *mix,
                                                        float *y_out, int64_t j, uint32_t skip,
-                                                       float t, uint32_t key, __m256 a,
+                                                       float t, uint32_t key1, __m256 a,
                                                        __m256 *b, float *best, int64_t *best_j) {
   const __m256 big = _mm256_set1_ps(FLT_MAX);
   __m256 x = _mm256_loadu_ps(z + j);
@@ -184,7 +199,7 @@ static inline __attribute__((always_inline)) void step8(const float *z, const ui
                          _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit)));
   }
   if (y_out) _mm256_storeu_ps(y_out + j, _mm256_min_ps(big, _mm256_div_ps(_mm256_min_ps(big, x), _mm256_set1_ps(t))));
-  __m256i bits = fmix32_8(_mm256_xor_si256(_mm256_set1_epi32((int)key), _mm256_loadu_si256((const __m256i *)(mix + j))));
+  __m256i bits = fmix32_tail8(_mm256_xor_si256(_mm256_set1_epi32((int)key1), _mm256_loadu_si256((const __m256i *)(mix + j))));
   __m256 w = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(bits, _mm256_set1_epi32(-1)), 8));
   __m256 k = _mm256_cvtepi32_ps(_mm256_castps_si256(w));
   int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(x, a, *b), k, _CMP_GT_OQ));
@@ -193,7 +208,7 @@ static inline __attribute__((always_inline)) void step8(const float *z, const ui
     _mm256_storeu_ps(xs, x);
     for (; hits; hits &= hits - 1) {
       int lane = __builtin_ctz(hits);
-      consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, best, best_j);
+      consider(y_of(xs[lane], t), key1, mix[j + lane], j + lane, best, best_j);
     }
     *b = _mm256_set1_ps(bound_offset(*best));
   }
@@ -202,7 +217,7 @@ static inline __attribute__((always_inline)) void step8(const float *z, const ui
 /* The pass over one row's tokens that are not marked in `m` (NULL: none), folded into *best /
  * *best_j (the caller starts them at -inf / 0). */
 static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float *y_out,
-                     int64_t vocab, float t, uint32_t key, float *best_out, int64_t *best_j_out) {
+                     int64_t vocab, float t, uint32_t key1, float *best_out, int64_t *best_j_out) {
   float best = *best_out;
   int64_t best_j = *best_j_out, j = 0;
   const __m256 a = _mm256_set1_ps(1.0f / t / C_SCALE);
@@ -212,13 +227,13 @@ static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float 
     const int64_t stop = m ? next_marked(m, j, whole) : whole;
     for (; j < stop; j += 16) {
       _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
-      step8(z, mix, y_out, j, 0, t, key, a, &b, &best, &best_j);
-      step8(z, mix, y_out, j + 8, 0, t, key, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j, 0, t, key1, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j + 8, 0, t, key1, a, &b, &best, &best_j);
     }
     if (j < whole) {
       uint32_t skip = m->tokens[j >> 5] >> (j & 16);
-      step8(z, mix, y_out, j, skip & 0xFFu, t, key, a, &b, &best, &best_j);
-      step8(z, mix, y_out, j + 8, (skip >> 8) & 0xFFu, t, key, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j, skip & 0xFFu, t, key1, a, &b, &best, &best_j);
+      step8(z, mix, y_out, j + 8, (skip >> 8) & 0xFFu, t, key1, a, &b, &best, &best_j);
       j += 16;
     }
   }
@@ -226,59 +241,75 @@ static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float 
     if (m && marked(m, j)) continue;
     float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
-    consider(y, key, mix[j], j, &best, &best_j);
+    consider(y, key1, mix[j], j, &best, &best_j);
   }
   *best_out = best;
   *best_j_out = best_j;
 }
 
-#define AVX512 __attribute__((target("avx512f")))
 
-static inline AVX512 __m512i fmix32_16(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+#define AVX512 __attribute__((target("avx512f,avx512cd")))
+
+/* ~fmix32_tail(x) | 1, 16 lanes: the complement's last round and the low bit in one ternary op
+ * (0xEB: ~(a ^ b) | c). */
+static inline AVX512 __m512i flipped_tail16(__m512i x) {
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)FMIX_1));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)FMIX_2));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(1), 0xEB);
+}
+
+/* thr[l] (l < 32, lanes 0-15 in *lo, 16-31 in *hi): a z_j <= thr[l] cannot beat `best` at
+ * temperature t when lzcnt(~bits | 1) = l. With c_l = -(l + 1) ln 2 - 1e-3 (l < 31; -33 ln 2 -
+ * 1e-3 for 31) bounding a_j from below, thr[l] = (best + c_l) t less a margin (relative to
+ * |best| + 25 > |best| + |c_l|) that covers the float rounding of this sum, of z_j / t and of the
+ * table itself; -inf while nothing has been scored. */
+static inline AVX512 void thresholds16(float best, float t, __m512 *lo, __m512 *hi) {
+  const double margin = ((fabs((double)best) + 25.0) * (double)t) * 0x1p-20;
+  const __m512 base = _mm512_set1_ps((float)(((double)best - 1e-3) * (double)t - margin));
+  const __m512 step = _mm512_set1_ps(-(float)(0.693147180559945 * (double)t));
+  const __m512 low = _mm512_setr_ps(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
+  const __m512 high = _mm512_setr_ps(17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 33);
+  *lo = _mm512_fmadd_ps(low, step, base);
+  *hi = _mm512_fmadd_ps(high, step, base);
 }
 
 /* Tokens j..j+15 of the pass (AVX-512): `skip` marks lanes that read as -inf. */
 static inline __attribute__((always_inline)) AVX512 void step16(
     const float *z, const uint32_t *mix, float *y_out, int64_t j, __mmask16 skip, float t,
-    uint32_t key, __m512 a, __m512 *b, float *best, int64_t *best_j) {
+    uint32_t key1, __m512 *lo, __m512 *hi, float *best, int64_t *best_j) {
   const __m512 big = _mm512_set1_ps(FLT_MAX);
   _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
   __m512 x = _mm512_loadu_ps(z + j);
   if (skip) x = _mm512_mask_mov_ps(x, skip, _mm512_set1_ps(-INFINITY));
   if (y_out) _mm512_storeu_ps(y_out + j, _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), _mm512_set1_ps(t))));
-  __m512i bits = fmix32_16(_mm512_xor_si512(_mm512_set1_epi32((int)key), _mm512_loadu_si512(mix + j)));
-  __m512 w = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_xor_si512(bits, _mm512_set1_epi32(-1)), 8));
-  __m512 k = _mm512_cvtepi32_ps(_mm512_castps_si512(w));
-  unsigned hits = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, a, *b), k, _CMP_GT_OQ);
+  __m512i w = flipped_tail16(_mm512_xor_si512(_mm512_set1_epi32((int)key1), _mm512_loadu_si512(mix + j)));
+  __m512 thr = _mm512_permutex2var_ps(*lo, _mm512_lzcnt_epi32(w), *hi);
+  unsigned hits = _mm512_cmp_ps_mask(x, thr, _CMP_GT_OQ);
   if (hits) {
     float xs[16];
     _mm512_storeu_ps(xs, x);
     for (; hits; hits &= hits - 1) {
       int lane = __builtin_ctz(hits);
-      consider(y_of(xs[lane], t), key, mix[j + lane], j + lane, best, best_j);
+      consider(y_of(xs[lane], t), key1, mix[j + lane], j + lane, best, best_j);
     }
-    *b = _mm512_set1_ps(bound_offset(*best));
+    thresholds16(*best, t, lo, hi);
   }
 }
 
 static AVX512 void row_avx512(const float *z, const marks *m, const uint32_t *mix,
-                              float *y_out, int64_t vocab, float t, uint32_t key,
-                              float *best_out, int64_t *best_j_out) {
+                                 float *y_out, int64_t vocab, float t, uint32_t key1,
+                                 float *best_out, int64_t *best_j_out) {
   float best = *best_out;
   int64_t best_j = *best_j_out, j = 0;
-  const __m512 a = _mm512_set1_ps(1.0f / t / C_SCALE);
-  __m512 b = _mm512_set1_ps(bound_offset(best));
+  __m512 lo, hi;
+  thresholds16(best, t, &lo, &hi);
   const int64_t whole = vocab & ~(int64_t)15;
   while (j < whole) {
     const int64_t stop = m ? next_marked(m, j, whole) : whole;
-    for (; j < stop; j += 16) step16(z, mix, y_out, j, 0, t, key, a, &b, &best, &best_j);
+    for (; j < stop; j += 16) step16(z, mix, y_out, j, 0, t, key1, &lo, &hi, &best, &best_j);
     if (j < whole) {
-      step16(z, mix, y_out, j, (__mmask16)(m->tokens[j >> 5] >> (j & 16)), t, key, a, &b,
+      step16(z, mix, y_out, j, (__mmask16)(m->tokens[j >> 5] >> (j & 16)), t, key1, &lo, &hi,
              &best, &best_j);
       j += 16;
     }
@@ -287,7 +318,7 @@ static AVX512 void row_avx512(const float *z, const marks *m, const uint32_t *mi
     if (m && marked(m, j)) continue;
     float y = y_of(z[j], t);
     if (y_out) y_out[j] = y;
-    consider(y, key, mix[j], j, &best, &best_j);
+    consider(y, key1, mix[j], j, &best, &best_j);
   }
   *best_out = best;
   *best_j_out = best_j;
@@ -300,17 +331,18 @@ static AVX512 void row_avx512(const float *z, const marks *m, const uint32_t *mi
 static int64_t whole_row(const float *z, const marks *m, const int64_t *ids,
                          const float *vals, int64_t n, const uint32_t *mix, float *y_out,
                          int64_t vocab, float t, uint32_t key) {
+  const uint32_t key1 = first_round(key);
   float best = -INFINITY;
   int64_t best_j = 0;
   if (use_avx512)
-    row_avx512(z, m, mix, y_out, vocab, t, key, &best, &best_j);
+    row_avx512(z, m, mix, y_out, vocab, t, key1, &best, &best_j);
   else
-    row_avx2(z, m, mix, y_out, vocab, t, key, &best, &best_j);
+    row_avx2(z, m, mix, y_out, vocab, t, key1, &best, &best_j);
   const float a = 1.0f / t / C_SCALE;
   float b = bound_offset(best);
   for (int64_t i = 0; i < n; i++) {
     if (ids[i] < 0) continue;
-    uint32_t bits = fmix32(key ^ mix[ids[i]]), w_bits;
+    uint32_t bits = noise_bits(key1, mix[ids[i]]), w_bits;
     float w = (float)(int32_t)(~bits >> 8);
     memcpy(&w_bits, &w, sizeof w);
     if (!(fmaf(vals[i], a, b) > (float)(int32_t)w_bits)) continue; /* the pass's bound test */
@@ -326,7 +358,7 @@ static int64_t whole_row(const float *z, const marks *m, const int64_t *ids,
 
 /* Rows r < rows: row order[r] of z (r without an order; row stride `stride`, float32), token[r]
  * as described at the top. keys[r] are the rows' 32-bit Gumbel-stream keys (int64 holding
- * [0, 2^32)); temperature[r] > 0; mix[j] = token_mix(j) for j < vocab.
+ * [0, 2^32)); temperature[r] > 0; mix[j] = first_round(token_mix(j)) for j < vocab.
  * patch_ids [rows, width] (NULL: none): tokens whose value is patch[r * vocab + id] instead.
  * y_out (row stride `stride`, may be z itself; not with an order or patches) receives y. */
 void winnow_gumbel_argmax(const float *z, int64_t rows, int64_t vocab, int64_t stride,
@@ -543,7 +575,7 @@ static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int6
   for (int64_t i = 0; i < n; i++) keep[i] = keep[i] || ys[i] == row_max;
   int apply = 0;
   if (p->xtc_probability > 0.0f && p->xtc_threshold <= 0.5f) {
-    uint32_t bits = fmix32(row_key(p->seed, p->position, XTC_STREAM) ^ mix[0]);
+    uint32_t bits = noise_bits(first_round(row_key(p->seed, p->position, XTC_STREAM)), mix[0]);
     apply = ((double)bits + 0.5) * 0x1p-32 < (double)p->xtc_probability;
   }
   *overflow = 0;
@@ -575,12 +607,12 @@ static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int6
       for (int64_t i = 0; i < n; i++)
         if (keep[i] && weight[i] / mass >= (double)p->xtc_threshold && ids[i] != keeper) keep[i] = 0;
   }
-  uint32_t key = row_key(p->seed, p->position, GUMBEL_STREAM);
+  const uint32_t key1 = first_round(row_key(p->seed, p->position, GUMBEL_STREAM));
   float best = -INFINITY;
   int64_t token = vocab;
   for (int64_t i = 0; i < n; i++) {
     if (!keep[i]) continue;
-    float s = ys[i] - noise_a(fmix32(key ^ mix[ids[i]]));
+    float s = ys[i] - noise_a(noise_bits(key1, mix[ids[i]]));
     if (s > best || (s == best && ids[i] < token)) {
       best = s;
       token = ids[i];

@@ -70,8 +70,10 @@ def noise_floats(bits: torch.Tensor) -> torch.Tensor:
 
 
 def mix_table(token_mix: torch.Tensor) -> torch.Tensor:
-    """The kernel's token-mix table: noise.token_mix values (int64 in [0, 2**32)) as 32 bits."""
-    return token_mix.to(torch.int64).to(torch.uint32).view(torch.int32).contiguous()
+    """The kernel's token-mix table: noise.token_mix values (int64 in [0, 2**32)) with the hash's
+    first round (m ^ m >> 16) applied, as 32 bits (see gumbel_max.c)."""
+    mix = token_mix.to(torch.int64)
+    return (mix ^ (mix >> 16)).to(torch.uint32).view(torch.int32).contiguous()
 
 
 def gumbel_argmax(
