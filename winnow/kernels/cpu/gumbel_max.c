@@ -67,9 +67,10 @@
 #define C_SCALE (0x1p-23f * 0.693147180559945f)
 #define C_OFFSET (-151.0f * 0.693147180559945f - 1e-3f)
 
-/* Tokens ahead of the loop to prefetch, without keeping them in the outer caches (NTA): the
- * row streams through once, and the token-mix table read beside it stays cached. */
-#define PREFETCH 1024
+/* Tokens ahead of the loop to prefetch into L2 (T1): far enough ahead to cover a miss to memory
+ * at the loop's pace, and not into L1, where the token-mix table read beside it lives
+ * (bench/sampler.py measured NTA and T0 at 4-16 KB ahead slower, with the row read from memory). */
+#define PREFETCH 4096
 
 static int use_avx512 = 0;
 
@@ -226,7 +227,7 @@ static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float 
   while (j < whole) {
     const int64_t stop = m ? next_marked(m, j, whole) : whole;
     for (; j < stop; j += 16) {
-      _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
+      _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_T1);
       step8(z, mix, y_out, j, 0, t, key1, a, &b, &best, &best_j);
       step8(z, mix, y_out, j + 8, 0, t, key1, a, &b, &best, &best_j);
     }
@@ -279,7 +280,7 @@ static inline __attribute__((always_inline)) AVX512 void step16(
     const float *z, const uint32_t *mix, float *y_out, int64_t j, __mmask16 skip, float t,
     uint32_t key1, __m512 *lo, __m512 *hi, float *best, int64_t *best_j) {
   const __m512 big = _mm512_set1_ps(FLT_MAX);
-  _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_NTA);
+  _mm_prefetch((const char *)(z + j + PREFETCH), _MM_HINT_T1);
   __m512 x = _mm512_loadu_ps(z + j);
   if (skip) x = _mm512_mask_mov_ps(x, skip, _mm512_set1_ps(-INFINITY));
   if (y_out) _mm512_storeu_ps(y_out + j, _mm512_min_ps(big, _mm512_div_ps(_mm512_min_ps(big, x), _mm512_set1_ps(t))));
