@@ -765,7 +765,7 @@ static void sort_entries(const entry *buf, int64_t len, int64_t keep, uint64_t *
  * roundings grow with |zref| / T: BITS_RANGE bounds it). */
 #define BITS_SCALE(t) (0x1p23f * EXP_LOG2E / (t))
 #define BITS_BIAS (0x1p23f * 127.0f)
-#define PREFETCH 2048 /* tokens ahead the loops ask for */
+#define PREFETCH 4096 /* tokens ahead the loops ask for, into L2 (as gumbel_max.c) */
 #define BLOCK 512 /* tokens per block of the loops: their sums restart each block, and the
                      candidates a block's compares flag are taken after it (no call inside the
                      loop, so the sums stay in registers) */
@@ -819,7 +819,7 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
     __m256 acc = zero;
     int count = 0;
     for (; j < end; j += 8) {
-      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T1);
       __m256 x = _mm256_loadu_ps(src + j);
       uint32_t hit = set ? (set[j >> 5] >> (j & 24)) & 0xFFu : 0;
       if (hit) {
@@ -877,7 +877,7 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
     __m512 acc = zero;
     int count = 0;
     for (; j < end; j += 16) {
-      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T1);
       __m512 x = _mm512_loadu_ps(src + j);
       __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
       if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
