@@ -243,3 +243,36 @@ def test_processed_logprobs_of_every_route_are_those_of_its_dense_rows(
     assert (survivors[processed] < 5).any()  # some row has fewer survivors than asked for
     assert "widen" in fallbacks  # the top_p 0.95 / 0.995 rows overflow their first slice
     assert ("redo_exact" in fallbacks) == (wide_candidates == 8)
+
+
+def test_processed_logprobs_of_free_rows_with_xtc() -> None:
+    """Free rows with XTC (with threshold 0 in the batch: a whole-row mask, written into y as
+    -inf for the logprobs) against the naive reference's survivors; threshold 0 leaves one."""
+    rows = [
+        SamplingParams(
+            temperature=1.1,
+            xtc_probability=1.0,
+            xtc_threshold=threshold,
+            logprobs=True,
+            top_logprobs=3,
+            logprobs_mode="processed",
+        )
+        for threshold in (0.0, 0.1)
+    ]
+    sampler, keys = make(rows)
+    logits = logits_for(2, seed=5)
+    out = sampler.sample(logits, keys)
+    assert out.logprobs is not None and out.top_token_ids is not None
+    assert out.top_logprobs is not None
+    for row, params in enumerate(rows):
+        ref = reference_sample(logits[row].tolist(), params, 50 + row, [3, 4, 4], [], [0])
+        assert ref.keep is not None and ref.y is not None
+        expected = torch.log_softmax(torch.from_numpy(np.where(ref.keep, ref.y, -np.inf)), 0)
+        assert out.token_ids[row].item() == ref.token
+        torch.testing.assert_close(out.logprobs[row], expected[ref.token], atol=1e-5, rtol=0)
+        top = sorted(range(VOCAB), key=lambda j: (-expected[j].item(), j))[:3]
+        assert out.top_token_ids[row].tolist() == top
+        torch.testing.assert_close(
+            out.top_logprobs[row], floor_logprobs(expected[top]).float(), atol=1e-5, rtol=0
+        )
+    assert int((out.top_logprobs[0] > LOGPROB_FLOOR).sum()) == 1

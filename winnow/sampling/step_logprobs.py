@@ -92,9 +92,8 @@ def processed_values(step: Step, rows: np.ndarray) -> torch.Tensor:
 
 
 def processed_sources(step: Step, rows: np.ndarray) -> list[Part]:
-    """Where the processed log-weights of the work rows `rows` are, route by route: greedy rows
-    and free rows without a whole-row XTC mask in place, thresholded rows as their candidate
-    slice (nothing [n, V]); free rows with the mask built [n, V]."""
+    """Where the processed log-weights of the work rows `rows` are, route by route: greedy and
+    free rows in place, thresholded rows as their candidate slice (nothing [n, V])."""
     parts: list[Part] = []
     for name, span in step.routes.items():
         inside = (rows >= span.start) & (rows < span.stop)
@@ -108,10 +107,5 @@ def processed_sources(step: Step, rows: np.ndarray) -> list[Part]:
             parts.append((positions, step.pick, local))
         else:
             assert step.free_y is not None
-            if step.free_keep is None:
-                parts.append((positions, step.free_y, local))
-            else:
-                part = step.free_y.index_select(0, local)
-                part.masked_fill_(~step.free_keep.index_select(0, local), -torch.inf)
-                parts.append((positions, part, None))
+            parts.append((positions, step.free_y, local))
     return parts

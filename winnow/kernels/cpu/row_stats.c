@@ -47,6 +47,9 @@
  *   top-k of each row, read in place and cleaned as read: the top-k pass (as top_candidates) gives
  *   the maximum, the sum is one more pass over the row (in cache), no [B, V] log_softmax.
  *
+ * winnow_slice_logprobs: winnow_row_logprobs of a row that is -inf off a candidate slice's
+ *   survivors (a thresholded row's processed distribution), from the slice alone, bit for bit.
+ *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
  *   without truncation, the fallbacks) is loaded around its patched values.
