@@ -379,6 +379,12 @@ static uint64_t *sort_by_high(uint64_t *keys, uint64_t *tmp, int64_t len, int bi
   return keys;
 }
 
+static int holds(const entry *e, int64_t n, int64_t id) {
+  for (int64_t i = 0; i < n; i++)
+    if (e[i].id == id) return 1;
+  return 0;
+}
+
 /* One row of winnow_slice_logprobs. x [width + 8], keys and tmp [width], best [k]: scratch. */
 static void slice_row(const float *ys, const int64_t *ids, const uint8_t *keep, int64_t width,
                       int64_t vocab, int64_t k, int64_t token, float *lse, float *chosen,
@@ -403,14 +409,9 @@ static void slice_row(const float *ys, const int64_t *ids, const uint8_t *keep, 
     values[i] = best[i].v;
     top_ids[i] = best[i].id;
   }
-  for (int64_t i = found, id = 0; i < k; i++, id++) { /* the lowest ids at -inf */
-    for (int64_t j = 0; j < found; j++) {
-      if (best[j].id == id) {
-        id++;
-        j = -1;
-      }
-    }
-    values[i] = -INFINITY;
+  for (int64_t i = found, id = 0; i < k; i++, id++) { /* best holds every finite survivor */
+    while (holds(best, found, id)) id++;
+    values[i] = -INFINITY; /* the lowest other ids */
     top_ids[i] = id;
   }
   if (m == -INFINITY) {
