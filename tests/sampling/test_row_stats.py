@@ -374,3 +374,28 @@ def test_slice_logprobs_are_row_logprobs_of_the_dense_rows(isa, vocab: int, widt
         lse, values, top_ids = row_stats.row_logprobs(dense, 5, rows)
         assert torch.equal(got[0], lse) and torch.equal(got[2], values)
         assert torch.equal(got[3], top_ids)
+
+
+def test_slice_logprobs_without_the_kernel_builds_the_dense_rows(monkeypatch) -> None:
+    """logprob_ops.slice_logprobs through the kernel and, where it is unavailable (CUDA), through
+    the dense rows and torch: the same top ids, the logprobs within the float32 normalisers'
+    bound of test_logprob_ops_in_c_gives_the_torch_logprobs."""
+    from winnow.sampling.logprob_ops import slice_logprobs
+    from winnow.sampling.step import Pick
+
+    vocab = 1003
+    ys, ids, keep = _slices(vocab, 40, 0)
+    tokens = torch.where(keep & (ys > -torch.inf), ids, vocab).amin(1)
+    rows = torch.tensor([3, 0, 10, 4])  # rows with finite survivors
+    pick = Pick(ids, ys, keep, tokens, torch.zeros(len(ys), dtype=torch.bool))
+    in_c = slice_logprobs(pick, 5, vocab, tokens[rows], rows)
+    with monkeypatch.context() as patched:
+        patched.setattr(row_stats, "available", lambda: False)
+        in_torch = slice_logprobs(pick, 5, vocab, tokens[rows], rows)
+    dense = pick.dense(vocab, rows)
+    _, bound = _lse_bound(dense)
+    bound = bound + vocab * 2.0**-24
+    assert in_c[1] is not None and in_c[2] is not None and in_torch[2] is not None
+    assert torch.equal(in_c[1], in_torch[1])
+    assert bool(((in_c[0] - in_torch[0]).double().abs() <= bound).all())
+    assert bool(((in_c[2] - in_torch[2]).double().abs() <= bound[:, None]).all())
