@@ -211,7 +211,8 @@ def slice_row_params(floats, top_k, seeds, positions, mass) -> np.ndarray:
 
 def test_slice_pick_is_the_torch_pick_on_the_slice() -> None:
     """The C pick on a candidate slice against Routes._pick (top_k, top_p with and without
-    top_k, min_p, XTC, ties everywhere, an all -inf row): same tokens and overflow flags."""
+    top_k, min_p, XTC, ties everywhere, an all -inf row): same tokens, overflow flags and
+    survivors."""
     from winnow.sampling.routes import Routes
     from winnow.sampling.step import (
         MIN_P,
@@ -262,9 +263,13 @@ def test_slice_pick_is_the_torch_pick_on_the_slice() -> None:
         params = RowParams(flags, np.arange(16), floats, top_k, seeds, positions)
         expected = routes._pick((values, ids), params, mass)
         records = slice_row_params(floats, top_k, seeds, positions, mass)
-        tokens, overflow, undecided = gumbel_max.slice_pick(values, ids, records, routes.mix_table)
+        keep = torch.empty(values.shape, dtype=torch.bool)
+        tokens, overflow, undecided = gumbel_max.slice_pick(
+            values, ids, records, routes.mix_table, keep
+        )
         assert torch.equal(tokens, expected.tokens)
         assert torch.equal(overflow, expected.overflow) and not bool(undecided.any())
+        assert torch.equal(keep, expected.keep)
         rows += 16
     assert rows == 1920
 

@@ -4,6 +4,7 @@ grammar bitmask forces): same tokens, step after step, over every stage and its 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -186,3 +187,50 @@ def test_nucleus_cut_within_the_bounds_picks_what_the_torch_step_picks() -> None
         assert torch.equal(tokens, torch_only.sample(logits, keys).token_ids)
         thirds += tokens == third
     assert bool((thirds[kept] > 0).all()) and not bool(thirds[~kept].any())
+
+
+@pytest.mark.parametrize("modes", [("raw",), ("processed",), ("raw", "processed")])
+@pytest.mark.parametrize("open_candidates", [8, 256])
+def test_in_place_step_with_logprobs_gives_the_copying_step_s_logprobs(
+    isa, modes: tuple[str, ...], open_candidates: int, monkeypatch
+) -> None:
+    """Logprobs steps read the model's logits in place too (no load of every row: raw rows'
+    normaliser and top-k straight from the logits, thresholded rows' processed values from
+    their slice and its survivor mask): the tokens, logprobs and top logprobs of the copying
+    step, bit for bit, over every route, its fallbacks and NaN / inf / tied rows."""
+
+    def make_lp() -> tuple[Sampler, list[int]]:
+        out = Sampler(VOCAB, len(PARAMS), torch.device("cpu"), eos_token_ids=[0, 1],
+                      open_candidates=open_candidates, wide_candidates=64)  # fmt: skip
+        for key, params in enumerate(PARAMS):
+            mode = modes[key % len(modes)]
+            params = dataclasses.replace(
+                params, logprobs=True, top_logprobs=5 - key % 3, logprobs_mode=mode
+            )
+            prompt = list(range(2 + key, 40 + 3 * key, 3))
+            out.add_row(key, params, seed=1000 + key, prompt_token_ids=prompt)
+        return out, list(range(len(PARAMS)))
+
+    (sourced, keys), (copied, _) = make_lp(), make_lp()
+    loads: list[int] = []
+    load_logits = sourced._load_logits
+    monkeypatch.setattr(sourced, "_load_logits", lambda *a: loads.append(1) or load_logits(*a))
+    everything = TokenMasks(np.array([9]), torch.full((1, words_for(VOCAB)), -1, dtype=torch.int32))
+    generator = torch.Generator().manual_seed(open_candidates + len(modes))
+    for step in range(12):
+        logits = torch.randn(len(keys), VOCAB, generator=generator) * (1 + step % 3)
+        logits[:, :: 97 + step] += 6.0
+        if step % 4 == 1:
+            logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, math.inf
+            logits[7, :100] = math.nan
+        if step % 4 == 3:
+            logits[8] = 0.0  # every token tied
+        expected = copied.sample(logits, keys, everything)
+        out = sourced.sample(logits, keys)
+        assert torch.equal(out.token_ids, expected.token_ids), step
+        for name in ("logprobs", "top_token_ids", "top_logprobs"):
+            got, want = getattr(out, name), getattr(expected, name)
+            assert got is not None and want is not None
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (step, name)
+            assert torch.equal(got.isnan(), want.isnan()), (step, name)
+    assert not loads  # no step copied every row into the work buffer

@@ -51,8 +51,10 @@ import torch
 from winnow.kernels.cpu import gumbel_max, row_stats
 from winnow.sampling import noise
 from winnow.sampling.step import (
+    LOGPROBS,
     MIN_P,
     MIN_P_V,
+    PROCESSED,
     TEMPERATURE,
     TOP_K,
     TOP_P,
@@ -208,12 +210,13 @@ class Routes:
         source = step.source
         assert source is not None
         mass_rows = torch.arange(rows.stop - rows.start) < step.mass_rows
-        tokens, overflow, bounds = self.pick_sourced(
+        processed = params.flags[:, LOGPROBS] & params.flags[:, PROCESSED]
+        tokens, overflow, bounds, step.pick = self.pick_sourced(
             source.logits, source.order[rows],
             None if source.patch_ids is None else source.patch_ids[rows], step.z[rows], width,
             slice_rows(params.floats.numpy(), params.top_k.numpy(), params.seeds.numpy(),
                        params.positions.numpy()),
-            mass_rows if step.mass_rows else None,
+            mass_rows if step.mass_rows else None, want_pick=bool(processed.any()),
         )  # fmt: skip
         step.total_mass = torch.ones_like(step.tokens, dtype=torch.float64)
         step.total_mass[rows] = bounds[:, 0]
@@ -230,24 +233,30 @@ class Routes:
         width: int,
         params: np.ndarray,
         mass_rows: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *,
+        want_pick: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pick | None]:
         """The thresholded route's pick for rows of the model's logits read as
         row_stats.scan_rows reads them (order, patch_ids, patch [b, V]; params [b] of
         gumbel_max.SLICE_ROW; mass_rows [b] bool: top_p without top_k): one C pass per row for
         the top-`width` candidates and bounds on the top_p normaliser, then the pick on the
         slice. Rows whose bounds keep different tokens, or whose slice overflows (widen reads
         the normaliser), get the exact normaliser and, where undecided, are picked again.
-        Returns (tokens, overflow, the normaliser's bounds [b, 2], exact where computed)."""
+        Returns (tokens, overflow, the normaliser's bounds [b, 2], exact where computed, and
+        with `want_pick` the slice and its survivors as `_pick` gives them, for logprobs)."""
         assert self.mix_table is not None
         values, ids, bounds = row_stats.scan_rows(
             logits, order, patch_ids, patch, width, torch.from_numpy(params["temperature"]),
             mass_rows,
         )  # fmt: skip
         params["total_mass"], params["total_mass_hi"] = bounds[:, 0].numpy(), bounds[:, 1].numpy()
-        tokens, overflow, undecided = gumbel_max.slice_pick(values, ids, params, self.mix_table)
-        if mass_rows is None:
-            return tokens, overflow, bounds
-        exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
+        keep = torch.empty(values.shape, dtype=torch.bool) if want_pick else None
+        tokens, overflow, undecided = gumbel_max.slice_pick(
+            values, ids, params, self.mix_table, keep
+        )
+        exact = np.zeros(0, dtype=np.int64)
+        if mass_rows is not None:
+            exact = np.flatnonzero(((undecided | overflow) & mass_rows).numpy())
         if exact.size:
             index = torch.from_numpy(exact)
             mass = row_stats.source_mass(
@@ -256,12 +265,19 @@ class Routes:
             )  # fmt: skip
             bounds[exact] = mass[:, None].expand(-1, 2)
             params["total_mass"][exact] = params["total_mass_hi"][exact] = mass.numpy()
+            kept = None if keep is None else keep.new_empty((exact.size, keep.shape[1]))
             again = gumbel_max.slice_pick(
                 values.index_select(0, index), ids.index_select(0, index), params[exact],
-                self.mix_table,
+                self.mix_table, kept,
             )  # fmt: skip
             tokens[index], overflow[index] = again[0], again[1]
-        return tokens, overflow, bounds
+            if keep is not None and kept is not None:
+                keep[index] = kept
+        if keep is None:
+            return tokens, overflow, bounds, None
+        temperature = torch.from_numpy(params["temperature"])[:, None]
+        ys = (values / temperature).clamp_(max=FLOAT32_MAX)  # `_pick`'s y of the slice
+        return tokens, overflow, bounds, Pick(ids, ys, keep, tokens, overflow)
 
     def _candidates(self, z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, ids) of the top-`width` slice of the rows `z`, sorted descending."""
@@ -329,7 +345,9 @@ class Routes:
         params = step.params(rows)
         z = step.z[rows]
         source = step.source
-        if source is not None and not params.flags[:, XTC].any():
+        # processed logprobs read y over the whole row: those rows are loaded
+        processed = params.flags[:, LOGPROBS] & params.flags[:, PROCESSED]
+        if source is not None and not params.flags[:, XTC].any() and not processed.any():
             assert self.mix_table is not None
             seeds, positions = params.seeds.numpy(), params.positions.numpy()
             keys = torch.from_numpy(noise.row_keys(seeds, positions, noise.GUMBEL_STREAM))

@@ -347,7 +347,7 @@ class Sampler:
         params = plain.truncated.params.copy()
         params["position"] = self._prompt_len[slots] + self._out_len[slots]
         patch = self._work[: batch * self.vocab_size].view(batch, self.vocab_size)  # not read
-        tokens, overflow, _ = self._routes.pick_sourced(
+        tokens, overflow, _, _ = self._routes.pick_sourced(
             logits.detach(), None, None, patch, plain.truncated.width, params,
             plain.truncated.mass_rows,
         )  # fmt: skip
@@ -525,9 +525,8 @@ class Sampler:
         z = self._work[: batch * vocab].view(batch, vocab)
         reordered = np.any(plan.order != np.arange(batch))
         sourced = not copy and bitmasks is None and self._readable(logits)
-        if not sourced or plan.flags[:, LOGPROBS].any():
+        if not sourced:
             self._load_logits(logits, z, index["order"] if reordered else None)
-            sourced = False
         seeds_top_k = self._seeds_top_k.index_select(0, index["slots"])
         step = Step(
             order=plan.order,
@@ -547,11 +546,11 @@ class Sampler:
             tokens=torch.empty(batch, dtype=torch.int64, device=self.device),
             mass_rows=plan.mass_rows,
         )
+        if sourced:
+            step.source = self._patch(step, logits, index["order"])
         if plan.flags[:, LOGPROBS].any():
             top = int(self._num_top_logprobs[plan.host_slots].max())
             step_logprobs.start(step, min(top, vocab))
-        if sourced:
-            step.source = self._patch(step, logits, index["order"])
         self._penalise(step)
         if bitmasks is not None:  # the end of stage 2: the grammar bitmask
             apply_bitmask(z, index["bitmask_rows"], bitmasks.bits)

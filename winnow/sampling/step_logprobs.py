@@ -19,7 +19,8 @@ Part = tuple[np.ndarray, torch.Tensor | Pick, torch.Tensor | None]
 
 
 def start(step: Step, k: int) -> None:
-    """Create the outputs, and take the raw top-k from z before stage 1 touches it."""
+    """Create the outputs, and take the raw top-k: from z before stage 1 touches it, or where
+    z holds only patched tokens (step.source), from the model's logits in place."""
     batch, device = len(step.order), step.tokens.device
     step.top_k_logprobs = k
     step.lp = torch.full((batch,), torch.nan, device=device)
@@ -28,7 +29,11 @@ def start(step: Step, k: int) -> None:
     if "raw" not in step.subsets:
         return
     rows = step.subsets["raw"]
-    lse, ids, top = row_logprobs(step.z, k, None if len(rows.host) == batch else rows.device)
+    if step.source is not None:
+        source = step.source
+        lse, ids, top = row_logprobs(source.logits, k, source.order.index_select(0, rows.device))
+    else:
+        lse, ids, top = row_logprobs(step.z, k, None if len(rows.host) == batch else rows.device)
     step.raw_lse = torch.zeros(batch, device=device).index_copy_(0, rows.device, lse)
     if ids is not None and top is not None:
         step.top_ids.index_copy_(0, rows.device, ids)

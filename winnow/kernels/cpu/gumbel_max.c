@@ -624,20 +624,23 @@ static int64_t pick_row(const float *values, const int64_t *ids, int64_t n, int6
 
 /* The thresholded route's pick for rows r < rows of a candidate slice (values [rows, n] float32,
  * ids [rows, n] int64, each row sorted by value descending): tokens[r], overflow[r] and
- * undecided[r] (bytes; see pick_row). */
+ * undecided[r] (bytes; see pick_row); keep_out [rows, n] (NULL: not wanted) the survivors the
+ * token was picked from (after truncation and XTC), for the row's processed logprobs. */
 void winnow_slice_pick(const float *values, const int64_t *ids, int64_t rows, int64_t n,
                        int64_t vocab, const slice_row *params, const uint32_t *mix,
                        int64_t *tokens, unsigned char *overflow, unsigned char *undecided,
-                       int nthreads) {
+                       unsigned char *keep_out, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
     float *ys = malloc(sizeof(float) * n);
     double *weight = malloc(sizeof(double) * n);
     unsigned char *keep = malloc(2 * n);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows; r++) {
       tokens[r] = pick_row(values + r * n, ids + r * n, n, vocab, params + r, mix, ys, weight,
                            keep, keep + n, overflow + r, undecided + r);
+      if (keep_out) memcpy(keep_out + r * n, keep, n);
+    }
     free(ys);
     free(weight);
     free(keep);

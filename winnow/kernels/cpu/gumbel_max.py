@@ -37,7 +37,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.winnow_gumbel_argmax.restype = None
-    lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 5, ctypes.c_int]
+    lib.winnow_slice_pick.argtypes = [_PTR, _PTR, _I64, _I64, _I64, *(_PTR,) * 6, ctypes.c_int]
     lib.winnow_slice_pick.restype = None
     lib.winnow_gumbel_step.argtypes = [
         *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR),
@@ -210,7 +210,11 @@ SLICE_ROW = np.dtype(
 
 
 def slice_pick(
-    values: torch.Tensor, ids: torch.Tensor, params: np.ndarray, token_mix: torch.Tensor
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    params: np.ndarray,
+    token_mix: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thresholded route's pick on candidate slices (routes.Routes._pick in C): values [b, n]
     float32 and ids [b, n] int64, each row sorted by value descending; params [b] of SLICE_ROW
@@ -218,7 +222,8 @@ def slice_pick(
     total_mass_hi bound the top_p normaliser of a row without top_k, equal when it is known).
     Returns (tokens [b] int64, overflow [b] bool: the slice may miss a survivor of the whole
     row, undecided [b] bool: the bounds keep different tokens, so the row's token is not known
-    until it is picked again with its exact normaliser)."""
+    until it is picked again with its exact normaliser). keep [b, n] bool (contiguous), where
+    given, receives each row's survivors: what its token was picked from, `Pick.keep`."""
     lib = _library()
     assert lib is not None and values.dtype == torch.float32 and ids.dtype == torch.int64
     rows, n = values.shape
@@ -228,11 +233,13 @@ def slice_pick(
     tokens = torch.empty(rows, dtype=torch.int64)
     overflow = torch.empty(rows, dtype=torch.bool)
     undecided = torch.empty(rows, dtype=torch.bool)
+    if keep is not None:
+        assert keep.dtype == torch.bool and keep.shape == (rows, n) and keep.is_contiguous()
     if rows:
         lib.winnow_slice_pick(
             values.data_ptr(), ids.data_ptr(), rows, n, token_mix.shape[0],
             params.ctypes.data, token_mix.data_ptr(), tokens.data_ptr(), overflow.data_ptr(),
-            undecided.data_ptr(), torch.get_num_threads(),
+            undecided.data_ptr(), _ptr(keep), torch.get_num_threads(),
         )  # fmt: skip
     return tokens, overflow, undecided
 
