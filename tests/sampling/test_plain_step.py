@@ -239,6 +239,49 @@ def test_exact_ties_go_to_the_lowest_id(isa) -> None:
     assert sampler.sample(logits, [0, 1, 2]).token_ids.tolist() == [low, low, low]
 
 
+def test_ties_with_a_biased_penalised_token(isa) -> None:
+    """Scores tied bit for bit between a penalised, biased token and another, the penalised one
+    at the lower id, at the higher id, and both penalised and biased (listed high id first): the
+    lowest id wins each time, so a value off by one rounding either way (the bias added before
+    the presence penalty, say) changes a pick."""
+    vocab, low, high = 1031, 300, 900
+    z, presence = np.float32(16.0), np.float32(0.5)
+    # a bias for which the order of the two float32 operations matters here
+    bias = next(
+        b
+        for b in np.linspace(0.1, 0.4, 31, dtype=np.float32)
+        if (z - presence) + b != (z + b) - presence
+    )
+    rows = [[low], [high], [high, low]]  # each row's penalised and biased ids
+    sampler = Sampler(vocab, len(rows), torch.device("cpu"), eos_token_ids=[1])
+    logits = torch.full((len(rows), vocab), -math.inf)
+
+    def score(logit: np.float32, edited: bool, a: np.float32) -> np.float32:
+        return ((logit - presence) + bias if edited else logit) - a
+
+    for key, output in enumerate(rows):
+        bias_ids = dict.fromkeys(output, float(bias))
+        params = SamplingParams(presence_penalty=float(presence), logit_bias=bias_ids)
+        sampler.add_row(key, params, seed=key, prompt_token_ids=[2], output_token_ids=output)
+        row_key = noise.row_keys(
+            torch.tensor(key), torch.tensor(1 + len(output)), noise.GUMBEL_STREAM
+        )
+        bits = noise.hash_bits(row_key, noise.token_mix(torch.tensor([low, high])))
+        a = dict(zip((low, high), gumbel_max.noise_floats(bits).numpy(), strict=True))
+        edited, other = output[-1], low + high - output[-1]
+        target = score(z, True, a[edited])
+        # the other token's logit: a float near the guess whose score is exactly `target`
+        both = other in output
+        guess = target + a[other] + (presence - bias if both else np.float32(0))
+        near, up, down = [guess], guess, guess
+        for _ in range(64):
+            up, down = np.nextafter(up, np.inf), np.nextafter(down, -np.inf)
+            near += [up, down]
+        logits[key, edited] = float(z)
+        logits[key, other] = float(next(c for c in near if score(c, both, a[other]) == target))
+    assert sampler.sample(logits, [0, 1, 2]).token_ids.tolist() == [low, low, low]
+
+
 @pytest.mark.parametrize("vocab", [7, 16, 1025])
 def test_small_and_block_edge_vocabularies(isa, vocab: int, monkeypatch) -> None:
     """No full 16-token block, exactly one, one past a word of blocks: the pipeline's picks, for
