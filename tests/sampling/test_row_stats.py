@@ -169,6 +169,49 @@ def test_penalise_in_c_gives_the_torch_values(monkeypatch) -> None:
         assert torch.equal(in_c[:-1], in_torch[:-1])  # the last cell is the padding's trash
 
 
+def test_seeding_with_stage_one_is_seeding_then_penalising(monkeypatch) -> None:
+    """seed_patches with the penalties (each row penalised right after its seeding) gives what
+    seeding, then PenaltyHistory.apply's torch ops give: penalised rows listed out of order,
+    a row that is patched but not penalised (bias-like ids), repeated ids across prompt and
+    output, NaN / -inf logits."""
+    from winnow.sampling.penalties import PenaltyHistory
+
+    vocab, rows = 1009, 5
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(7, vocab, generator=generator) * 3
+    logits[1, ::17] = float("nan")
+    logits[4, 3::19] = -torch.inf
+    order = torch.tensor([4, 1, 6, 0, 2])
+    history = PenaltyHistory(rows, torch.device("cpu"))
+    for slot in range(rows):
+        prompt = torch.randint(0, 90, (30 + slot,), generator=generator).tolist()
+        history.reset(
+            slot, prompt, torch.randint(0, 120, (slot * 5,), generator=generator).tolist()
+        )
+    penalised, slots = torch.tensor([3, 0, 4]), torch.tensor([2, 4, 1])
+    stage = history.stage_one(
+        penalised, slots, slots.numpy(), torch.tensor([1.3, 0.6, 2.0]),
+        torch.tensor([[0.5, 0.25], [-0.3, 1.1], [1.7, 0.0]]),
+    )  # fmt: skip
+    assert stage.prompt is not None
+    patch_ids = torch.full((rows, stage.prompt.shape[1] + stage.output.shape[1] + 2), -1)
+    patch_ids[penalised, : stage.prompt.shape[1]] = stage.prompt
+    patch_ids[penalised, stage.prompt.shape[1] : -2] = stage.output
+    patch_ids[1, -2:] = torch.tensor([7, 900])  # a row with bias ids only
+    patch_ids[3, -1] = 500
+    merged = torch.zeros(rows * vocab + 1)
+    row_stats.seed_patches(logits, order, merged[:-1].view(rows, vocab), patch_ids, stage)
+    separate = torch.zeros(rows * vocab + 1)
+    row_stats.seed_patches(logits, order, separate[:-1].view(rows, vocab), patch_ids)
+    seeded = separate.clone()
+    with monkeypatch.context() as patched:
+        patched.setattr(row_stats, "available", lambda: False)
+        history.apply(separate, penalised, slots, slots.numpy(), stage.repetition,
+                      stage.frequency_presence, vocab)  # fmt: skip
+    assert not torch.equal(separate, seeded)
+    assert torch.equal(merged[:-1], separate[:-1])
+
+
 def test_record_in_c_gives_the_torch_tables(monkeypatch) -> None:
     """PenaltyHistory.record through the C kernel and through its torch ops: the same output
     ids and counts over several steps (repeats of earlier tokens, new ones, empty histories)."""

@@ -64,18 +64,13 @@ class PenaltyHistory:
         repetition [b] (None: no row uses it) is applied first, on the model's own logits;
         frequency_presence [b, 2] (None: no row uses them) then, with the exact OpenAI formula.
         """
+        if z_flat.device.type == "cpu" and row_stats.available():  # one C call, same values
+            stage = self.stage_one(rows, slots, host_slots, repetition, frequency_presence)
+            row_stats.penalise(z_flat, vocab_size, stage)
+            return
         trash = z_flat.shape[0] - 1
         out_width = self.output.width(host_slots)
         outputs = self.output.take(slots, out_width)
-        if z_flat.device.type == "cpu" and row_stats.available():  # one C call, same values
-            prompt = None
-            if repetition is not None:
-                prompt = self.prompt.take(slots, self.prompt.width(host_slots))
-            counts = self.counts.take(slots, out_width) if frequency_presence is not None else None
-            row_stats.penalise(
-                z_flat, vocab_size, rows, prompt, outputs, counts, repetition, frequency_presence
-            )
-            return
         if repetition is not None:
             ids = torch.cat([self.prompt.take(slots, self.prompt.width(host_slots)), outputs], 1)
             flat = flat_index(rows, ids, vocab_size, trash, ids >= 0).view(-1)
@@ -90,6 +85,23 @@ class PenaltyHistory:
             frequency, presence = frequency_presence[:, :1], frequency_presence[:, 1:]
             z = z_flat.index_select(0, flat).view(counts.shape)
             z_flat.index_copy_(0, flat, (z - c * frequency - (c > 0) * presence).view(-1))
+
+    def stage_one(
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        host_slots: np.ndarray,
+        repetition: torch.Tensor | None,
+        frequency_presence: torch.Tensor | None,
+    ) -> row_stats.StageOne:
+        """`apply`'s arguments as the C kernels take them (CPU tables)."""
+        out_width = self.output.width(host_slots)
+        prompt = None
+        if repetition is not None:
+            prompt = self.prompt.take(slots, self.prompt.width(host_slots))
+        counts = self.counts.take(slots, out_width) if frequency_presence is not None else None
+        outputs = self.output.take(slots, out_width)
+        return row_stats.StageOne(rows, prompt, outputs, counts, repetition, frequency_presence)
 
     def kernel_view(
         self,

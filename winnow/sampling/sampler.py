@@ -646,7 +646,10 @@ class Sampler:
             for rows, ids in parts:
                 patch_ids[:, start : start + ids.shape[1]].index_copy_(0, rows.device, ids)
                 start += ids.shape[1]
-            row_stats.seed_patches(logits.detach(), order, step.z, patch_ids)
+            stage = None
+            if "penalised" in subsets:
+                stage = self._history.stage_one(*self._stage_one(step))
+            row_stats.seed_patches(logits.detach(), order, step.z, patch_ids, stage)
         loaded = np.zeros(len(step.order), dtype=bool)
         return Source(logits.detach(), order, patch_ids, loaded)
 
@@ -669,23 +672,29 @@ class Sampler:
             z.copy_(logits.index_select(0, order))
         z.nan_to_num_(nan=-torch.inf, neginf=-torch.inf)
 
+    def _stage_one(
+        self, step: Step
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+        """PenaltyHistory.apply's (rows, slots, host_slots, repetition, frequency_presence)
+        for the step's penalised rows."""
+        rows = step.subsets["penalised"]
+        flags = step.flags[rows.host]
+        floats = step.floats.index_select(0, rows.device)
+        return (
+            rows.device,
+            step.slots.index_select(0, rows.device),
+            step.host_slots[rows.host],
+            floats[:, REP_V] if flags[:, REPETITION].any() else None,
+            floats[:, FREQ_V : PRES_V + 1] if flags[:, FREQ_PRES].any() else None,
+        )
+
     def _penalise(self, step: Step) -> None:
-        """Stage 1 (penalties) and stage 2 (logit_bias, min_tokens bans) on the flat buffer."""
+        """Stage 1 (penalties; a sourced step's came with its patches) and stage 2 (logit_bias,
+        min_tokens bans) on the flat buffer."""
         vocab, z_flat, trash = self.vocab_size, self._work, self._work.shape[0] - 1
         subsets = step.subsets
-        if "penalised" in subsets:
-            rows = subsets["penalised"]
-            flags = step.flags[rows.host]
-            floats = step.floats.index_select(0, rows.device)
-            self._history.apply(
-                z_flat,
-                rows.device,
-                step.slots.index_select(0, rows.device),
-                step.host_slots[rows.host],
-                floats[:, REP_V] if flags[:, REPETITION].any() else None,
-                floats[:, FREQ_V : PRES_V + 1] if flags[:, FREQ_PRES].any() else None,
-                vocab,
-            )
+        if "penalised" in subsets and step.source is None:
+            self._history.apply(z_flat, *self._stage_one(step), vocab)
         if "bias" in subsets:
             rows = subsets["bias"]
             slots = step.slots.index_select(0, rows.device)

@@ -104,7 +104,8 @@ static inline float noise_a(uint32_t bits) {
 /* Pick the ISA; returns whether AVX-512 is in use. */
 int winnow_gumbel_init(int wanted_avx512) {
   __builtin_cpu_init();
-  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd");
+  use_avx512 = wanted_avx512 && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512cd");
   return use_avx512;
 }
 
@@ -248,7 +249,6 @@ static void row_avx2(const float *z, const marks *m, const uint32_t *mix, float 
   *best_j_out = best_j;
 }
 
-
 #define AVX512 __attribute__((target("avx512f,avx512cd")))
 
 /* ~fmix32_tail(x) | 1, 16 lanes: the complement's last round and the low bit in one ternary op
@@ -299,8 +299,8 @@ static inline __attribute__((always_inline)) AVX512 void step16(
 }
 
 static AVX512 void row_avx512(const float *z, const marks *m, const uint32_t *mix,
-                                 float *y_out, int64_t vocab, float t, uint32_t key1,
-                                 float *best_out, int64_t *best_j_out) {
+                              float *y_out, int64_t vocab, float t, uint32_t key1,
+                              float *best_out, int64_t *best_j_out) {
   float best = *best_out;
   int64_t best_j = *best_j_out, j = 0;
   __m512 lo, hi;

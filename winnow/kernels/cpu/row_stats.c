@@ -48,8 +48,9 @@
  *   the maximum, the sum is one more pass over the row (in cache), no [B, V] log_softmax.
  *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
- *   the cleaned logits before the penalties apply; a row that needs all of z later (greedy, XTC
- *   without truncation, the fallbacks) is loaded around its patched values.
+ *   the cleaned logits before the penalties apply (seed_patches applies them too, row by row, as
+ *   winnow_penalise would after it); a row that needs all of z later (greedy, XTC without
+ *   truncation, the fallbacks) is loaded around its patched values.
  *
  * winnow_penalise: the repetition / frequency / presence penalties on the work buffer's tokens,
  *   with penalties.PenaltyHistory.apply's float32 operations; winnow_record_tokens: the
@@ -382,17 +383,73 @@ void winnow_load_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
   }
 }
 
-/* dst[r * vocab + id] = the cleaned src[order[r], id] for the ids in patch_ids[r, :width]. */
+/* Stage 1's tables for n work rows (see winnow_penalise; field order = the caller's ctypes
+ * structure). */
+typedef struct {
+  const int64_t *rows;
+  int64_t n;
+  const int64_t *prompt; /* [n, wp] (NULL: no row has repetition) */
+  int64_t wp;
+  const int64_t *output; /* [n, wo] */
+  const int32_t *counts; /* [n, wo] (NULL: no row has frequency / presence) */
+  int64_t wo;
+  const float *repetition;         /* [n] */
+  const float *frequency_presence; /* [n, 2] */
+} stage_one;
+
+/* Stage 1 on one work row zr for stage-one row i; `done` (a zeroed bit per token) comes back
+ * zeroed. Each operation rounds to float32, as torch's do. */
+__attribute__((optimize("fp-contract=off"))) static void penalise_row(float *zr, int64_t i,
+                                                                      const stage_one *p,
+                                                                      uint32_t *done) {
+  if (p->repetition) {
+    const float r = p->repetition[i];
+    for (int pass = 0; pass < 2; pass++) { /* mark and penalise, then clear the marks */
+      for (int64_t k = 0; k < p->wp + p->wo; k++) {
+        int64_t id = k < p->wp ? p->prompt[i * p->wp + k] : p->output[i * p->wo + k - p->wp];
+        if (id < 0) continue;
+        uint32_t bit = 1u << (id & 31), *word = done + (id >> 5);
+        if (pass) {
+          *word &= ~bit;
+        } else if (!(*word & bit)) {
+          *word |= bit;
+          zr[id] = zr[id] > 0 ? zr[id] / r : zr[id] * r;
+        }
+      }
+    }
+  }
+  if (p->frequency_presence) {
+    const float f = p->frequency_presence[2 * i], pres = p->frequency_presence[2 * i + 1];
+    for (int64_t k = 0; k < p->wo; k++) {
+      int32_t c = p->counts[i * p->wo + k];
+      if (c <= 0) continue;
+      float scaled = (float)c * f, left = zr[p->output[i * p->wo + k]] - scaled;
+      zr[p->output[i * p->wo + k]] = left - 1.0f * pres;
+    }
+  }
+}
+
+/* dst[r * vocab + id] = the cleaned src[order[r], id] for the ids in patch_ids[r, :width]; then,
+ * with `penalties` (NULL: none), stage 1 on its rows, each right after its seeding, while the
+ * tokens it works on are still in cache (a second pass over all rows would miss on each). */
 void winnow_seed_patches(const float *src, int64_t rows, int64_t vocab, int64_t stride,
                          const int64_t *order, float *dst, const int64_t *patch_ids,
-                         int64_t width) {
+                         int64_t width, const stage_one *penalties) {
+  int64_t *which = penalties ? malloc(sizeof(int64_t) * (size_t)(rows + 1)) : NULL;
+  uint32_t *done =
+      penalties && penalties->repetition ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+  for (int64_t r = 0; which && r < rows; r++) which[r] = -1;
+  for (int64_t i = 0; which && i < penalties->n; i++) which[penalties->rows[i]] = i;
   for (int64_t r = 0; r < rows; r++) {
     const float *s = src + (order ? order[r] : r) * stride;
     for (int64_t i = 0; i < width; i++) {
       int64_t id = patch_ids[r * width + i];
       if (id >= 0) dst[r * vocab + id] = clean(s[id]);
     }
+    if (which && which[r] >= 0) penalise_row(dst + r * vocab, which[r], penalties, done);
   }
+  free(which);
+  free(done);
 }
 
 /* row_mass of the row s (cleaned, with the tokens in ids[:width] (-1: padding; NULL: none)
@@ -642,7 +699,7 @@ static void sort_entries(const entry *buf, int64_t len, int64_t keep, uint64_t *
  * roundings grow with |zref| / T: BITS_RANGE bounds it). */
 #define BITS_SCALE(t) (0x1p23f * EXP_LOG2E / (t))
 #define BITS_BIAS (0x1p23f * 127.0f)
-#define PREFETCH 2048 /* tokens ahead the loops ask for */
+#define PREFETCH 4096 /* tokens ahead the loops ask for, into L2 (as gumbel_max.c) */
 #define BLOCK 512 /* tokens per block of the loops: their sums restart each block, and the
                      candidates a block's compares flag are taken after it (no call inside the
                      loop, so the sums stay in registers) */
@@ -696,7 +753,7 @@ static inline __attribute__((always_inline)) void scan8(const float *src, const 
     __m256 acc = zero;
     int count = 0;
     for (; j < end; j += 8) {
-      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T1);
       __m256 x = _mm256_loadu_ps(src + j);
       uint32_t hit = set ? (set[j >> 5] >> (j & 24)) & 0xFFu : 0;
       if (hit) {
@@ -754,7 +811,7 @@ static inline __attribute__((always_inline)) AVX512 void scan16(const float *src
     __m512 acc = zero;
     int count = 0;
     for (; j < end; j += 16) {
-      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + j + PREFETCH), _MM_HINT_T1);
       __m512 x = _mm512_loadu_ps(src + j);
       __mmask16 hit = set ? (__mmask16)(set[j >> 5] >> (j & 16)) : 0;
       if (hit) x = _mm512_mask_loadu_ps(x, hit, patch + j);
@@ -894,43 +951,13 @@ void winnow_scan_rows(const float *src, int64_t rows, int64_t vocab, int64_t str
 }
 
 /* Stage 1 on the work buffer z [*, vocab], as penalties.PenaltyHistory.apply computes it, for
- * rows[i] (work rows): with repetition (NULL: no row), every distinct id of prompt[i, :wp] and
- * output[i, :wo] (-1: padding) becomes z > 0 ? z / r : z * r; then with frequency_presence
- * ([n, 2]; NULL: no row), each output id at its first occurrence (counts[i, k] > 0 there, 0
- * elsewhere) becomes (z - c * f) - p. Each operation rounds to float32, as torch's do. */
-__attribute__((optimize("fp-contract=off"))) void winnow_penalise(
-    float *z, int64_t vocab, const int64_t *rows, int64_t n, const int64_t *prompt, int64_t wp,
-    const int64_t *output, const int32_t *counts, int64_t wo, const float *repetition,
-    const float *frequency_presence) {
-  uint32_t *done = repetition ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
-  for (int64_t i = 0; i < n; i++) {
-    float *zr = z + rows[i] * vocab;
-    if (repetition) {
-      const float r = repetition[i];
-      for (int pass = 0; pass < 2; pass++) { /* mark and penalise, then clear the marks */
-        for (int64_t k = 0; k < wp + wo; k++) {
-          int64_t id = k < wp ? prompt[i * wp + k] : output[i * wo + k - wp];
-          if (id < 0) continue;
-          uint32_t bit = 1u << (id & 31), *word = done + (id >> 5);
-          if (pass) {
-            *word &= ~bit;
-          } else if (!(*word & bit)) {
-            *word |= bit;
-            zr[id] = zr[id] > 0 ? zr[id] / r : zr[id] * r;
-          }
-        }
-      }
-    }
-    if (frequency_presence) {
-      const float f = frequency_presence[2 * i], p = frequency_presence[2 * i + 1];
-      for (int64_t k = 0; k < wo; k++) {
-        int32_t c = counts[i * wo + k];
-        if (c <= 0) continue;
-        float scaled = (float)c * f, left = zr[output[i * wo + k]] - scaled;
-        zr[output[i * wo + k]] = left - 1.0f * p;
-      }
-    }
-  }
+ * the rows p->rows[i] (work rows): with repetition (NULL: no row), every distinct id of
+ * prompt[i, :wp] and output[i, :wo] (-1: padding) becomes z > 0 ? z / r : z * r; then with
+ * frequency_presence ([n, 2]; NULL: no row), each output id at its first occurrence (counts[i, k]
+ * > 0 there, 0 elsewhere) becomes (z - c * f) - p. */
+void winnow_penalise(float *z, int64_t vocab, const stage_one *p) {
+  uint32_t *done = p->repetition ? calloc((size_t)(vocab + 31) / 32 + 1, sizeof(uint32_t)) : NULL;
+  for (int64_t i = 0; i < p->n; i++) penalise_row(z + p->rows[i] * vocab, i, p, done);
   free(done);
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_total_mass.restype = None
     lib.winnow_load_rows.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, _PTR, _I64, ctypes.c_int]
     lib.winnow_load_rows.restype = None
-    lib.winnow_seed_patches.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, _PTR, _I64]
+    lib.winnow_seed_patches.argtypes = [_PTR, *(_I64,) * 3, _PTR, _PTR, _PTR, _I64, _PTR]
     lib.winnow_seed_patches.restype = None
     lib.winnow_scan_rows.argtypes = [
         *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64),
@@ -42,8 +43,7 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_source_mass.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64]
     lib.winnow_source_mass.argtypes += [_PTR, _PTR, _PTR, ctypes.c_int]
     lib.winnow_source_mass.restype = None
-    lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
-    lib.winnow_penalise.argtypes += [_PTR, _PTR]
+    lib.winnow_penalise.argtypes = [_PTR, _I64, _PTR]
     lib.winnow_penalise.restype = None
     lib.winnow_record_tokens.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64]
     lib.winnow_record_tokens.restype = None
@@ -163,18 +163,25 @@ def load_rows(
 
 
 def seed_patches(
-    logits: torch.Tensor, order: torch.Tensor | None, z: torch.Tensor, patch_ids: torch.Tensor
+    logits: torch.Tensor,
+    order: torch.Tensor | None,
+    z: torch.Tensor,
+    patch_ids: torch.Tensor,
+    stage: StageOne | None = None,
 ) -> None:
     """z[r, id] = the cleaned logits[order[r], id] for each id in patch_ids[r] (-1: padding),
-    the values the penalties then work on (shapes as `load_rows`)."""
+    the values the penalties then work on (shapes as `load_rows`); with `stage` (its rows being
+    rows of z, their ids among their patch ids), stage 1 too, as `penalise` on the flat z, each
+    row right after its seeding while its tokens are in cache."""
     lib = _checked(logits)
     rows, vocab = z.shape
     assert z.is_contiguous() and logits.shape[1] == vocab and patch_ids.shape[0] == rows
     order = None if order is None else order.contiguous()
     patch_ids = patch_ids.contiguous()
+    args, _kept = _stage_one_args(stage) if stage is not None else (None, ())
     lib.winnow_seed_patches(
         logits.data_ptr(), rows, vocab, logits.stride(0), _ptr(order), z.data_ptr(),
-        patch_ids.data_ptr(), patch_ids.shape[1],
+        patch_ids.data_ptr(), patch_ids.shape[1], None if args is None else ctypes.addressof(args),
     )  # fmt: skip
 
 
@@ -245,37 +252,57 @@ def source_mass(
     return mass
 
 
-def penalise(
-    z: torch.Tensor,
-    vocab: int,
-    rows: torch.Tensor,
-    prompt: torch.Tensor | None,
-    output: torch.Tensor,
-    counts: torch.Tensor | None,
-    repetition: torch.Tensor | None,
-    frequency_presence: torch.Tensor | None,
-) -> None:
-    """penalties.PenaltyHistory.apply in C, in place on the flat work buffer z (CPU float32):
-    rows [n] work rows; prompt [n, wp] and output [n, wo] ids (-1: padding); counts [n, wo]
-    int32 (with frequency_presence [n, 2]); repetition [n] (with prompt). Same float32
-    operations, so the same values."""
+@dataclass(frozen=True)
+class StageOne:
+    """Stage 1 (penalties.PenaltyHistory.apply) for n work rows: rows [n]; prompt [n, wp] and
+    output [n, wo] ids (-1: padding); counts [n, wo] int32 (with frequency_presence [n, 2]);
+    repetition [n] (with prompt)."""
+
+    rows: torch.Tensor
+    prompt: torch.Tensor | None
+    output: torch.Tensor
+    counts: torch.Tensor | None
+    repetition: torch.Tensor | None
+    frequency_presence: torch.Tensor | None
+
+
+class _StageOneArgs(ctypes.Structure):
+    _fields_ = [
+        ("rows", _PTR), ("n", _I64), ("prompt", _PTR), ("wp", _I64), ("output", _PTR),
+        ("counts", _PTR), ("wo", _I64), ("repetition", _PTR), ("frequency_presence", _PTR),
+    ]  # fmt: skip
+
+
+def _stage_one_args(stage: StageOne) -> tuple[_StageOneArgs, tuple[torch.Tensor | None, ...]]:
+    """The C structure for `stage`, and the tensors it points into (keep them alive)."""
+    kept = (
+        stage.rows.contiguous(),
+        None if stage.prompt is None else stage.prompt.contiguous(),
+        stage.output.contiguous(),
+        None if stage.counts is None else stage.counts.to(torch.int32).contiguous(),
+        None if stage.repetition is None else stage.repetition.to(torch.float32).contiguous(),
+        None
+        if stage.frequency_presence is None
+        else stage.frequency_presence.to(torch.float32).contiguous(),
+    )
+    rows, prompt, output, counts, repetition, frequency_presence = kept
+    args = _StageOneArgs(
+        rows.data_ptr(), rows.shape[0], _ptr(prompt), 0 if prompt is None else prompt.shape[1],
+        output.data_ptr(), _ptr(counts), output.shape[1], _ptr(repetition),
+        _ptr(frequency_presence),
+    )  # fmt: skip
+    return args, kept
+
+
+def penalise(z: torch.Tensor, vocab: int, stage: StageOne) -> None:
+    """penalties.PenaltyHistory.apply in C, in place on the flat work buffer z (CPU float32).
+    Same float32 operations, so the same values."""
     lib = _library()
     assert lib is not None and z.dtype == torch.float32 and z.is_contiguous()
-    n = rows.shape[0]
-    if n == 0:
+    if stage.rows.shape[0] == 0:
         return
-    rows = rows.contiguous()
-    wp = 0 if prompt is None else prompt.shape[1]
-    prompt = None if prompt is None else prompt.contiguous()
-    output = output.contiguous()
-    counts = None if counts is None else counts.to(torch.int32).contiguous()
-    repetition = None if repetition is None else repetition.to(torch.float32).contiguous()
-    if frequency_presence is not None:
-        frequency_presence = frequency_presence.to(torch.float32).contiguous()
-    lib.winnow_penalise(
-        z.data_ptr(), vocab, rows.data_ptr(), n, _ptr(prompt), wp, output.data_ptr(),
-        _ptr(counts), output.shape[1], _ptr(repetition), _ptr(frequency_presence),
-    )  # fmt: skip
+    args, _kept = _stage_one_args(stage)
+    lib.winnow_penalise(z.data_ptr(), vocab, ctypes.addressof(args))
 
 
 def record_tokens(
