@@ -1,6 +1,6 @@
 """The sampler's Gumbel-max kernels of `gumbel_max.c` (the fused full-vocabulary pass, the
-plain temperature step with its penalties in one call, and the pick on a thresholded row's
-candidate slice): build, load, call (ctypes).
+plain temperature step with its penalties, logit_bias and bans in one call, and the pick on a
+thresholded row's candidate slice): build, load, call (ctypes).
 
 Built into the kernel cache like the projection kernels; `available()` is False where it cannot
 be (no AVX2, no compiler), and the sampler then keeps to its torch expression of the same pick.
