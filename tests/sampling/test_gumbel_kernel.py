@@ -76,12 +76,13 @@ def key_for_bits(token: int, bits: int) -> int:
     return x ^ int(noise.token_mix(torch.tensor(token)))
 
 
-def test_tokens_whose_noise_sits_on_the_pruning_bound_still_win(isa) -> None:
+@pytest.mark.parametrize("patched", [False, True], ids=["in_pass", "patched"])
+def test_tokens_whose_noise_sits_on_the_pruning_bound_still_win(isa, patched: bool) -> None:
     """The pass drops a token whose score bound (read off the hash bits: leading zeros of ~bits,
     or a float's bits) cannot beat the best so far. Plant, for each w = ~bits where a bound is
     tightest (w = 0 and 1, powers of two and one below, the largest w), a token that beats the
     row's only other token by 1e-4 (far above float32 rounding near |score| <= 23): it must
-    win, as in the torch reference."""
+    win, as in the torch reference; also as a patched token, scored after the pass."""
     vocab, token, margin = 64, 37, 1e-4
     flipped = [0, 1, 2, 3, 2**32 - 1] + [(1 << k) + d for k in range(2, 32) for d in (-1, 0)]
     rows = [(w, t) for w in flipped for t in (1.0, 0.37, 2.5)]
@@ -96,7 +97,17 @@ def test_tokens_whose_noise_sits_on_the_pruning_bound_still_win(isa) -> None:
     expected, _ = torch_pick(z, temperature, keys)
     assert (expected == token).all()
     mix = gumbel_max.mix_table(noise.token_mix(torch.arange(vocab)))
-    assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix), expected)
+    if not patched:
+        assert torch.equal(gumbel_max.gumbel_argmax(z, temperature, keys, mix), expected)
+        return
+    patch, read = z.clone(), z.clone()
+    read[:, token] = 0.0  # the pass must take the token's value from the patch
+    patch_ids = torch.full((len(rows), 2), -1)
+    patch_ids[:, 0] = token
+    picked = gumbel_max.gumbel_argmax(
+        read, temperature, keys, mix, patch_ids=patch_ids, patch=patch
+    )
+    assert torch.equal(picked, expected)
 
 
 def test_in_place_over_a_strided_block(isa) -> None:
