@@ -135,16 +135,19 @@ def plain_step(
     history: PenaltyTables | None = None,
     edits: StageTwoTables | None = None,
 ) -> torch.Tensor:
-    """The sampler's plain temperature step in one C call: per row of z [b, V] (float32, CPU,
+    """The sampler's plain temperature step in one C call: per row r of z [b, V] (float32, CPU,
     unit inner stride), `gumbel_argmax`'s pick with the row key of seeds / positions [b] (int64)
-    and temperature [b] (float32; numpy), after the row's stages 1-2 taken straight from the
-    sampler's tables of slot slots[r] (int64; needed with either table): a penalty history's
-    (None: no row has any) -- the repetition penalty on the distinct prompt and output ids, then
-    frequency and presence on the output ids, with the float32 operations of
-    penalties.PenaltyHistory.apply --, then its logit_bias added and its min_tokens ban
-    (`edits`; None: no row has either) -- and each penalised row's token recorded in the history
-    as PenaltyHistory.record does (the caller has made room and moves the lengths on). No torch
-    op, no copy of a row."""
+    and temperature [b] (float32; numpy), after the row's stages 1-2 read straight from the
+    sampler's tables at slot slots[r] (int64; needed with either table):
+
+    - `history` (None: no row has a penalty): the repetition penalty on the distinct prompt and
+      output ids, then frequency and presence on the output ids, with the float32 operations of
+      penalties.PenaltyHistory.apply; each penalised row's token is then recorded there as
+      PenaltyHistory.record does (the caller has made room and moves the lengths on);
+    - `edits` (None: no row has a bias or a ban): logit_bias added, then the banned ids at -inf,
+      as Sampler._penalise applies them.
+
+    No torch op, no copy of a row."""
     lib = _library()
     assert lib is not None and z.dtype == torch.float32 and z.stride(1) == 1
     rows, vocab = z.shape
