@@ -493,9 +493,9 @@ __attribute__((optimize("fp-contract=off"))) static int64_t edit_row(
  * prompt[slot * prompt_stride + :plen[r]] and its output ids and counts output[slot * out_stride
  * + :olen[r]] / counts[slot * count_stride + ...], penalised with penalty[r] = (repetition,
  * frequency, presence); olen[r] < 0: a row without penalties (its slot's tables are not read).
- * Then logit_bias (bias_ids NULL: no row has any): the slot's bias_ids / bias[slot * bias_stride +
- * :nbias[r]] (distinct ids), and the min_tokens ban (bans NULL: no row has one active):
- * bans[slot * ban_stride + :nban[r]].
+ * Then stage 2 (bias_ids NULL: no row has a bias or a ban): logit_bias's distinct ids and values
+ * bias_ids / bias[slot * bias_stride + :nbias[r]], and the ids the min_tokens ban holds at -inf
+ * this step, bans[slot * ban_stride + :nban[r]].
  * The picked token is then recorded as penalties.PenaltyHistory.record does, at column olen[r]
  * (the caller has made room): its first occurrence counts one more, or the new column 1. */
 void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t stride,
@@ -510,7 +510,7 @@ void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t str
   int64_t most = 1;
   for (int64_t r = 0; slots && r < rows; r++) {
     int64_t n = prompt && olen[r] >= 0 ? plen[r] + olen[r] : 0;
-    n += (bias_ids ? nbias[r] : 0) + (bans ? nban[r] : 0);
+    n += bias_ids ? nbias[r] + nban[r] : 0;
     most = n > most ? n : most;
   }
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
@@ -527,11 +527,9 @@ void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t str
       if (len >= 0)
         n = penalise_row(zr, prompt + slots[r] * prompt_stride, plen[r], out, count, len,
                          penalty + 3 * r, &m, ids, vals, ids + most, &outputs);
-      if (slots)
-        n = edit_row(zr, bias_ids ? bias_ids + slots[r] * bias_stride : NULL,
-                     bias ? bias + slots[r] * bias_stride : NULL, bias_ids ? nbias[r] : 0,
-                     bans ? bans + slots[r] * ban_stride : NULL, bans ? nban[r] : 0, &m, ids,
-                     vals, n);
+      if (bias_ids)
+        n = edit_row(zr, bias_ids + slots[r] * bias_stride, bias + slots[r] * bias_stride,
+                     nbias[r], bans + slots[r] * ban_stride, nban[r], &m, ids, vals, n);
       const int64_t token =
           whole_row(zr, n ? &m : NULL, ids, vals, n, mix, NULL, vocab, temperature[r],
                     row_key(seeds[r], positions[r], GUMBEL_STREAM));
