@@ -324,3 +324,78 @@ def test_logprob_ops_in_c_gives_the_torch_logprobs(isa, monkeypatch, k: int) -> 
     assert in_c[1] is not None and in_c[2] is not None and in_torch[2] is not None
     assert torch.equal(in_c[1], in_torch[1])
     assert bool(((in_c[2] - in_torch[2]).double().abs() <= bound[:, None]).all())
+
+
+def _slices(vocab: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate slices (ys, ids, keep) [12, width] as the thresholded route leaves them: ids
+    distinct per row (some at the last vocab % 8 ids, where row_mass takes expf), values sorted
+    descending, ties (row 1, and half-integers in rows 2-3), -inf values kept and removed, a row
+    whose survivors are all -inf, a row with no survivor, survivors 87-100 below the maximum
+    (exps at float32's underflow), and keep masks with holes (XTC) or a prefix."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = 12
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:width] for _ in range(rows)])
+    ids[4] = torch.arange(vocab - 1, vocab - 1 - width, -1)  # the largest ids, distinct
+    ys = torch.randn(rows, width, generator=generator) * 4
+    ys[1] = 0.5
+    ys[2:4] = (ys[2:4] * 2).round() / 2
+    ys[5, -4:] = -torch.inf
+    ys[6] = -torch.inf
+    ys[8, 1:] = ys[8, 0] - torch.linspace(86.0, 100.0, width - 1)
+    ys = ys.sort(dim=1, descending=True).values
+    keep = torch.rand(rows, width, generator=generator) < 0.4
+    keep[:, 0] = True
+    keep[7] = False
+    keep[9] = torch.arange(width) < 3
+    keep[10] = True
+    return ys, ids, keep
+
+
+@pytest.mark.parametrize(("vocab", "width"), [(131072, 300), (1003, 40), (9, 9), (37, 5)])
+def test_slice_logprobs_are_row_logprobs_of_the_dense_rows(isa, vocab: int, width: int) -> None:
+    """slice_logprobs from the slice alone against row_logprobs over the [n, V] row the slice
+    stands for (survivors at their values, every other token -inf): the same normaliser, the
+    same top ids and values (past the survivors the lowest other ids at -inf), the sampled
+    token's value, bit for bit, with and without a row selection."""
+    for seed in range(3):
+        ys, ids, keep = _slices(vocab, width, seed)
+        dense = torch.full((ys.shape[0], vocab), -torch.inf)
+        dense.scatter_(1, ids, torch.where(keep, ys, -torch.inf))
+        tokens = torch.where(keep, ids, vocab).amin(1) % vocab
+        tokens[0] = ids[0, -1]  # a token that may be no survivor: -inf
+        for k in sorted({0, 1, 5, min(20, vocab)}):
+            lse, values, top_ids = row_stats.row_logprobs(dense, k)
+            got = row_stats.slice_logprobs(ys, ids, keep, k, vocab, tokens)
+            assert torch.equal(got[0], lse)
+            assert torch.equal(got[1], dense.gather(1, tokens[:, None])[:, 0])
+            assert torch.equal(got[2], values) and torch.equal(got[3], top_ids)
+        rows = torch.tensor([10, 4, 6, 4])
+        got = row_stats.slice_logprobs(ys, ids, keep, 5, vocab, tokens[rows], rows)
+        lse, values, top_ids = row_stats.row_logprobs(dense, 5, rows)
+        assert torch.equal(got[0], lse) and torch.equal(got[2], values)
+        assert torch.equal(got[3], top_ids)
+
+
+def test_slice_logprobs_without_the_kernel_builds_the_dense_rows(monkeypatch) -> None:
+    """logprob_ops.slice_logprobs through the kernel and, where it is unavailable (CUDA), through
+    the dense rows and torch: the same top ids, the logprobs within the float32 normalisers'
+    bound of test_logprob_ops_in_c_gives_the_torch_logprobs."""
+    from winnow.sampling.logprob_ops import slice_logprobs
+    from winnow.sampling.step import Pick
+
+    vocab = 1003
+    ys, ids, keep = _slices(vocab, 40, 0)
+    tokens = torch.where(keep & (ys > -torch.inf), ids, vocab).amin(1)
+    rows = torch.tensor([3, 0, 10, 4])  # rows with finite survivors
+    pick = Pick(ids, ys, keep, tokens, torch.zeros(len(ys), dtype=torch.bool))
+    in_c = slice_logprobs(pick, 5, vocab, tokens[rows], rows)
+    with monkeypatch.context() as patched:
+        patched.setattr(row_stats, "available", lambda: False)
+        in_torch = slice_logprobs(pick, 5, vocab, tokens[rows], rows)
+    dense = pick.dense(vocab, rows)
+    _, bound = _lse_bound(dense)
+    bound = bound + vocab * 2.0**-24
+    assert in_c[1] is not None and in_c[2] is not None and in_torch[2] is not None
+    assert torch.equal(in_c[1], in_torch[1])
+    assert bool(((in_c[0] - in_torch[0]).double().abs() <= bound).all())
+    assert bool(((in_c[2] - in_torch[2]).double().abs() <= bound[:, None]).all())

@@ -1,4 +1,5 @@
-"""Log-probabilities of full-vocabulary rows: the sampled token and the top-k (ties -> lower id)."""
+"""Log-probabilities of full-vocabulary rows, or of a candidate slice's survivors: the sampled
+token and the top-k (ties -> lower id)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from winnow.kernels.cpu import row_stats
 from winnow.limits import LOGPROB_FLOOR
+from winnow.sampling.step import Pick
 
 
 def floor_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
@@ -57,3 +59,31 @@ def row_logprobs(
     ids = topk_lowest_ids(values, k)
     top = floor_logprobs(values.gather(1, ids) - lse[:, None])
     return lse, ids, top
+
+
+def slice_logprobs(
+    pick: Pick, k: int, vocab: int, tokens: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sampled-token logprob [n], top ids [n, k], top logprobs [n, k]) of the distribution the
+    candidate slice `pick` (its rows `rows` [n], else all) samples from: its survivors' values,
+    every other token -inf; `tokens` [n] the sampled ids. All floored; top entries None when
+    k == 0. The same values as `row_logprobs` of `pick.dense`, which on a CPU with the C kernels
+    are worked out from the slice alone (row_stats.slice_logprobs); elsewhere the dense rows."""
+    if pick.ys.device.type == "cpu" and row_stats.available():
+        lse, chosen, values, ids = row_stats.slice_logprobs(
+            pick.ys, pick.ids, pick.keep, k, vocab, tokens, rows
+        )
+        top = floor_logprobs(values - lse[:, None]) if k else None
+        return floor_logprobs(chosen - lse), ids if k else None, top
+    return dense_logprobs(pick.dense(vocab, rows), k, tokens)
+
+
+def dense_logprobs(
+    values: torch.Tensor, k: int, tokens: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`slice_logprobs` of whole rows: `values` [*, V] log-weights (its rows `rows` [n], else
+    all), read in place where `row_logprobs` can."""
+    lse, ids, top = row_logprobs(values, k, rows)
+    if rows is None:
+        rows = torch.arange(len(tokens), device=values.device)
+    return floor_logprobs(values[rows, tokens] - lse), ids, top

@@ -339,7 +339,7 @@ class Routes:
                 patch_ids=None if source.patch_ids is None else source.patch_ids[rows],
                 patch=z,
             )  # fmt: skip
-            step.free_y, step.free_keep = None, None
+            step.free_y = None
             return
         self.load(step, np.arange(rows.start, rows.stop))
         if not params.flags[:, XTC].any() and (self.triton_gumbel or self.mix_table is not None):
@@ -357,7 +357,7 @@ class Routes:
                 step.tokens[rows] = gumbel_max.gumbel_argmax(
                     z, temperature, keys, self.mix_table, y_out
                 )
-            step.free_y, step.free_keep = y_out, None
+            step.free_y = y_out
             return
         keys = noise.row_keys(params.seeds, params.positions, noise.GUMBEL_STREAM)
         temperature = params.floats[:, TEMPERATURE : TEMPERATURE + 1]
@@ -367,7 +367,9 @@ class Routes:
             lowest = float(step.xtc_threshold[rows][params.flags[:, XTC]].min())
             keep = self._free_xtc(y, params, lowest)
         step.tokens[rows] = noise.gumbel_argmax(y, keys, self.token_mix, keep, self._noise)
-        step.free_y, step.free_keep = y, keep
+        if keep is not None and step.want_y:  # processed values are read from y alone
+            y.masked_fill_(~keep, -torch.inf)
+        step.free_y = y
 
     def _free_xtc(self, y: torch.Tensor, params: RowParams, lowest: float) -> torch.Tensor | None:
         """XTC on rows without truncation; `lowest` is their smallest threshold (host value).

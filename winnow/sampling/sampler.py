@@ -256,7 +256,7 @@ class Sampler:
         if flagged.size:
             pick = self._routes.widen(step, flagged)
             if step.lp is not None:
-                step_logprobs.fill(step, logits, flagged, pick.dense(self.vocab_size))
+                step_logprobs.fill(step, logits, flagged, pick)
             host[flagged] = self._download(step, flagged)
             flagged = flagged[host[flagged, overflow] > 0]
         if flagged.size:

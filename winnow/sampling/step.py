@@ -107,8 +107,7 @@ class Step:
     width: int = 0  # candidate slice width of the thresholded route
     pick: Pick | None = None  # the thresholded route's slice
     want_y: bool = True  # processed values will be read: the free route keeps y (else z)
-    free_y: torch.Tensor | None = None  # scaled logits of the free rows (in the work buffer)
-    free_keep: torch.Tensor | None = None
+    free_y: torch.Tensor | None = None  # the free rows' processed values (in the work buffer)
     source: Source | None = None  # set when z holds only patched tokens (see module doc)
     raw_lse: torch.Tensor | None = None  # [B] logsumexp of the raw logits
     top_k_logprobs: int = 0

@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from winnow.sampling.logprob_ops import floor_logprobs, row_logprobs
-from winnow.sampling.step import Step
+from winnow.sampling.logprob_ops import (
+    dense_logprobs,
+    floor_logprobs,
+    row_logprobs,
+    slice_logprobs,
+)
+from winnow.sampling.step import Pick, Step
 
-# Some work rows' processed log-weights: (positions among the rows asked for, a tensor, the
-# tensor's rows holding theirs or None where it holds just theirs)
-Part = tuple[np.ndarray, torch.Tensor, torch.Tensor | None]
+# Some work rows' processed log-weights: (positions among the rows asked for, dense rows [*, V]
+# or a candidate slice, the rows of it holding theirs or None where it holds just theirs)
+Part = tuple[np.ndarray, torch.Tensor | Pick, torch.Tensor | None]
 
 
 def start(step: Step, k: int) -> None:
@@ -31,11 +36,11 @@ def start(step: Step, k: int) -> None:
 
 
 def fill(
-    step: Step, logits: torch.Tensor, rows: np.ndarray, values: torch.Tensor | None = None
+    step: Step, logits: torch.Tensor, rows: np.ndarray, redone: torch.Tensor | Pick | None = None
 ) -> None:
     """Sampled-token logprob (both modes) and processed top-k of the work rows `rows`.
 
-    `values`: the processed values of `rows` when the caller already has them (fallbacks).
+    `redone`: what the fallbacks sampled `rows` from (a wider slice, or whole rows [n, V]).
     """
     assert step.lp is not None and step.top_ids is not None and step.top_lp is not None
     if "raw" in step.subsets and step.raw_lse is not None:
@@ -52,20 +57,19 @@ def fill(
             return
         picked = rows[inside]
         parts: list[Part]
-        if values is None:
+        if redone is None:
             parts = processed_sources(step, picked)
         else:
-            part = values.index_select(0, step.index(np.flatnonzero(inside)))
-            parts = [(np.arange(len(picked)), part, None)]
+            parts = [(np.arange(len(picked)), redone, step.index(np.flatnonzero(inside)))]
+        k, vocab = step.top_k_logprobs, step.z.shape[1]
         for positions, source, source_rows in parts:
             index = step.index(picked[positions])
-            lse, ids, top = row_logprobs(source, step.top_k_logprobs, source_rows)
             tokens = step.tokens.index_select(0, index)
-            if source_rows is None:
-                chosen = source.gather(1, tokens[:, None])[:, 0]
+            if isinstance(source, Pick):
+                lp, ids, top = slice_logprobs(source, k, vocab, tokens, source_rows)
             else:
-                chosen = source[source_rows, tokens]
-            step.lp.index_copy_(0, index, floor_logprobs(chosen - lse))
+                lp, ids, top = dense_logprobs(source, k, tokens, source_rows)
+            step.lp.index_copy_(0, index, lp)
             if ids is not None and top is not None:
                 step.top_ids.index_copy_(0, index, ids)
                 step.top_lp.index_copy_(0, index, top)
@@ -76,17 +80,20 @@ def processed_values(step: Step, rows: np.ndarray) -> torch.Tensor:
 
     Sampled rows: y = z / T, removed tokens at -inf. Greedy rows: z (temperature 1).
     """
-    values = torch.empty((len(rows), step.z.shape[1]), device=step.z.device)
+    vocab = step.z.shape[1]
+    values = torch.empty((len(rows), vocab), device=step.z.device)
     for positions, source, source_rows in processed_sources(step, rows):
-        part = source if source_rows is None else source.index_select(0, source_rows)
+        if isinstance(source, Pick):
+            part = source.dense(vocab, source_rows)
+        else:
+            part = source if source_rows is None else source.index_select(0, source_rows)
         values.index_copy_(0, step.index(positions), part)
     return values
 
 
 def processed_sources(step: Step, rows: np.ndarray) -> list[Part]:
-    """Where the processed log-weights of the work rows `rows` are, route by route. Greedy rows
-    and free rows without XTC are read in place, the others built [n, V]."""
-    vocab = step.z.shape[1]
+    """Where the processed log-weights of the work rows `rows` are, route by route: greedy and
+    free rows in place, thresholded rows as their candidate slice (nothing [n, V])."""
     parts: list[Part] = []
     for name, span in step.routes.items():
         inside = (rows >= span.start) & (rows < span.stop)
@@ -97,13 +104,8 @@ def processed_sources(step: Step, rows: np.ndarray) -> list[Part]:
             parts.append((positions, step.z[span], local))
         elif name == "thresholded":
             assert step.pick is not None
-            parts.append((positions, step.pick.dense(vocab, local), None))
+            parts.append((positions, step.pick, local))
         else:
             assert step.free_y is not None
-            if step.free_keep is None:
-                parts.append((positions, step.free_y, local))
-            else:
-                part = step.free_y.index_select(0, local)
-                part.masked_fill_(~step.free_keep.index_select(0, local), -torch.inf)
-                parts.append((positions, part, None))
+            parts.append((positions, step.free_y, local))
     return parts

@@ -47,6 +47,9 @@
  *   top-k of each row, read in place and cleaned as read: the top-k pass (as top_candidates) gives
  *   the maximum, the sum is one more pass over the row (in cache), no [B, V] log_softmax.
  *
+ * winnow_slice_logprobs: winnow_row_logprobs of a row that is -inf off a candidate slice's
+ *   survivors (a thresholded row's processed distribution), from the slice alone, bit for bit.
+ *
  * winnow_seed_patches / winnow_load_rows (with patch ids): the work buffer's patched tokens get
  *   the cleaned logits before the penalties apply (seed_patches applies them too, row by row, as
  *   winnow_penalise would after it); a row that needs all of z later (greedy, XTC without
@@ -353,6 +356,130 @@ void winnow_row_logprobs(const float *z, const int64_t *rows, int64_t n, int64_t
       lse[r] = m == -INFINITY ? -INFINITY : (float)((double)m + log(row_mass(row, vocab, 1.0f, &m, 1)));
     }
     free(buf);
+  }
+}
+
+/* keys[0..len) sorted by their high 32 bits (below 2^bits), ascending: an LSD radix sort on
+ * 8-bit digits, tmp [len] its other buffer. Returns the one that holds the result. */
+static uint64_t *sort_by_high(uint64_t *keys, uint64_t *tmp, int64_t len, int bits) {
+  for (int shift = 32; shift < 32 + bits; shift += 8) {
+    uint32_t start[256], sum = 0;
+    memset(start, 0, sizeof(start));
+    for (int64_t i = 0; i < len; i++) start[keys[i] >> shift & 0xFF]++;
+    for (int d = 0; d < 256; d++) {
+      uint32_t count = start[d];
+      start[d] = sum;
+      sum += count;
+    }
+    for (int64_t i = 0; i < len; i++) tmp[start[keys[i] >> shift & 0xFF]++] = keys[i];
+    uint64_t *swap = keys;
+    keys = tmp;
+    tmp = swap;
+  }
+  return keys;
+}
+
+static int holds(const entry *e, int64_t n, int64_t id) {
+  for (int64_t i = 0; i < n; i++)
+    if (e[i].id == id) return 1;
+  return 0;
+}
+
+/* One row of winnow_slice_logprobs. x [width + 8], keys and tmp [width], best [k]: scratch. */
+static void slice_row(const float *ys, const int64_t *ids, const uint8_t *keep, int64_t width,
+                      int64_t vocab, int64_t k, int64_t token, float *lse, float *chosen,
+                      float *values, int64_t *top_ids, float *x, uint64_t *keys, uint64_t *tmp,
+                      entry *best) {
+  int64_t kept = 0, found = 0;
+  float m = -INFINITY;
+  *chosen = -INFINITY;
+  for (int64_t i = 0; i < width; i++) {
+    if (!keep[i] || ys[i] == -INFINITY) continue; /* -inf: as every token off the slice */
+    entry e = {ys[i], ids[i]};
+    m = max_of(m, e.v);
+    if (e.id == token) *chosen = e.v;
+    keys[kept] = (uint64_t)e.id << 32;
+    x[kept++] = e.v;
+    if (found == k && !(k && before(&e, &best[k - 1]))) continue;
+    int64_t at = found < k ? found++ : k - 1; /* insert e into best, sorted */
+    for (; at > 0 && before(&e, &best[at - 1]); at--) best[at] = best[at - 1];
+    best[at] = e;
+  }
+  for (int64_t i = 0; i < found; i++) {
+    values[i] = best[i].v;
+    top_ids[i] = best[i].id;
+  }
+  for (int64_t i = found, id = 0; i < k; i++, id++) { /* best holds every finite survivor */
+    while (holds(best, found, id)) id++;
+    values[i] = -INFINITY; /* the lowest other ids */
+    top_ids[i] = id;
+  }
+  if (m == -INFINITY) {
+    *lse = -INFINITY;
+    return;
+  }
+  const int64_t body = vocab - vocab % 8; /* row_mass: exp_neg below, expf from here */
+  for (int64_t i = kept; i < kept + 8; i++) x[i] = -INFINITY;
+  for (int64_t i = 0; i < kept; i += 8) {
+    __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(m)));
+    float terms[8];
+    _mm256_storeu_ps(terms, e);
+    for (int j = 0; j < 8 && i + j < kept; j++) {
+      float term = (int64_t)(keys[i + j] >> 32) < body ? terms[j] : expf(x[i + j] - m);
+      uint32_t bits;
+      memcpy(&bits, &term, 4);
+      keys[i + j] |= bits;
+    }
+  }
+  int id_bits = 8;
+  while (id_bits < 32 && (vocab - 1) >> id_bits) id_bits += 8;
+  const uint64_t *sorted = sort_by_high(keys, tmp, kept, id_bits);
+  double lanes[8] = {0}, total = 0.0;
+  int64_t i = 0;
+  for (; i < kept && (int64_t)(sorted[i] >> 32) < body; i++) {
+    uint32_t bits = (uint32_t)sorted[i];
+    float term;
+    memcpy(&term, &bits, 4);
+    lanes[sorted[i] >> 32 & 7] += (double)term;
+  }
+  for (int j = 0; j < 4; j++) total += lanes[j] + lanes[j + 4];
+  for (; i < kept; i++) {
+    uint32_t bits = (uint32_t)sorted[i];
+    float term;
+    memcpy(&term, &bits, 4);
+    total += (double)term;
+  }
+  *lse = (float)((double)m + log(total));
+}
+
+/* winnow_row_logprobs of rows given as a candidate slice: row r is ys[s, :] at ids[s, :] where
+ * keep[s, :] and -inf at every other token (s = rows[r], or r without rows; [*, width],
+ * contiguous), the distribution a thresholded row samples from. The same outputs, with the same
+ * values, from the slice alone: the maximum; each term in row_mass's float32 operations (exp_neg
+ * below vocab - vocab % 8, expf past it) added in its order (term j to double lane j % 8 by
+ * ascending j, the lanes folded as (0 + 4) + (1 + 5) + ..., then the last vocab % 8 by ascending
+ * j; the -inf tokens' terms are 0 and add nothing); the top k by value descending then id
+ * ascending, past the finite survivors the lowest other ids at -inf. chosen[r]: the value of
+ * token tokens[r] (-inf off the survivors). */
+void winnow_slice_logprobs(const float *ys, const int64_t *ids, const uint8_t *keep,
+                           const int64_t *rows, int64_t n, int64_t width, int64_t vocab,
+                           int64_t k, const int64_t *tokens, float *lse, float *chosen,
+                           float *values, int64_t *top_ids, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (n > 1)
+  {
+    float *x = malloc(sizeof(float) * (width + 8));
+    uint64_t *keys = malloc(sizeof(uint64_t) * 2 * width);
+    entry *best = malloc(sizeof(entry) * (k ? k : 1));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+      int64_t s = rows ? rows[r] : r;
+      slice_row(ys + s * width, ids + s * width, keep + s * width, width, vocab, k, tokens[r],
+                lse + r, chosen + r, values + r * k, top_ids + r * k, x, keys, keys + width,
+                best);
+    }
+    free(x);
+    free(keys);
+    free(best);
   }
 }
 

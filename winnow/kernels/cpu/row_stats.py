@@ -49,6 +49,8 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_record_tokens.restype = None
     lib.winnow_row_logprobs.argtypes = [_PTR, _PTR, *(_I64,) * 4, *(_PTR,) * 3, ctypes.c_int]
     lib.winnow_row_logprobs.restype = None
+    lib.winnow_slice_logprobs.argtypes = [*(_PTR,) * 4, *(_I64,) * 4, *(_PTR,) * 5, ctypes.c_int]
+    lib.winnow_slice_logprobs.restype = None
     lib.winnow_row_stats_init.argtypes = [ctypes.c_int]
     lib.winnow_row_stats_init.restype = ctypes.c_int
     lib.winnow_row_stats_init(int(avx512_wanted()))
@@ -137,6 +139,41 @@ def row_logprobs(
             values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return lse, values, ids
+
+
+def slice_logprobs(
+    ys: torch.Tensor,
+    ids: torch.Tensor,
+    keep: torch.Tensor,
+    k: int,
+    vocab: int,
+    tokens: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`row_logprobs` of rows given as a candidate slice, from the slice alone: row r holds
+    ys[s] at ids[s] where keep[s] and -inf at every other of the `vocab` tokens (ys float32, no
+    NaN, ids int64 and keep bool, all [*, w]; s = rows[r], else r). Returns (lse [n], the value
+    of token tokens[r] [n] (-inf where it is no survivor), values [n, k], ids [n, k]), each the
+    value `row_logprobs` gives for the [n, V] row (the same float32 exps, summed in the same
+    order), without the row."""
+    lib = _library()
+    assert lib is not None and ys.dtype == torch.float32 and keep.dtype == torch.bool
+    assert ys.device.type == "cpu" and ys.shape == ids.shape == keep.shape and 0 <= k <= vocab
+    ys, ids, keep = ys.contiguous(), ids.to(torch.int64).contiguous(), keep.contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    tokens = tokens.to(torch.int64).contiguous()
+    n = ys.shape[0] if rows is None else rows.shape[0]
+    assert tokens.shape == (n,)
+    lse, chosen = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    values = torch.empty(n, k, dtype=torch.float32)
+    top_ids = torch.empty(n, k, dtype=torch.int64)
+    if n:
+        lib.winnow_slice_logprobs(
+            ys.data_ptr(), ids.data_ptr(), keep.data_ptr(), _ptr(rows), n, ys.shape[1], vocab, k,
+            tokens.data_ptr(), lse.data_ptr(), chosen.data_ptr(), values.data_ptr(),
+            top_ids.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return lse, chosen, values, top_ids
 
 
 def load_rows(
