@@ -48,6 +48,8 @@ from winnow.sampling.sampler import Sampler
 PROMPT_LEN, HISTORY_LEN = 512, 128
 CPU = torch.device("cpu")
 BIAS = {11: 5.0, 12: -5.0, 13: 100.0, 14: -100.0, 15: 1.5}
+# 20 biased ids spread over the vocabulary, up and down
+SPREAD_BIAS = {1000 * i + 7: 2.0 if i % 2 else -3.0 for i in range(20)}
 
 # stage -> (winnow parameters, HF processors); None: HF has no equivalent
 STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
@@ -92,6 +94,8 @@ STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
         lambda: [TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.95)],
     ),
     "t=1 freq/pres": (dict(frequency_penalty=0.2, presence_penalty=0.1), None),
+    # min_tokens far beyond the run: the ban on EOS and the stop ids holds at every step
+    "t=1 bias": (dict(logit_bias=SPREAD_BIAS, min_tokens=10**6, stop_token_ids=[3, 4]), None),
     "t=.7 p=.95 lp5": (
         dict(temperature=0.7, top_p=0.95, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
         None,

@@ -72,11 +72,14 @@ def test_in_place_step_picks_what_the_copying_step_picks(open_candidates: int) -
 
 
 def test_in_place_step_copies_only_the_patched_tokens() -> None:
-    """Penalties and bias on the free route: the work buffer receives the touched tokens (the
-    history and the biased ids) and nothing else; the C pass reads the rest from the logits."""
+    """Penalties and bias on the free and thresholded routes: the work buffer receives the
+    touched tokens (the history and the biased ids) and nothing else; the C passes read the rest
+    from the logits. (The top_k row keeps the batch off the one-call step, which writes nothing
+    there.)"""
     sampler = Sampler(VOCAB, 2, torch.device("cpu"), eos_token_ids=[0])
-    params = SamplingParams(frequency_penalty=0.4, presence_penalty=0.2, logit_bias={3: 2.0})
     for key in range(2):
+        params = SamplingParams(frequency_penalty=0.4, presence_penalty=0.2, logit_bias={3: 2.0},
+                                top_k=20 * key)  # fmt: skip
         sampler.add_row(key, params, seed=key, prompt_token_ids=[5, 6], output_token_ids=[7, 8])
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(2))
     sampler._work.fill_(math.nan)

@@ -5,9 +5,10 @@ Logit updates go through a flat view of the logits buffer whose last element is 
 padding entries point there, so every gather/scatter has a fixed shape and no masking branch.
 They use index_select / index_copy_ (torch's advanced indexing on a CPU tensor this large costs
 a pass over the whole buffer per call); on a CPU with the C kernels `apply` is one C call
-(`row_stats.penalise`) with the same float32 operations. Rows whose only stage before the
-Gumbel pick is a penalty skip the buffer altogether: the sampler's one-call C step reads these
-tables itself (`kernel_view`), with the same operations again, and records the token.
+(`row_stats.penalise`) with the same float32 operations. Rows whose only stages before the
+Gumbel pick are penalties, logit_bias and the min_tokens ban skip the buffer altogether: the
+sampler's one-call C step reads these tables itself (`kernel_view`), with the same operations
+again, and records the token.
 """
 
 from __future__ import annotations
@@ -118,7 +119,6 @@ class PenaltyHistory:
             self.prompt.data,
             self.output.data,
             self.counts.data,
-            host_slots,
             np.where(repetition, self.prompt.lengths[host_slots], 0),
             out_len,
             floats[:, REP_V : PRES_V + 1],

@@ -75,9 +75,9 @@ from winnow.sampling.step import (
 _ROUTES = ("greedy", "thresholded", "free")
 # flags that give a greedy row more to do than an argmax of the model's logits
 _BEYOND_ARGMAX = [REPETITION, FREQ_PRES, BIAS, LOGPROBS]
-# flags that take a row off the plain temperature step (the free route with at most a penalty
+# flags that take a row off the plain temperature step (the free route with at most stages 1-2
 # before it)
-_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, BIAS, LOGPROBS]
+_BEYOND_TEMPERATURE = [GREEDY, TOP_K, TOP_P, MIN_P, XTC, LOGPROBS]
 # flags that give a row work the fused CUDA step does not do (set on sampled rows only)
 _BEYOND_FUSED = [TOP_K, TOP_P, MIN_P, XTC]
 # flags beyond the thresholded route's plain step
@@ -299,12 +299,13 @@ class Sampler:
         return slots
 
     def _plain_temperature(self, logits: torch.Tensor, slots: np.ndarray) -> SamplerOutput | None:
-        """The OpenAI SDK's default step (temperature only, maybe 1, perhaps with penalties) with
-        the fused C kernel on a CPU: every row on the free route with nothing but a penalty to
-        apply before it (no bias, ban, XTC or logprobs). The kernel reads the model's logits
-        once -- no copy into the work buffer, the penalised values computed from the history
-        tables -- and gives the pipeline's pick (its NaN and +inf rules included).
-        Anything else -> None, and the full pipeline runs."""
+        """The OpenAI SDK's default step (temperature only, maybe 1, perhaps with penalties,
+        logit_bias or a min_tokens ban) with the fused C kernel on a CPU: every row on the free
+        route with nothing but stages 1-2 to apply before it (no XTC or logprobs). The kernel
+        reads the model's logits once -- no copy into the work buffer, the touched tokens'
+        values computed from the penalty history, bias and ban tables -- and gives the
+        pipeline's pick (its NaN and +inf rules included). Anything else -> None, and the full
+        pipeline runs."""
         batch = len(slots)
         mix = self._routes.mix_table
         if mix is None or logits.dtype != torch.float32:
@@ -314,19 +315,28 @@ class Sampler:
         if logits.device.type != self.device.type:
             return None
         plain = self._plain_batch(slots)
-        if not plain.temperature or self._banned(plain):
+        if not plain.temperature:
             return None
         assert plain.seeds is not None and plain.floats is not None
-        positions = self._prompt_len[slots] + self._out_len[slots]
-        tables = None
+        out_len = self._out_len[slots]
+        positions = self._prompt_len[slots] + out_len
+        tables = edits = None
         if plain.penalised_slots.size:
             tables = self._history.kernel_view(
                 slots, plain.repetition, plain.penalised, plain.floats
             )
+        if plain.edited:
+            ban_len = self._ban_ids.lengths[slots]
+            ban_len = np.where(out_len < self._min_tokens[slots], ban_len, 0)
+            edits = gumbel_max.StageTwoTables(
+                self._bias_ids.data, self._bias_values.data, self._bias_ids.lengths[slots],
+                self._ban_ids.data, ban_len,
+            )  # fmt: skip
         temperature = plain.floats[:, TEMPERATURE]
         tokens = gumbel_max.plain_step(
-            logits.detach(), plain.seeds, positions, temperature, mix, tables
-        )
+            logits.detach(), plain.seeds, positions, temperature, mix,
+            slots=None if tables is None and edits is None else slots, history=tables, edits=edits,
+        )  # fmt: skip
         if tables is not None:
             self._history.advance(plain.penalised_slots)
         self._out_len[slots] += 1
@@ -372,6 +382,7 @@ class Sampler:
             slots=slots,
             argmax=bool(flags[:, GREEDY].all() and not flags[:, _BEYOND_ARGMAX].any()),
             temperature=not flags[:, _BEYOND_TEMPERATURE].any(),
+            edited=bool((flags[:, BIAS] | flags[:, MIN_TOKENS]).any()),
             ban_rows=np.flatnonzero(flags[:, MIN_TOKENS]),
             penalised=penalised,
             penalised_slots=slots[penalised],
@@ -777,7 +788,8 @@ class _PlainBatch:
 
     slots: np.ndarray
     argmax: bool  # every row greedy with nothing but a min_tokens ban to apply
-    temperature: bool  # every row sampled from the whole vocabulary after at most a penalty
+    temperature: bool  # every row sampled from the whole vocabulary after at most stages 1-2
+    edited: bool  # some row has a logit_bias or a min_tokens ban
     ban_rows: np.ndarray  # rows with a min_tokens ban (active while below min_tokens)
     penalised: np.ndarray  # [b] bool: rows with a penalty
     penalised_slots: np.ndarray  # their slots

@@ -44,10 +44,10 @@
  * per-thread bit set, the pass skips them (their lanes read as -inf), and they are scored after
  * it from a short list of (id, value), behind the same bound test, so the row is read once and
  * nothing vocabulary-sized is written. The values come from the sampler's work buffer
- * (winnow_gumbel_argmax) or, for rows whose only stage before the pick is a penalty, straight
- * from the penalty history's tables (winnow_gumbel_step: the sampler's whole step, with no
- * torch op and no copy). A second bit set, one bit per 16-token block, lets the pass run its
- * unmasked loop up to the next block holding a patched token.
+ * (winnow_gumbel_argmax) or, for rows whose only stages before the pick are penalties,
+ * logit_bias and the min_tokens ban, straight from the sampler's tables (winnow_gumbel_step: the
+ * sampler's whole step, with no torch op and no copy). A second bit set, one bit per 16-token
+ * block, lets the pass run its unmasked loop up to the next block holding a patched token.
  *
  * winnow_slice_pick is the thresholded route's pick on a row's sorted top-n candidate slice
  * (routes.Routes._pick, in C): top_k -> top_p -> min_p survivors, XTC, the noise and the pick,
@@ -446,13 +446,56 @@ __attribute__((optimize("fp-contract=off"))) static int64_t penalise_row(
   return n;
 }
 
+/* The index of `id` in ids (the caller knows it is there: it is marked). */
+static inline int64_t find(const int64_t *ids, int64_t id) {
+  int64_t i = 0;
+  while (ids[i] != id) i++;
+  return i;
+}
+
+/* A row's stage 2 (as sampler.Sampler._penalise applies it, in float32) on top of its n
+ * penalised tokens in ids / vals: each bias_ids[i] gets its value plus bias[i] (its penalised
+ * value, or its cleaned logit), then each of bans[:nban] is -inf. New ids are appended and marked
+ * in `m`; returns the list's length. */
+__attribute__((optimize("fp-contract=off"))) static int64_t edit_row(
+    const float *z, const int64_t *bias_ids, const float *bias, int64_t nbias,
+    const int64_t *bans, int64_t nban, marks *m, int64_t *ids, float *vals, int64_t n) {
+  for (int64_t i = 0; i < nbias; i++) /* the loads below miss together */
+    _mm_prefetch((const char *)(z + bias_ids[i]), _MM_HINT_T0);
+  for (int64_t i = 0; i < nbias; i++) {
+    const int64_t id = bias_ids[i];
+    if (marked(m, id)) {
+      vals[find(ids, id)] += bias[i];
+      continue;
+    }
+    mark_one(m, id);
+    ids[n] = id;
+    vals[n++] = clean(z[id]) + bias[i];
+  }
+  for (int64_t i = 0; i < nban; i++) {
+    const int64_t id = bans[i];
+    if (marked(m, id)) {
+      vals[find(ids, id)] = -INFINITY;
+      continue;
+    }
+    mark_one(m, id);
+    ids[n] = id;
+    vals[n++] = -INFINITY;
+  }
+  return n;
+}
+
 /* The sampler's plain temperature step in one call: for rows r < rows of z (row stride
  * `stride`, float32), the token winnow_gumbel_argmax picks with the row key of (seeds[r],
- * positions[r]) after the row's penalties, read straight from the penalty history's tables
- * (prompt NULL: no row has any). Row r is slot slots[r], whose distinct prompt ids are
- * prompt[slot * prompt_stride + :plen[r]] and output ids and counts output[slot * out_stride +
- * :olen[r]] / counts[slot * count_stride + ...], penalised with penalty[r] = (repetition,
+ * positions[r]) after the row's stages 1-2, read straight from the sampler's tables. Row r is
+ * slot slots[r] (slots NULL: no row has any table to read).
+ * Penalties (prompt NULL: no row has any): the slot's distinct prompt ids are
+ * prompt[slot * prompt_stride + :plen[r]] and its output ids and counts output[slot * out_stride
+ * + :olen[r]] / counts[slot * count_stride + ...], penalised with penalty[r] = (repetition,
  * frequency, presence); olen[r] < 0: a row without penalties (its slot's tables are not read).
+ * Then stage 2 (bias_ids NULL: no row has a bias or a ban): logit_bias's distinct ids and values
+ * bias_ids / bias[slot * bias_stride + :nbias[r]], and the ids the min_tokens ban holds at -inf
+ * this step, bans[slot * ban_stride + :nban[r]].
  * The picked token is then recorded as penalties.PenaltyHistory.record does, at column olen[r]
  * (the caller has made room): its first occurrence counts one more, or the new column 1. */
 void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t stride,
@@ -460,15 +503,21 @@ void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t str
                         const uint32_t *mix, const int64_t *slots, const float *penalty,
                         const int64_t *prompt, int64_t prompt_stride, const int64_t *plen,
                         int64_t *output, int64_t out_stride, int32_t *counts,
-                        int64_t count_stride, const int64_t *olen, int64_t *tokens, int nthreads) {
+                        int64_t count_stride, const int64_t *olen, const int64_t *bias_ids,
+                        const float *bias, int64_t bias_stride, const int64_t *nbias,
+                        const int64_t *bans, int64_t ban_stride, const int64_t *nban,
+                        int64_t *tokens, int nthreads) {
   int64_t most = 1;
-  for (int64_t r = 0; prompt && r < rows; r++)
-    if (olen[r] >= 0 && plen[r] + olen[r] > most) most = plen[r] + olen[r];
+  for (int64_t r = 0; slots && r < rows; r++) {
+    int64_t n = prompt && olen[r] >= 0 ? plen[r] + olen[r] : 0;
+    n += bias_ids ? nbias[r] + nban[r] : 0;
+    most = n > most ? n : most;
+  }
 #pragma omp parallel num_threads(nthreads) if (rows > 1)
   {
-    marks m = marks_new(prompt ? vocab : 0);
-    int64_t *ids = prompt ? malloc(2 * sizeof(int64_t) * most) : NULL;
-    float *vals = prompt ? malloc(sizeof(float) * most) : NULL;
+    marks m = marks_new(slots ? vocab : 0);
+    int64_t *ids = slots ? malloc(2 * sizeof(int64_t) * most) : NULL;
+    float *vals = slots ? malloc(sizeof(float) * most) : NULL;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const float *zr = z + r * stride;
@@ -478,6 +527,9 @@ void winnow_gumbel_step(const float *z, int64_t rows, int64_t vocab, int64_t str
       if (len >= 0)
         n = penalise_row(zr, prompt + slots[r] * prompt_stride, plen[r], out, count, len,
                          penalty + 3 * r, &m, ids, vals, ids + most, &outputs);
+      if (bias_ids)
+        n = edit_row(zr, bias_ids + slots[r] * bias_stride, bias + slots[r] * bias_stride,
+                     nbias[r], bans + slots[r] * ban_stride, nban[r], &m, ids, vals, n);
       const int64_t token =
           whole_row(zr, n ? &m : NULL, ids, vals, n, mix, NULL, vocab, temperature[r],
                     row_key(seeds[r], positions[r], GUMBEL_STREAM));

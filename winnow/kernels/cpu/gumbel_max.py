@@ -1,6 +1,6 @@
 """The sampler's Gumbel-max kernels of `gumbel_max.c` (the fused full-vocabulary pass, the
-plain temperature step with its penalties in one call, and the pick on a thresholded row's
-candidate slice): build, load, call (ctypes).
+plain temperature step with its penalties, logit_bias and bans in one call, and the pick on a
+thresholded row's candidate slice): build, load, call (ctypes).
 
 Built into the kernel cache like the projection kernels; `available()` is False where it cannot
 be (no AVX2, no compiler), and the sampler then keeps to its torch expression of the same pick.
@@ -41,7 +41,9 @@ def _library() -> ctypes.CDLL | None:
     lib.winnow_slice_pick.restype = None
     lib.winnow_gumbel_step.argtypes = [
         *(_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR),
-        *(_PTR, _I64, _PTR, _I64, _PTR, _PTR),
+        *(_PTR, _I64, _PTR, _I64, _PTR),
+        *(_PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR),
+        _PTR,
         ctypes.c_int,
     ]
     lib.winnow_gumbel_step.restype = None
@@ -128,16 +130,24 @@ def plain_step(
     positions: np.ndarray,
     temperature: np.ndarray,
     token_mix: torch.Tensor,
+    *,
+    slots: np.ndarray | None = None,
     history: PenaltyTables | None = None,
+    edits: StageTwoTables | None = None,
 ) -> torch.Tensor:
-    """The sampler's plain temperature step in one C call: per row of z [b, V] (float32, CPU,
+    """The sampler's plain temperature step in one C call: per row r of z [b, V] (float32, CPU,
     unit inner stride), `gumbel_argmax`'s pick with the row key of seeds / positions [b] (int64)
-    and temperature [b] (float32; numpy), after the row's penalties taken straight from a
-    penalty history's tables (None: no row has any) -- the repetition penalty on the distinct
-    prompt and output ids, then frequency and presence on the output ids, with the float32
-    operations of penalties.PenaltyHistory.apply -- and each penalised row's token recorded in
-    those tables as PenaltyHistory.record does (the caller has made room and moves the lengths
-    on). No torch op, no copy of a row."""
+    and temperature [b] (float32; numpy), after the row's stages 1-2 read straight from the
+    sampler's tables at slot slots[r] (int64; needed with either table):
+
+    - `history` (None: no row has a penalty): the repetition penalty on the distinct prompt and
+      output ids, then frequency and presence on the output ids, with the float32 operations of
+      penalties.PenaltyHistory.apply; each penalised row's token is then recorded there as
+      PenaltyHistory.record does (the caller has made room and moves the lengths on);
+    - `edits` (None: no row has a bias or a ban): logit_bias added, then the banned ids at -inf,
+      as Sampler._penalise applies them.
+
+    No torch op, no copy of a row."""
     lib = _library()
     assert lib is not None and z.dtype == torch.float32 and z.stride(1) == 1
     rows, vocab = z.shape
@@ -148,47 +158,76 @@ def plain_step(
     per_row = [np.ascontiguousarray(a) for a in (seeds, positions, temperature)]
     assert per_row[0].dtype == per_row[1].dtype == np.int64 and per_row[2].dtype == np.float32
     assert all(a.shape == (rows,) for a in per_row)
-    tables: list[int | None] = [None, None, None, 0, None, None, 0, None, 0, None]
+    held: list[np.ndarray] = []  # the arrays the pointers below point into
+
+    def pointer(a: np.ndarray, dtype: type = np.int64) -> int:
+        held.append(np.ascontiguousarray(a, dtype=dtype))
+        assert held[-1].shape[0] == rows
+        return held[-1].ctypes.data
+
+    def table(t: torch.Tensor, dtype: torch.dtype, room: int = 0) -> list[int]:
+        """A slot table's pointer and row stride, for rows that read `room` columns."""
+        assert t.dtype == dtype and t.device.type == "cpu" and t.stride(1) == 1
+        assert slots is not None and int(slots.max()) < t.shape[0] and room <= t.shape[1]
+        return [t.data_ptr(), t.stride(0)]
+
+    penalties: list[int | None] = [None, None, 0, None, None, 0, None, 0, None]
     if history is not None:
         h = history
-        lengths = [np.ascontiguousarray(a, dtype=np.int64) for a in (h.prompt_len, h.output_len)]
-        penalty = np.ascontiguousarray(h.penalty, dtype=np.float32)
-        slots = np.ascontiguousarray(h.slots, dtype=np.int64)
-        assert penalty.shape == (rows, 3) and slots.shape == lengths[0].shape == (rows,)
-        assert h.prompt.dtype == h.output.dtype == torch.int64 and h.counts.dtype == torch.int32
-        assert all(t.device.type == "cpu" and t.stride(1) == 1 for t in (h.prompt, h.output))
-        assert h.counts.device.type == "cpu" and h.counts.stride(1) == 1
-        assert int(slots.max()) < min(h.prompt.shape[0], h.output.shape[0], h.counts.shape[0])
-        assert int(lengths[0].max()) <= h.prompt.shape[1] and lengths[1].shape == (rows,)
-        assert int(lengths[1].max()) < min(h.output.shape[1], h.counts.shape[1])
-        tables = [
-            slots.ctypes.data, penalty.ctypes.data,
-            h.prompt.data_ptr(), h.prompt.stride(0), lengths[0].ctypes.data,
-            h.output.data_ptr(), h.output.stride(0), h.counts.data_ptr(), h.counts.stride(0),
-            lengths[1].ctypes.data,
+        assert h.penalty.shape == (rows, 3)
+        room = int(h.output_len.max()) + 1  # the recorded token's column
+        penalties = [
+            pointer(h.penalty, np.float32),
+            *table(h.prompt, torch.int64, int(h.prompt_len.max())), pointer(h.prompt_len),
+            *table(h.output, torch.int64, room), *table(h.counts, torch.int32, room),
+            pointer(h.output_len),
+        ]  # fmt: skip
+    stage_two: list[int | None] = [None, None, 0, None, None, 0, None]
+    if edits is not None:
+        e = edits
+        bias_ids, stride = table(e.bias_ids, torch.int64, int(e.bias_len.max()))
+        values, values_stride = table(e.bias_values, torch.float32, int(e.bias_len.max()))
+        assert values_stride == stride
+        stage_two = [
+            bias_ids, values, stride, pointer(e.bias_len),
+            *table(e.ban_ids, torch.int64, int(e.ban_len.max())), pointer(e.ban_len),
         ]  # fmt: skip
     lib.winnow_gumbel_step(
         z.data_ptr(), rows, vocab, z.stride(0), *(a.ctypes.data for a in per_row),
-        token_mix.data_ptr(), *tables, tokens.data_ptr(), torch.get_num_threads(),
+        token_mix.data_ptr(), None if slots is None else pointer(slots), *penalties,
+        *stage_two, tokens.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return tokens
 
 
 @dataclass
 class PenaltyTables:
-    """`plain_step`'s view of a penalty history, for rows r of the batch: slot slots[r]'s
-    distinct prompt ids prompt[slot, :prompt_len[r]] (0: no repetition penalty) and output ids
-    and counts output[slot, :output_len[r]] / counts[slot, ...] (counts > 0 at each distinct
-    id's first occurrence, 0 elsewhere; output_len -1: a row without penalties), penalty[r] =
+    """`plain_step`'s view of a penalty history, for rows r of the batch (slot s = slots[r]):
+    the distinct prompt ids prompt[s, :prompt_len[r]] (0: no repetition penalty) and output ids
+    and counts output[s, :output_len[r]] / counts[s, ...] (counts > 0 at each distinct id's
+    first occurrence, 0 elsewhere; output_len -1: a row without penalties), penalty[r] =
     (repetition, frequency, presence) float32."""
 
     prompt: torch.Tensor
     output: torch.Tensor
     counts: torch.Tensor
-    slots: np.ndarray
     prompt_len: np.ndarray
     output_len: np.ndarray
     penalty: np.ndarray
+
+
+@dataclass
+class StageTwoTables:
+    """`plain_step`'s view of the sampler's stage 2 tables, for rows r of the batch (slot s =
+    slots[r]): logit_bias's distinct ids and values bias_ids[s, :bias_len[r]] /
+    bias_values[s, ...] (float32, laid out as the ids), and the ids banned this step
+    ban_ids[s, :ban_len[r]] (0: no active min_tokens ban)."""
+
+    bias_ids: torch.Tensor
+    bias_values: torch.Tensor
+    bias_len: np.ndarray
+    ban_ids: torch.Tensor
+    ban_len: np.ndarray
 
 
 # One row's inputs to `slice_pick`: `slice_row` in gumbel_max.c, field for field.
