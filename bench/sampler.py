@@ -100,6 +100,14 @@ STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
         dict(temperature=0.7, top_p=0.95, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
         None,
     ),
+    "t=.7 p=.95 lp5 raw": (
+        dict(temperature=0.7, top_p=0.95, logprobs=True, top_logprobs=5, logprobs_mode="raw"),
+        None,
+    ),
+    "t=.7 k=50 lp5": (
+        dict(temperature=0.7, top_k=50, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
+        None,
+    ),
 }
 # issue 21's targets: each of these within 2x greedy, all stages within 4x
 TARGET_STAGES = ("greedy", "t=1", "t=.7 p=.95", "t=1 freq/pres", "all stages")
