@@ -5,8 +5,8 @@
       |-- all temperature-only, CPU kernel --------------> fused Gumbel-max       (no pipeline)
       |-- no truncation, XTC or top_logprobs, CUDA ------> fused Gumbel-max (or argmax) with
       |                                                    stages 1-2, bitmask, logprob
-      '-- plan, load (by route; on a CPU without logprobs or grammar masks only the tokens
-          stages 1-2 touch: step.Source), penalise, then per route block of rows:
+      '-- plan, load (by route; on a CPU without grammar masks only the tokens stages 1-2
+          touch: step.Source), penalise, then per route block of rows:
             greedy       argmax of z
             thresholded  top-n slice of z -> truncation, XTC, noise, pick on the slice
                            (CPU, in place: one C pass per row for the slice and bounds on the

@@ -6,8 +6,8 @@ flags, so unused stages cost nothing and a greedy-only batch is a plain argmax.
 
 Each row takes one of three routes, and the rows are grouped by route in the work buffer, so
 every route works on a contiguous block of rows (no per-route row gathers). With the CPU kernels
-and no logprobs or grammar masks in the step the logits are not copied there at all: only the
-tokens stages 1-2 touch are, and the kernels read the rest from the model's logits (step.py):
+and no grammar masks in the step the logits are not copied there at all: only the tokens stages
+1-2 touch are, and the kernels read the rest from the model's logits (step.py):
 
 * greedy (T < 1e-5): argmax of the penalised logits z, ties -> lowest id.
 * thresholded (top_k / top_p / min_p): a top-n candidate slice of z (torch.topk, no full sort);
@@ -527,7 +527,7 @@ class Sampler:
     ) -> Step:
         """Plan the step on the host, upload its indices, copy the logits in (by route) and
         apply stages 1-2. copy=False: where the CPU kernels can read the model's logits (no
-        logprobs, no bitmask), only the tokens stages 1-2 touch are copied (step.Source)."""
+        bitmask), only the tokens stages 1-2 touch are copied (step.Source)."""
         batch, vocab = len(keys), self.vocab_size
         if logits.dim() != 2 or logits.shape != (batch, vocab):
             raise ValueError(f"logits shape {tuple(logits.shape)} != ({batch}, {vocab})")

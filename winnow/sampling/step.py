@@ -3,10 +3,11 @@
 Rows are reordered by route when the logits are loaded, so row i of every per-row array is
 "work row" i, which holds batch row `Step.order[i]`.
 
-With the CPU kernels and nothing that reads whole processed rows (logprobs, grammar masks) the
-logits are not copied: the work buffer holds only each row's patched tokens (`Source`), the
-kernels read the model's logits with those values blended in, and the rows that need all of z
-(greedy, XTC without truncation, the fallbacks) are loaded on demand.
+With the CPU kernels and no grammar masks the logits are not copied: the work buffer holds only
+each row's patched tokens (`Source`), the kernels read the model's logits with those values
+blended in, and the rows that need all of z (greedy, XTC without truncation, free rows with
+processed logprobs, the fallbacks) are loaded on demand. Raw logprobs read the model's logits;
+a thresholded row's processed logprobs read its candidate slice and survivors (`Pick`).
 """
 
 from __future__ import annotations
