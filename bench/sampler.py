@@ -104,6 +104,7 @@ STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
         dict(temperature=0.7, top_p=0.95, logprobs=True, top_logprobs=5, logprobs_mode="raw"),
         None,
     ),
+    "t=1 lp5": (dict(temperature=1.0, logprobs=True, top_logprobs=5), None),
     "t=.7 k=50 lp5": (
         dict(temperature=0.7, top_k=50, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
         None,
