@@ -105,6 +105,11 @@ STAGES: dict[str, tuple[dict, Callable[[], list[LogitsProcessor]] | None]] = {
         None,
     ),
     "t=1 lp5": (dict(temperature=1.0, logprobs=True, top_logprobs=5), None),
+    "t=1 lp5 proc": (
+        dict(temperature=1.0, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
+        None,
+    ),
+    "greedy lp5": (dict(temperature=0.0, logprobs=True, top_logprobs=5), None),
     "t=.7 k=50 lp5": (
         dict(temperature=0.7, top_k=50, logprobs=True, top_logprobs=5, logprobs_mode="processed"),
         None,

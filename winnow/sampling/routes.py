@@ -173,11 +173,19 @@ class Routes:
         if source is None or source.loaded[rows].all():
             return
         rows = rows[~source.loaded[rows]]
-        index = torch.from_numpy(rows)
-        patch_ids = None if source.patch_ids is None else source.patch_ids.index_select(0, index)
-        z = step.z.index_select(0, index)  # the patched values, kept by the load
-        row_stats.load_rows(source.logits, source.order.index_select(0, index), z, patch_ids)
-        step.z.index_copy_(0, index, z)
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        if stop - start == len(rows):  # a block of work rows (a route's): loaded where they are
+            patch_ids = None if source.patch_ids is None else source.patch_ids[start:stop]
+            row_stats.load_rows(source.logits, source.order[start:stop], step.z[start:stop],
+                                patch_ids)  # fmt: skip
+        else:
+            index = torch.from_numpy(rows)
+            patch_ids = (
+                None if source.patch_ids is None else source.patch_ids.index_select(0, index)
+            )
+            z = step.z.index_select(0, index)  # the patched values, kept by the load
+            row_stats.load_rows(source.logits, source.order.index_select(0, index), z, patch_ids)
+            step.z.index_copy_(0, index, z)
         source.loaded[rows] = True
 
     def _thresholded(self, step: Step, rows: slice) -> None:
