@@ -237,3 +237,43 @@ def test_in_place_step_with_logprobs_gives_the_copying_step_s_logprobs(
             assert torch.equal(got.nan_to_num(), want.nan_to_num()), (step, name)
             assert torch.equal(got.isnan(), want.isnan()), (step, name)
     assert not loads  # no step copied every row into the work buffer
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["plain", "one-biased"])
+def test_greedy_rows_with_raw_top_logprobs_are_not_loaded(isa, patched: bool, monkeypatch) -> None:
+    """Greedy rows with nothing patched take their token from their raw top logprobs (the
+    cleaned logits' top-k by value, then id: the argmax with ties to the lowest id) instead of
+    loading their rows; with one patched greedy row the block is loaded and picked as before.
+    Tokens and logprobs are the copying step's, bit for bit (ties, NaN, +inf, all -inf rows)."""
+    rows = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=k) for k in (1, 3, 0, 2)]
+    if patched:
+        rows[3] = dataclasses.replace(rows[3], logit_bias={4: 1.0})
+    rows.append(SamplingParams(temperature=0.8, top_k=5, logprobs=True, top_logprobs=2))
+
+    def make_greedy() -> Sampler:
+        out = Sampler(VOCAB, len(rows), torch.device("cpu"), eos_token_ids=[0])
+        for key, params in enumerate(rows):
+            out.add_row(key, params, seed=key, prompt_token_ids=[1, 2])
+        return out
+
+    sourced, copied = make_greedy(), make_greedy()
+    loaded: list[int] = []
+    load = sourced._routes.load
+    monkeypatch.setattr(sourced._routes, "load", lambda s, r: loaded.extend(r) or load(s, r))
+    everything = TokenMasks(np.array([4]), torch.full((1, words_for(VOCAB)), -1, dtype=torch.int32))
+    keys = list(range(len(rows)))
+    generator = torch.Generator().manual_seed(7)
+    for step in range(8):
+        logits = torch.randint(0, 3, (len(rows), VOCAB), generator=generator).float()  # ties
+        if step % 2:
+            logits[0, 5], logits[1, 9], logits[1, 900] = math.nan, math.inf, math.inf
+            logits[2] = -math.inf
+            logits[3, :50] = math.nan
+        expected = copied.sample(logits, keys, everything)
+        out = sourced.sample(logits, keys)
+        assert torch.equal(out.token_ids, expected.token_ids), step
+        for name in ("logprobs", "top_token_ids", "top_logprobs"):
+            got, want = getattr(out, name), getattr(expected, name)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (step, name)
+    # the greedy work rows (0-3); the top_k row's ties make it widen, which loads it
+    assert bool(set(loaded) & {0, 1, 2, 3}) == patched

@@ -105,16 +105,30 @@ class Routes:
     def choose(self, step: Step) -> None:
         """One token per row into step.tokens."""
         if "greedy" in step.routes:
-            rows = step.routes["greedy"]
-            self.load(step, np.arange(rows.start, rows.stop))
-            if self.fused_cpu:  # the top-1 pass: argmax with ties to the lower id, vectorised
-                step.tokens[rows] = row_stats.top_candidates(step.z[rows], 1)[1][:, 0]
-            else:
-                torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
+            self._greedy(step, step.routes["greedy"])
         if "thresholded" in step.routes:
             self._thresholded(step, step.routes["thresholded"])
         if "free" in step.routes:
             self._free(step, step.routes["free"])
+
+    def _greedy(self, step: Step, rows: slice) -> None:
+        """Argmax of z, ties to the lowest id. Rows read in place with nothing patched whose raw
+        top logprobs were taken (step_logprobs.start: the cleaned logits' top-k by value, then
+        id) have it as their first top id: when every greedy row has, none is loaded."""
+        source, top_ids = step.source, step.top_ids
+        if source is not None and top_ids is not None and step.top_k_logprobs:
+            flags = step.flags[rows]
+            known = flags[:, LOGPROBS] & ~flags[:, PROCESSED]
+            if source.patch_ids is not None:
+                known &= (source.patch_ids[rows] < 0).all(1).numpy()
+            if known.all():
+                step.tokens[rows] = top_ids[rows, 0]
+                return
+        self.load(step, np.arange(rows.start, rows.stop))
+        if self.fused_cpu:  # the top-1 pass: argmax with ties to the lower id, vectorised
+            step.tokens[rows] = row_stats.top_candidates(step.z[rows], 1)[1][:, 0]
+        else:
+            torch.argmax(step.z[rows], dim=1, out=step.tokens[rows])
 
     def widen(self, step: Step, rows: np.ndarray) -> Pick:
         """Second try for the flagged work rows `rows`, on a wider slice; updates the step."""
