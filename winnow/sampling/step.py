@@ -6,8 +6,9 @@ Rows are reordered by route when the logits are loaded, so row i of every per-ro
 With the CPU kernels and no grammar masks the logits are not copied: the work buffer holds only
 each row's patched tokens (`Source`), the kernels read the model's logits with those values
 blended in, and the rows that need all of z (greedy, XTC without truncation, free rows with
-processed logprobs, the fallbacks) are loaded on demand. Raw logprobs read the model's logits;
-a thresholded row's processed logprobs read its candidate slice and survivors (`Pick`).
+processed logprobs, the fallbacks) are loaded on demand. Raw logprobs read the model's logits
+(and give an unpatched greedy row its token); a thresholded row's processed logprobs read its
+candidate slice and survivors (`Pick`).
 """
 
 from __future__ import annotations
