@@ -99,6 +99,22 @@ def test_headers_sent_one_byte_per_second_get_a_408_and_the_connection_closes(
     assert status == 408 and "--request-timeout" in str(error["message"])
 
 
+def test_a_client_still_sending_when_answered_reads_the_whole_408(
+    slow_server: ServerProcess,
+) -> None:
+    """The 408 goes out, then the server's end of the stream; what the client sends after it is
+    read and dropped (a close with unread input would reset the connection, and the kernel
+    would drop the queued answer)."""
+    with connect(slow_server) as sock:
+        sock.sendall(HEADERS[:20])
+        time.sleep(REQUEST_TIMEOUT_S + 0.5)  # answered by now
+        for _ in range(5):
+            sock.sendall(HEADERS[20:40])
+            time.sleep(0.05)
+        status, error = status_and_error(read_all(sock))
+    assert status == 408 and "--request-timeout" in str(error["message"])
+
+
 def test_a_body_sent_one_byte_per_second_is_cut_off(slow_server: ServerProcess) -> None:
     with connect(slow_server) as sock:
         sock.sendall(HEADERS)

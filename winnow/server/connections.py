@@ -8,6 +8,12 @@ connection opens and when the next request on a kept-alive connection starts arr
 once the body is complete -- and is answered 408 and closed past it. A connection beyond
 `max_connections` is answered 503 at once and closed. The keep-alive idle timeout between
 requests is uvicorn's own (`timeout_keep_alive`).
+
+Those answers close gracefully ("lingering close", as nginx and Apache do): the server sends
+its end of the stream and discards what the client still sends for up to LINGER_S before it
+closes the socket. Closing a socket with unread input makes the kernel send a reset and drop
+what is still queued for the client, the answer included; a client sending its request byte by
+byte is exactly one that has input in flight when it is answered.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from winnow.server.errors import ApiError, unavailable
 
 TOO_MANY_CONNECTIONS = "The server has too many open connections; retry shortly."
+LINGER_S = 2.0  # how long an answered connection's late input is read and discarded
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class BoundedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._answered = False  # _answer_and_close has run: input is discarded
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,6 +66,8 @@ class BoundedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return
         if self._deadline is None and self._between_requests():
             self._arm()  # the next request on a kept-alive connection starts arriving
         super().data_received(data)
@@ -101,7 +111,12 @@ class BoundedH11Protocol(H11Protocol):
         head = f"HTTP/1.1 {error.status_code} {_REASONS.get(error.status_code, '')}\r\n"
         head += "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
         self.transport.write(head.encode("latin-1") + body)
-        self.transport.close()
+        self._answered = True
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()  # after the answer; the client's own close ends it sooner
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 _REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
