@@ -63,9 +63,11 @@
 
 #define FMIX_1 0x85EBCA6Bu
 #define FMIX_2 0xC2B2AE35u
-/* c = float_bits(float(w >> 8)) * C_SCALE + C_OFFSET: (log2 lower bound - 32) * ln 2 - margin */
-#define C_SCALE (0x1p-23f * 0.693147180559945f)
-#define C_OFFSET (-151.0f * 0.693147180559945f - 1e-3f)
+#define LN2 0.693147180559945
+#define A_SLACK 1e-3 /* below log(1 - u): covers the double logs' and the float rounding of a_j */
+/* c = float_bits(float(w >> 8)) * C_SCALE + C_OFFSET: (log2 lower bound - 32) * ln 2 - A_SLACK */
+#define C_SCALE (0x1p-23f * (float)LN2)
+#define C_OFFSET (-151.0f * (float)LN2 - (float)A_SLACK)
 
 /* Tokens ahead of the loop to prefetch into L2 (T1): far enough ahead to cover a miss to memory
  * at the loop's pace, and not into L1, where the token-mix table read beside it lives
@@ -261,14 +263,14 @@ static inline AVX512 __m512i flipped_tail16(__m512i x) {
 }
 
 /* thr[l] (l < 32, lanes 0-15 in *lo, 16-31 in *hi): a z_j <= thr[l] cannot beat `best` at
- * temperature t when lzcnt(~bits | 1) = l. With c_l = -(l + 1) ln 2 - 1e-3 (l < 31; -33 ln 2 -
- * 1e-3 for 31) bounding a_j from below, thr[l] = (best + c_l) t less a margin (relative to
+ * temperature t when lzcnt(~bits | 1) = l. With c_l = -(l + 1) ln 2 - A_SLACK (l < 31; -33 ln 2 -
+ * A_SLACK for 31) bounding a_j from below, thr[l] = (best + c_l) t less a margin (relative to
  * |best| + 25 > |best| + |c_l|) that covers the float rounding of this sum, of z_j / t and of the
  * table itself; -inf while nothing has been scored. */
 static inline AVX512 void thresholds16(float best, float t, __m512 *lo, __m512 *hi) {
   const double margin = ((fabs((double)best) + 25.0) * (double)t) * 0x1p-20;
-  const __m512 base = _mm512_set1_ps((float)(((double)best - 1e-3) * (double)t - margin));
-  const __m512 step = _mm512_set1_ps(-(float)(0.693147180559945 * (double)t));
+  const __m512 base = _mm512_set1_ps((float)(((double)best - A_SLACK) * (double)t - margin));
+  const __m512 step = _mm512_set1_ps(-(float)(LN2 * (double)t));
   const __m512 low = _mm512_setr_ps(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
   const __m512 high = _mm512_setr_ps(17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 33);
   *lo = _mm512_fmadd_ps(low, step, base);
