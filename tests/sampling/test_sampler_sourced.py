@@ -44,6 +44,19 @@ def make(open_candidates: int) -> tuple[Sampler, list[int]]:
     return sampler, list(range(len(PARAMS)))
 
 
+def awkward_logits(rows: int, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Step `step`'s logits: strong tokens over a random bulk; NaN, +inf and a NaN run on some
+    steps, a row of ties on others."""
+    logits = torch.randn(rows, VOCAB, generator=generator) * (1 + step % 3)
+    logits[:, :: 97 + step] += 6.0
+    if step % 4 == 1:
+        logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, math.inf
+        logits[7, :100] = math.nan
+    if step % 4 == 3:
+        logits[8] = 0.0  # every token tied
+    return logits
+
+
 @pytest.mark.parametrize("open_candidates", [8, 256])
 def test_in_place_step_picks_what_the_copying_step_picks(open_candidates: int) -> None:
     """Also what the torch expressions alone pick (the routes without the C kernels, as on a
@@ -56,13 +69,7 @@ def test_in_place_step_picks_what_the_copying_step_picks(open_candidates: int) -
     generator = torch.Generator().manual_seed(open_candidates)
     picks = 0
     for step in range(25):
-        logits = torch.randn(len(keys), VOCAB, generator=generator) * (1 + step % 3)
-        logits[:, :: 97 + step] += 6.0
-        if step % 4 == 1:
-            logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, math.inf
-            logits[7, :100] = math.nan
-        if step % 4 == 3:
-            logits[8] = 0.0  # every token tied
+        logits = awkward_logits(len(keys), step, generator)
         expected = copied.sample(logits, keys, everything).token_ids
         tokens = sourced.sample(logits, keys).token_ids
         assert torch.equal(tokens, expected), step
@@ -221,13 +228,7 @@ def test_in_place_step_with_logprobs_gives_the_copying_step_s_logprobs(
     everything = TokenMasks(np.array([9]), torch.full((1, words_for(VOCAB)), -1, dtype=torch.int32))
     generator = torch.Generator().manual_seed(open_candidates + len(modes))
     for step in range(12):
-        logits = torch.randn(len(keys), VOCAB, generator=generator) * (1 + step % 3)
-        logits[:, :: 97 + step] += 6.0
-        if step % 4 == 1:
-            logits[0, 7], logits[1, 11], logits[2, 13] = math.nan, math.inf, math.inf
-            logits[7, :100] = math.nan
-        if step % 4 == 3:
-            logits[8] = 0.0  # every token tied
+        logits = awkward_logits(len(keys), step, generator)
         expected = copied.sample(logits, keys, everything)
         out = sourced.sample(logits, keys)
         assert torch.equal(out.token_ids, expected.token_ids), step
